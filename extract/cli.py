@@ -1,0 +1,57 @@
+"""Command line of stage 1: ``python -m extract --dataset synth``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .backbones import list_backbones
+from .cache import STORES
+from .datasets import list_datasets
+from .errors import DpnetError
+from .pipeline import ExtractConfig, run_extraction
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m extract", description=__doc__)
+    p.add_argument("--dataset", default="synth", help=f"one of {', '.join(list_datasets())}")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default data/raw/<dataset>)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help=f"one of {', '.join(list_backbones())}")
+    p.add_argument("--weights", default=None, help="state-dict file, or 'random' (tests only)")
+    p.add_argument("--regions", type=int, default=500, help="R, random regions per image")
+    p.add_argument("--image-size", type=int, default=544)
+    p.add_argument("--store", default="zarr", choices=STORES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-mb", type=float, default=256.0, help="target size of one shard")
+    p.add_argument("--batch-size", type=int, default=0, help="0: 8 on CPU, 64 on CUDA")
+    p.add_argument("--workers", type=int, default=-1, help="decoding processes (-1: auto)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
+    p.add_argument("--test-fraction", type=float, default=0.5, help="folder datasets without train/ and test/")
+    p.add_argument("--synth-classes", type=int, default=10)
+    p.add_argument("--synth-per-class", type=int, default=60)
+    p.add_argument("--synth-image-size", type=int, default=256)
+    p.add_argument("--out-root", default="data/cache")
+    p.add_argument("--name", default=None, help="cache folder name (default <dataset>-<backbone>-r<R>-s<size>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    synth = {"n_classes": args.synth_classes, "per_class": args.synth_per_class, "image_size": args.synth_image_size}
+    return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, args.regions, args.image_size,
+                         args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
+                         args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run_extraction(config_from_args(args))
+    except DpnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0

@@ -1,0 +1,229 @@
+"""Dataset readers, created by name: each lists its images with labels and split.
+
+A reader returns a :class:`DatasetIndex`: the class names and one :class:`ImageRecord` per
+image. ``synth`` is generated on first use and read through exactly the CUB reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import DatasetLayoutError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageRecord:
+    """One image. ``path`` is relative to the dataset root; ``label`` is 0-based."""
+
+    image_id: int
+    path: str
+    label: int
+    is_train: bool
+
+
+@dataclass
+class DatasetIndex:
+    """Everything a dataset says about its images.
+
+    Attributes:
+        name: registry name of the dataset.
+        root: folder the record paths are relative to.
+        classes: class names, index = label.
+        records: one per image, in the dataset's own order.
+        bboxes: optional {image_id: (x, y, w, h)} object box in original pixels.
+        part_names: optional names of annotated keypoints.
+        part_locs: optional {image_id: array (K, 3) of x, y, visible}.
+    """
+
+    name: str
+    root: Path
+    classes: list[str]
+    records: list[ImageRecord]
+    bboxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    part_names: list[str] = field(default_factory=list)
+    part_locs: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetOptions:
+    """Options shared by the readers (each uses the ones it needs)."""
+
+    data_dir: str | None = None
+    test_fraction: float = 0.5
+    synth_classes: int = 10
+    synth_per_class: int = 60
+    synth_image_size: int = 256
+    synth_seed: int = 0
+
+
+_REGISTRY: dict[str, Callable[[DatasetOptions], DatasetIndex]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator adding a reader ``fn(options) -> DatasetIndex`` to the registry."""
+
+    def wrap(fn: Callable[[DatasetOptions], DatasetIndex]) -> Callable[[DatasetOptions], DatasetIndex]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(_REGISTRY)
+
+
+def load_dataset(name: str, options: DatasetOptions | None = None) -> DatasetIndex:
+    """Read (or, for ``synth``, generate then read) a dataset by name."""
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    return _REGISTRY[name](options or DatasetOptions())
+
+
+def default_root(name: str) -> Path:
+    """``data/raw/<name>`` under the current directory: where raw datasets live."""
+    return Path("data") / "raw" / name
+
+
+# ----------------------------------------------------------------------------- CUB layout
+
+CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
+
+
+def _read_table(path: Path, n_fields: int, what: str) -> list[list[str]]:
+    """Split each non-empty line of a CUB text file into n_fields (the last keeps its spaces)."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=n_fields - 1)
+        if len(parts) != n_fields:
+            raise DatasetLayoutError(f"{path}:{lineno}: expected {what}, got {line!r}")
+        rows.append(parts)
+    return rows
+
+
+def read_cub(root: str | Path, name: str = "cub") -> DatasetIndex:
+    """Read a folder in the CUB-200-2011 layout.
+
+    Files: ``images.txt`` "id path", ``image_class_labels.txt`` "id class" (1-based),
+    ``train_test_split.txt`` "id is_train", optional ``classes.txt`` "class name",
+    ``bounding_boxes.txt`` "id x y w h", ``parts/parts.txt`` "part_id name",
+    ``parts/part_locs.txt`` "id part_id x y visible".
+    """
+    root = Path(root)
+    missing = [f for f in CUB_FILES if not (root / f).is_file()]
+    if missing:
+        raise DatasetLayoutError(
+            f"{root} is not a CUB-200-2011 folder: missing {', '.join(missing)}. Point DATA_DIR at the "
+            f"folder that holds images.txt and images/ (for the official archive: CUB_200_2011/).")
+    paths = {int(i): p for i, p in _read_table(root / "images.txt", 2, '"id relative/path.jpg"')}
+    labels = {int(i): int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", 2, '"id class"')}
+    split = {int(i): t.strip() == "1" for i, t in _read_table(root / "train_test_split.txt", 2, '"id is_train"')}
+    for fname, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split)):
+        lacking = sorted(set(paths) - set(table))
+        if lacking:
+            raise DatasetLayoutError(f"{root / fname} has no line for image id(s) {lacking[:10]}")
+    n_classes = max(labels.values()) + 1
+    classes = [str(c) for c in range(1, n_classes + 1)]
+    if (root / "classes.txt").is_file():
+        for cid, cname in _read_table(root / "classes.txt", 2, '"class_id name"'):
+            if 1 <= int(cid) <= n_classes:
+                classes[int(cid) - 1] = cname
+    records = [ImageRecord(i, paths[i], labels[i], split[i]) for i in sorted(paths)]
+    index = DatasetIndex(name, root, classes, records)
+    _read_cub_annotations(root, index)
+    return index
+
+
+def _read_cub_annotations(root: Path, index: DatasetIndex) -> None:
+    """Boxes and keypoints, when the folder has them."""
+    if (root / "bounding_boxes.txt").is_file():
+        for row in _read_table(root / "bounding_boxes.txt", 5, '"id x y w h"'):
+            index.bboxes[int(row[0])] = tuple(float(v) for v in row[1:])
+    parts_file, locs_file = root / "parts" / "parts.txt", root / "parts" / "part_locs.txt"
+    if parts_file.is_file() and locs_file.is_file():
+        index.part_names = [n for _, n in _read_table(parts_file, 2, '"part_id name"')]
+        k = len(index.part_names)
+        for row in _read_table(locs_file, 5, '"id part_id x y visible"'):
+            img, part = int(row[0]), int(row[1]) - 1
+            locs = index.part_locs.setdefault(img, np.zeros((k, 3), np.float32))
+            locs[part] = [float(row[2]), float(row[3]), float(row[4])]
+
+
+@register_dataset("cub")
+def _cub(options: DatasetOptions) -> DatasetIndex:
+    root = Path(options.data_dir) if options.data_dir else default_root("cub")
+    return read_cub(root, "cub")
+
+
+@register_dataset("synth")
+def _synth(options: DatasetOptions) -> DatasetIndex:
+    from .synth import SynthSpec, ensure_synth
+
+    root = Path(options.data_dir) if options.data_dir else default_root("synth")
+    spec = SynthSpec(options.synth_classes, options.synth_per_class, options.synth_image_size, options.synth_seed)
+    ensure_synth(root, spec)
+    return read_cub(root, "synth")
+
+
+# -------------------------------------------------------------------------- folder layout
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def hash_fraction(text: str) -> float:
+    """A stable number in [0, 1) from a string (crc32), for splits that never reshuffle."""
+    return zlib.crc32(text.encode("utf-8")) / 2**32
+
+
+def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folder") -> DatasetIndex:
+    """Read an ImageFolder layout: ``train/<class>/*`` and ``test/<class>/*``, or ``<class>/*``.
+
+    Without ``train/`` and ``test/``, each class is split on its own: an image goes to test
+    when the hash of its file name falls below ``test_fraction``, so adding images never
+    moves the others. Image ids are 1-based positions in sorted path order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"DATA_DIR {root} does not exist or is not a folder")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
+    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    bases = [root / "train", root / "test"] if presplit else [root]
+    classes = sorted({d.name for b in bases for d in b.iterdir() if d.is_dir()})
+    if not classes:
+        raise DatasetLayoutError(
+            f"{root} holds no class folders. Expected <class>/<image> or train/<class>/<image> and "
+            f"test/<class>/<image> (the ImageFolder layout).")
+    entries = []
+    for base in bases:
+        for label, cname in enumerate(classes):
+            for p in _images_in(base / cname):
+                rel = p.relative_to(root).as_posix()
+                is_train = base.name == "train" if presplit else hash_fraction(p.name) >= test_fraction
+                entries.append((rel, label, is_train))
+    if not entries:
+        raise DatasetLayoutError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    entries.sort()
+    records = [ImageRecord(i + 1, rel, label, tr) for i, (rel, label, tr) in enumerate(entries)]
+    return DatasetIndex(name, root, classes, records)
+
+
+@register_dataset("folder")
+def _folder(options: DatasetOptions) -> DatasetIndex:
+    if not options.data_dir:
+        raise DatasetLayoutError("DATASET=folder needs DATA_DIR=/path/to/class/folders")
+    return read_folder(options.data_dir, options.test_fraction)

@@ -1,0 +1,296 @@
+"""Stage 1: images -> frozen backbone -> R random-region means per image -> cache shards.
+
+``run_extraction(ExtractConfig(...))`` plans the cache (image order, shards), skips the
+shards already on disk, extracts the others, then writes the manifest. Killed at any point
+and run again, it resumes at the first missing shard and ends with the same cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import Backbone, create_backbone, grid_size
+from .cache import FORMAT, _ShardFile, open_shard_writer, shard_path, write_json_atomic
+from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
+from .errors import BadImagesError, CacheMismatchError
+from .images import DecodedBatch, ImageFiles, collate
+from .regions import global_means, region_means, sample_boxes
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resume without changing the cache.
+RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_root", "name")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything stage 1 needs; saved (resolved) in the cache's plan and manifest."""
+
+    dataset: str = "synth"
+    data_dir: str | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    regions: int = 500
+    image_size: int = 544
+    store: str = "zarr"
+    seed: int = 0
+    shard_mb: float = 256.0
+    batch_size: int = 0  # 0: 8 on CPU, 64 on CUDA
+    workers: int = -1  # -1: 1 on CPU, min(8, cores) on CUDA
+    device: str = "auto"
+    skip_bad: bool = False
+    test_fraction: float = 0.5
+    synth: dict[str, int] = field(default_factory=lambda: {"n_classes": 10, "per_class": 60, "image_size": 256})
+    out_root: str = "data/cache"
+    name: str | None = None
+    progress: bool = True
+
+    def cache_name(self) -> str:
+        """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
+        return self.name or f"{self.dataset}-{self.backbone}-r{self.regions}-s{self.image_size}"
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class ExtractSummary:
+    """What one call of :func:`run_extraction` did."""
+
+    cache_dir: Path
+    images: int
+    shards_written: int
+    shards_total: int
+    bytes_on_disk: int
+    seconds: float
+    skipped: list[dict[str, str]]
+
+    def line(self) -> str:
+        return (f"{self.cache_dir}: {self.images} images, {self.shards_written}/{self.shards_total} shards "
+                f"written this run, {self.bytes_on_disk / 2**20:.1f} MiB on disk, {self.seconds:.1f} s")
+
+
+def load_index(cfg: ExtractConfig) -> DatasetIndex:
+    """The dataset named by ``cfg``, generated first when it is ``synth``."""
+    opts = DatasetOptions(cfg.data_dir, cfg.test_fraction, cfg.synth.get("n_classes", 10),
+                          cfg.synth.get("per_class", 60), cfg.synth.get("image_size", 256),
+                          cfg.synth.get("seed", 0))
+    return load_dataset(cfg.dataset, opts)
+
+
+def cache_order(records: list[ImageRecord], seed: int) -> list[ImageRecord]:
+    """Training images first, shuffled by ``seed`` (so each shard mixes classes), then test by id."""
+    train = sorted((r for r in records if r.is_train), key=lambda r: r.image_id)
+    test = sorted((r for r in records if not r.is_train), key=lambda r: r.image_id)
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 1])).permutation(len(train))
+    return [train[i] for i in perm] + test
+
+
+def make_plan(cfg: ExtractConfig, index: DatasetIndex, bb: Backbone, grid: tuple[int, int]) -> dict[str, Any]:
+    """The resolved, resumable description of a cache: config, shapes and shard ranges."""
+    order = cache_order(index.records, cfg.seed)
+    per_image = cfg.regions * bb.dim * 2
+    shard_size = max(1, int(cfg.shard_mb * 2**20 // per_image))
+    bounds = [[a, min(a + shard_size, len(order))] for a in range(0, len(order), shard_size)]
+    config = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    return {
+        "format": FORMAT, "code_version": __version__, "config": config,
+        "dataset": index.name, "dataset_root": str(Path(index.root).resolve()), "classes": index.classes,
+        "backbone": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
+        "mean": list(bb.mean), "std": list(bb.std), "image_size": cfg.image_size, "grid": list(grid),
+        "R": cfg.regions, "D": bb.dim, "seed": cfg.seed, "store": cfg.store, "dtype": "float16",
+        "shard_size": shard_size, "shard_bounds": bounds, "order": [r.image_id for r in order],
+    }
+
+
+def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRecord]) -> None:
+    """Write plan.json and images.tsv, or check that an earlier run used the same plan."""
+    plan_file = cache_dir / "plan.json"
+    if plan_file.is_file():
+        old = json.loads(plan_file.read_text())
+        diffs = [k for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: {str(old.get(k))[:80]} -> {str(plan.get(k))[:80]}" for k in diffs[:5])
+            raise CacheMismatchError(
+                f"{cache_dir} was started with other settings ({shown}). Delete {cache_dir} to start "
+                f"over, or pass NAME=<another name> to keep both.")
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    rows = ["position\timage_id\tlabel\tis_train\tpath"]
+    rows += [f"{i}\t{r.image_id}\t{r.label}\t{int(r.is_train)}\t{r.path}" for i, r in enumerate(order)]
+    tmp = cache_dir / f"images.tsv.tmp-{os.getpid()}"
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, cache_dir / "images.tsv")
+    write_json_atomic(plan_file, plan)
+
+
+class FeatureExtractor:
+    """Backbone + region pooling for decoded uint8 batches, on one device."""
+
+    def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device):
+        self.bb, self.grid, self.n_regions, self.seed, self.device = bb, grid, n_regions, seed, device
+        self.cuda = device.type == "cuda"
+        self.body = bb.body.to(device)
+        if self.cuda:
+            self.body = self.body.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
+
+    def boxes(self, image_ids: list[int]) -> np.ndarray:
+        """int16 (N, R, 4) boxes of these images."""
+        h, w = self.grid
+        return np.stack([sample_boxes(self.seed, i, self.n_regions, h, w) for i in image_ids])
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
+        x = pixels.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                fmap = self.body(x)
+        else:
+            fmap = self.body(x)
+        fmap = fmap.float()  # (N, D, H, W)
+        regions = region_means(fmap, torch.from_numpy(boxes).to(self.device))  # (N, R, D)
+        glob = global_means(fmap)  # (N, D)
+        return regions.half().cpu().numpy(), glob.half().cpu().numpy()
+
+
+def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of cache positions that never cross a shard boundary (so resumed batches match)."""
+    out = []
+    for s in todo:
+        a, b = bounds[s]
+        out += [list(range(i, min(i + batch_size, b))) for i in range(a, b, batch_size)]
+    return out
+
+
+def _loader(paths: list[Path], size: int, batches: list[list[int]], workers: int, pin: bool):
+    return torch.utils.data.DataLoader(ImageFiles(paths, size), batch_sampler=batches, num_workers=workers,
+                                       collate_fn=collate, pin_memory=pin,
+                                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
+    """Extract (or finish extracting) the cache described by ``cfg``; returns what was done.
+
+    Raises:
+        BadImagesError: some images could not be read and ``skip_bad`` is off. Shards without
+            bad images are kept; run again (with ``skip_bad`` to drop the bad ones) to finish.
+    """
+    t0 = time.perf_counter()
+    index = load_index(cfg)
+    bb = create_backbone(cfg.backbone, cfg.weights)
+    grid = grid_size(bb, cfg.image_size)
+    plan = make_plan(cfg, index, bb, grid)
+    by_id = {r.image_id: r for r in index.records}
+    order = [by_id[i] for i in plan["order"]]
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    prepare_cache_dir(cache_dir, plan, order)
+    bounds = [tuple(b) for b in plan["shard_bounds"]]
+    todo = [s for s in range(len(bounds)) if not shard_path(cache_dir, s, cfg.store).exists()]
+    device = cfg.resolved_device()
+    extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device)
+    bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root))
+    if bad and not cfg.skip_bad:
+        raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
+                                  f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "
+                                  f"{cache_dir / 'manifest.json'}.")
+    manifest = finish_manifest(cache_dir, plan)
+    (Path(cfg.out_root) / "LATEST").write_text(cache_dir.name + "\n")
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    summary = ExtractSummary(cache_dir, manifest["n_images"], len(todo), len(bounds), size,
+                             time.perf_counter() - t0, manifest["skipped"])
+    log.debug("extracted %s", summary.line())
+    return summary
+
+
+def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord], bounds: list[tuple[int, int]],
+                    todo: list[int], extractor: FeatureExtractor, root: Path) -> list[tuple[str, str]]:
+    """Run the loader over the shards in ``todo``; returns the bad files met."""
+    cuda = extractor.cuda
+    batch = cfg.batch_size or (64 if cuda else 8)
+    workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if cuda else 1)
+    batches = _batches(bounds, todo, batch)
+    paths = [root / "images" / r.path if (root / "images").is_dir() else root / r.path for r in order]
+    shard_of = {p: s for s in todo for p in range(*bounds[s])}
+    bad: list[tuple[str, str]] = []
+    writer: _ShardFile | None = None
+    shard_bad: list[dict[str, str]] = []
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not cfg.progress, desc="extract")
+    try:
+        for positions, decoded in zip(batches, _loader(paths, cfg.image_size, batches, workers, cuda)):
+            s = shard_of[positions[0]]
+            if writer is None:
+                a, b = bounds[s]
+                writer = open_shard_writer(cache_dir, s, cfg.store, b - a, cfg.regions, extractor.bb.dim)
+                shard_bad = []
+            for pos, why in decoded.errors:
+                bad.append((str(paths[pos]), why))
+                shard_bad.append({"path": order[pos].path, "reason": why})
+            _write_batch(writer, decoded, order, extractor)
+            bar.update(len(positions))
+            bar.set_postfix(shard=f"{s + 1}/{len(bounds)}")
+            if positions[-1] == bounds[s][1] - 1:
+                if shard_bad and not cfg.skip_bad:
+                    writer.abort()  # not committed: the bad files must be fixed or skipped first
+                else:
+                    writer.commit({"shard": s, "skipped": json.dumps(shard_bad)})
+                writer = None
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.abort()
+    return bad
+
+
+def _write_batch(writer: _ShardFile, decoded: DecodedBatch, order: list[ImageRecord],
+                 extractor: FeatureExtractor) -> None:
+    if not decoded.positions:
+        return
+    recs = [order[p] for p in decoded.positions]
+    boxes = extractor.boxes([r.image_id for r in recs])
+    regions, glob = extractor(decoded.pixels, boxes)
+    writer.append({"regions": regions, "global": glob, "boxes": boxes, "sizes": decoded.sizes_wh,
+                   "labels": np.array([r.label for r in recs], np.int32),
+                   "image_ids": np.array([r.image_id for r in recs], np.int64),
+                   "is_train": np.array([r.is_train for r in recs], bool)})
+
+
+def finish_manifest(cache_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Gather the shards' row counts into manifest.json (written atomically, last)."""
+    from .cache import _open_for_read
+
+    shards, skipped = [], []
+    for s in range(len(plan["shard_bounds"])):
+        path = shard_path(cache_dir, s, plan["store"])
+        handle = _open_for_read(path, plan["store"])
+        try:
+            is_train = np.asarray(handle["is_train"][:])
+            skipped += json.loads(handle.attrs.get("skipped", "[]"))
+        finally:
+            if plan["store"] == "h5":
+                handle.close()
+        shards.append({"file": path.relative_to(cache_dir).as_posix(), "n": int(len(is_train)),
+                       "n_train": int(is_train.sum())})
+    manifest = {k: v for k, v in plan.items() if k not in ("order", "shard_bounds")}
+    manifest.update(shards=shards, skipped=skipped, n_images=sum(s["n"] for s in shards),
+                    n_train=sum(s["n_train"] for s in shards), n_classes=len(plan["classes"]))
+    manifest["n_test"] = manifest["n_images"] - manifest["n_train"]
+    write_json_atomic(cache_dir / "manifest.json", manifest)
+    return manifest

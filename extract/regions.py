@@ -1,0 +1,110 @@
+"""Random regions on a feature grid and their exact mean descriptors.
+
+Glossary: N images, R regions, D descriptor size, H x W the feature grid.
+Boxes are ``(x0, y0, x1, y1)`` in feature-grid cells, half-open: a box covers the cells
+``x0 <= x < x1`` and ``y0 <= y < y1`` (torchvision's corner order, integer cells).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def sample_boxes(seed: int, image_id: int, n_regions: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Draw ``n_regions`` random boxes for one image, reproducibly from ``(seed, image_id)``.
+
+    Both corners of each side are drawn uniformly among the ``W + 1`` (resp. ``H + 1``) grid
+    lines, distinct, so that every box is at least one cell wide and high. The draw depends on
+    nothing but the two integers, so batch size, worker count and rank cannot change it.
+
+    Args:
+        seed: the extraction seed.
+        image_id: the dataset's integer id of the image.
+        n_regions: R.
+        grid_h: H, rows of the feature grid.
+        grid_w: W, columns of the feature grid.
+
+    Returns:
+        int16 array of shape (R, 4): ``(x0, y0, x1, y1)`` with ``x0 < x1 <= W``, ``y0 < y1 <= H``.
+    """
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"feature grid must be at least 1x1, got {grid_h}x{grid_w}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(image_id)])))
+    x0, x1 = _distinct_pairs(rng, n_regions, grid_w)
+    y0, y1 = _distinct_pairs(rng, n_regions, grid_h)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int16)
+
+
+def _distinct_pairs(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """n sorted pairs of distinct integers drawn uniformly from [0, size]."""
+    a = rng.integers(0, size + 1, n)
+    b = rng.integers(0, size, n)
+    b = b + (b >= a)  # uniform over the values != a
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def integral_image(features: torch.Tensor) -> torch.Tensor:
+    """Zero-padded 2-D cumulative sum: ``I[..., y, x] = sum(F[..., :y, :x])``.
+
+    Args:
+        features: Tensor[N, D, H, W].
+
+    Returns:
+        float32 (float64 when the input is float64) Tensor[N, D, H + 1, W + 1].
+    """
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    out = features.to(dtype).cumsum(-1).cumsum(-2)
+    return torch.nn.functional.pad(out, (1, 0, 1, 0))
+
+
+def region_means(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Exact mean of the feature map over each box, from four look-ups in its integral image.
+
+    Args:
+        features: Tensor[N, D, H, W], the backbone's last convolutional map.
+        boxes: integer Tensor[N, R, 4], ``(x0, y0, x1, y1)`` half-open grid cells.
+
+    Returns:
+        Tensor[N, R, D], float32 (float64 for float64 input).
+    """
+    n, d, h, w = features.shape
+    if boxes.shape[0] != n or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (N={n}, R, 4), got {tuple(boxes.shape)}")
+    integral = integral_image(features).flatten(2)  # (N, D, (H+1)(W+1))
+    b = boxes.to(device=features.device, dtype=torch.long)
+    x0, y0, x1, y1 = b.unbind(-1)  # each (N, R)
+    stride = w + 1
+
+    def look(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        index = (y * stride + x).unsqueeze(1).expand(n, d, -1)  # (N, D, R)
+        return integral.gather(2, index)
+
+    sums = look(y1, x1) - look(y0, x1) - look(y1, x0) + look(y0, x0)  # (N, D, R)
+    area = ((x1 - x0) * (y1 - y0)).to(sums.dtype).unsqueeze(1)  # (N, 1, R)
+    return (sums / area).transpose(1, 2)  # (N, R, D)
+
+
+def global_means(features: torch.Tensor) -> torch.Tensor:
+    """Mean of the feature map over the whole grid. Tensor[N, D, H, W] -> float32 Tensor[N, D]."""
+    return features.float().mean(dim=(2, 3))
+
+
+def boxes_to_pixels(boxes: np.ndarray, grid_hw: tuple[int, int], image_wh: np.ndarray) -> np.ndarray:
+    """Map grid-cell boxes to original-image pixel boxes.
+
+    The image was resized to a square without keeping its aspect ratio, so each axis scales
+    on its own: a cell spans ``width / W`` pixels across and ``height / H`` down.
+
+    Args:
+        boxes: (..., R, 4) grid boxes ``(x0, y0, x1, y1)``.
+        grid_hw: (H, W) of the feature grid.
+        image_wh: (..., 2) original ``(width, height)`` of each image, broadcast against boxes.
+
+    Returns:
+        float32 (..., R, 4) pixel boxes ``(x0, y0, x1, y1)`` in the original image.
+    """
+    h, w = grid_hw
+    wh = np.asarray(image_wh, dtype=np.float32)[..., None, :]  # (..., 1, 2)
+    scale = np.concatenate([wh[..., :1] / w, wh[..., 1:] / h, wh[..., :1] / w, wh[..., 1:] / h], -1)
+    return boxes.astype(np.float32) * scale

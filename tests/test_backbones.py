@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from extract.backbones import create_backbone, grid_size, list_backbones
+from extract.errors import UnknownNameError, WeightsNotFoundError
+
+EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
+
+
+def test_lite0_weights_classify_a_real_photo():
+    """A wrong weight mapping (or normalisation) cannot classify chelsea as a cat."""
+    data = pytest.importorskip("skimage.data")
+    bb = create_backbone("efficientnet_lite0")
+    img = torch.tensor(data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(img, (224, 224), mode="bilinear", antialias=True)
+    x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = bb.head(bb.body(x)).softmax(-1)[0]
+    assert int(probs.argmax()) == EGYPTIAN_CAT
+    assert probs[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum() > 0.8
+    assert bb.weights.startswith("package:") and len(bb.weights_sha256) == 64
+
+
+def test_lite0_grid_at_paper_size():
+    bb = create_backbone("efficientnet_lite0", "random")
+    assert grid_size(bb, 544) == (17, 17) and bb.dim == 1280
+
+
+@pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("vgg19", 512)])
+def test_torchvision_backbones_random_weights(name, dim):
+    bb = create_backbone(name, "random")
+    with torch.no_grad():
+        out = bb.body(torch.zeros(1, 3, 64, 64))
+    assert out.shape[1] == dim and bb.weights == "random"
+
+
+def test_missing_torchvision_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match=r"resnet50-0676ba61\.pth") as err:
+        create_backbone("resnet50")
+    assert "WEIGHTS=" in str(err.value)
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        create_backbone("vgg19", str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_lists_known():
+    with pytest.raises(UnknownNameError) as err:
+        create_backbone("alexnet")
+    for name in list_backbones():
+        assert name in str(err.value)

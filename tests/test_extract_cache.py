@@ -1,0 +1,124 @@
+"""Extraction into both stores, resume after crashes, and the reader's checks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract import cache as cache_mod
+from extract.cache import FIELDS, RegionCache, resolve_cache
+from extract.errors import CacheIncompleteError, CacheMismatchError
+from extract.pipeline import run_extraction
+from extract.regions import sample_boxes
+from tests.conftest import tiny_config
+
+
+def load_all(path: Path) -> dict[str, np.ndarray]:
+    c = RegionCache(path)
+    return {f: np.concatenate([c.load_shard(i)[f] for i in range(c.n_shards)]) for f in FIELDS}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = load_all(a), load_all(b)
+    for f in FIELDS:
+        assert np.array_equal(x[f], y[f]), f
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        m.pop("dataset_root"), m["config"].pop("data_dir")
+    assert ma == mb
+
+
+@pytest.mark.parametrize("store", ["zarr", "h5"])
+def test_store_round_trip(tmp_path, store):
+    cfg = tiny_config(tmp_path, store=store)
+    summary = run_extraction(cfg)
+    c = RegionCache(summary.cache_dir, expect={"R": 12, "D": 1280, "dataset": "synth"})
+    assert c.n_shards == 4 and c.count() == 18 and c.count("train") == 9
+    arrays = load_all(summary.cache_dir)
+    assert arrays["regions"].shape == (18, 12, 1280) and arrays["regions"].dtype == np.float16
+    assert arrays["global"].shape == (18, 1280) and arrays["boxes"].shape == (18, 12, 4)
+    assert arrays["is_train"][:9].all() and not arrays["is_train"][9:].any()  # train first
+    grid = tuple(c.manifest["grid"])
+    for i, img in enumerate(arrays["image_ids"]):
+        assert np.array_equal(arrays["boxes"][i], sample_boxes(0, int(img), 12, *grid))
+    assert (summary.cache_dir / "shards" / f"00000.{store}").exists()
+    assert (Path(cfg.out_root) / "LATEST").read_text().strip() == summary.cache_dir.name
+    assert resolve_cache(None, cfg.out_root) == summary.cache_dir
+
+
+def test_split_reads_are_contiguous_prefixes(tiny):
+    c = RegionCache(run_extraction(tiny).cache_dir)
+    train = np.concatenate([a["labels"] for _, a in c.iter_shards("train")])
+    test = np.concatenate([a["labels"] for _, a in c.iter_shards("test", prefetch=False)])
+    assert len(train) == 9 and len(test) == 9
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.sort(c.read("labels")))
+    assert c.read("is_train", "train").all() and not c.read("is_train", "test").any()
+
+
+def test_batch_size_and_workers_do_not_change_cache(tmp_path):
+    a = run_extraction(tiny_config(tmp_path / "a", batch_size=1, workers=0)).cache_dir
+    b = run_extraction(tiny_config(tmp_path / "b", batch_size=5, workers=2)).cache_dir
+    ra, rb = load_all(a), load_all(b)
+    assert np.array_equal(ra["boxes"], rb["boxes"]) and np.array_equal(ra["image_ids"], rb["image_ids"])
+    np.testing.assert_allclose(ra["regions"].astype(np.float32), rb["regions"].astype(np.float32), atol=2e-3)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_on(monkeypatch, method: str, after: int):
+    calls = {"n": 0}
+    orig = getattr(cache_mod._ShardFile, method)
+
+    def wrapped(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise Crash(f"simulated kill in {method}")
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod._ShardFile, method, wrapped)
+
+
+@pytest.mark.parametrize("method,after", [("commit", 2), ("append", 3)])
+def test_interrupted_extraction_resumes_to_identical_cache(tmp_path, monkeypatch, method, after):
+    """A crash between shards (in commit) or inside one (in append) loses nothing committed."""
+    ref = run_extraction(tiny_config(tmp_path / "ref")).cache_dir
+    cfg = tiny_config(tmp_path / "run")
+    with monkeypatch.context() as m:
+        _crash_on(m, method, after)
+        with pytest.raises(Crash):
+            run_extraction(cfg)
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    assert not (cache_dir / "manifest.json").exists()
+    with pytest.raises(CacheIncompleteError, match="resume"):
+        RegionCache(cache_dir)
+    done = sorted(p.name for p in (cache_dir / "shards").iterdir() if ".tmp" not in p.name)
+    assert len(done) == (2 if method == "commit" else 1)
+    summary = run_extraction(cfg)
+    assert summary.shards_written == 4 - len(done)
+    assert not [p for p in (cache_dir / "shards").iterdir() if ".tmp" in p.name]
+    assert_same_cache(ref, cache_dir)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    run_extraction(cfg)
+    with pytest.raises(CacheMismatchError, match="seed"):
+        run_extraction(tiny_config(tmp_path, seed=1, name=cfg.cache_name()))
+
+
+def test_reader_names_mismatched_field(tiny):
+    path = run_extraction(tiny).cache_dir
+    with pytest.raises(CacheMismatchError, match=r"D: cache has 1280, expected 2048"):
+        RegionCache(path, expect={"D": 2048, "R": 12})
+    with pytest.raises(CacheMismatchError, match="dataset"):
+        RegionCache(path, expect={"dataset": "cub"})
+
+
+def test_missing_cache_errors(tmp_path):
+    with pytest.raises(CacheIncompleteError, match="make extract"):
+        RegionCache(tmp_path)
+    with pytest.raises(CacheIncompleteError, match="LATEST"):
+        resolve_cache(None, tmp_path)

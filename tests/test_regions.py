@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from extract.regions import boxes_to_pixels, global_means, integral_image, region_means, sample_boxes
+
+
+def brute_means(fmap: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    n, d, h, w = fmap.shape
+    out = np.zeros((n, boxes.shape[1], d))
+    for i in range(n):
+        for r, (x0, y0, x1, y1) in enumerate(boxes[i]):
+            out[i, r] = fmap[i, :, y0:y1, x0:x1].astype(np.float64).mean(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+@pytest.mark.parametrize("h,w", [(1, 1), (3, 7), (17, 17)])
+def test_region_means_equal_brute_force(dtype, tol, h, w):
+    rng = np.random.default_rng(1)
+    fmap = torch.randn(2, 5, h, w, dtype=torch.float64).to(dtype)
+    boxes = np.stack([sample_boxes(3, i, 40, h, w) for i in range(2)])
+    fast = region_means(fmap, torch.from_numpy(boxes)).double().numpy()
+    ref = brute_means(fmap.double().numpy(), boxes)  # reference on the same (rounded) inputs
+    np.testing.assert_allclose(fast, ref, atol=tol * 10, rtol=tol)
+    assert rng is not None
+
+
+def test_integral_image_is_padded_cumsum():
+    f = torch.arange(12, dtype=torch.float64).view(1, 1, 3, 4)
+    ii = integral_image(f)
+    assert ii.shape == (1, 1, 4, 5)
+    assert ii[0, 0, 0].abs().sum() == 0 and ii[0, 0, :, 0].abs().sum() == 0
+    assert ii[0, 0, 3, 4] == f.sum() and ii[0, 0, 2, 3] == f[0, 0, :2, :3].sum()
+
+
+def test_global_mean_is_whole_map_box():
+    f = torch.randn(2, 4, 5, 6)
+    whole = torch.tensor([[[0, 0, 6, 5]]] * 2)
+    torch.testing.assert_close(region_means(f, whole)[:, 0], global_means(f))
+
+
+def test_boxes_reproducible_and_valid():
+    a = sample_boxes(0, 42, 500, 17, 17)
+    assert np.array_equal(a, sample_boxes(0, 42, 500, 17, 17))
+    assert not np.array_equal(a, sample_boxes(1, 42, 500, 17, 17))
+    assert not np.array_equal(a, sample_boxes(0, 43, 500, 17, 17))
+    x0, y0, x1, y1 = a.T.astype(int)
+    assert (x0 >= 0).all() and (x1 <= 17).all() and (x1 - x0 >= 1).all()
+    assert (y0 >= 0).all() and (y1 <= 17).all() and (y1 - y0 >= 1).all()
+    assert a.dtype == np.int16 and a.shape == (500, 4)
+
+
+def test_box_corners_cover_the_grid_uniformly():
+    b = np.concatenate([sample_boxes(0, i, 500, 4, 4) for i in range(40)])
+    # 4 cells -> 5 grid lines -> 10 distinct pairs, each equally likely
+    pairs, counts = np.unique(b[:, [0, 2]], axis=0, return_counts=True)
+    assert len(pairs) == 10
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+
+
+def test_boxes_to_pixels_scales_each_axis():
+    boxes = np.array([[[0, 0, 17, 17], [1, 2, 3, 4]]], np.int16)
+    px = boxes_to_pixels(boxes, (17, 17), np.array([[340, 170]]))
+    np.testing.assert_allclose(px[0, 0], [0, 0, 340, 170])
+    np.testing.assert_allclose(px[0, 1], [20, 20, 60, 40])
+
+
+def test_region_means_rejects_wrong_box_shape():
+    with pytest.raises(ValueError, match="boxes must be"):
+        region_means(torch.zeros(2, 3, 4, 4), torch.zeros(3, 5, 4, dtype=torch.long))
