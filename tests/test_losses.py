@@ -1,0 +1,117 @@
+"""Every loss term against a slow loop reference, and float64 gradcheck."""
+
+import math
+
+import pytest
+import torch
+
+from train.losses import assignment_entropy, class_specific, orthogonality, total_loss
+from train.model import DPNetModule
+
+
+def ref_orth(u):
+    p = len(u)
+    un = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in u.tolist()]
+    s = 0.0
+    for i in range(p):
+        for j in range(p):
+            if i != j:
+                s += sum(a * b for a, b in zip(un[i], un[j])) ** 2
+    return s / p**2
+
+
+def ref_assign(u, x):
+    un = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in u.tolist()]
+    total = 0.0
+    for img in x.tolist():
+        h_img = 0.0
+        for reg in img:
+            z = [sum(a * b for a, b in zip(up, reg)) for up in un]
+            m = max(z)
+            e = [math.exp(v - m) for v in z]
+            a = [v / sum(e) for v in e]
+            h_img += -sum(v * math.log(v) for v in a)
+        total += h_img / len(img)
+    return total / len(x)
+
+
+def ref_cs(v, q):
+    c, p = v.shape
+    s = 0.0
+    for ci in range(c):
+        for pi in range(p):
+            if pi // q != ci:
+                s += abs(float(v[ci, pi]))
+    return s / (p * (c - 1))
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_orthogonality_matches_loop(gen):
+    u = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    assert orthogonality(u).item() == pytest.approx(ref_orth(u), rel=1e-10)
+    assert orthogonality(torch.eye(4, dtype=torch.float64)).item() == 0.0
+    same = torch.ones(3, 4, dtype=torch.float64)
+    assert orthogonality(same).item() == pytest.approx(6 / 9)  # plus sign: coinciding parts cost
+
+
+def test_assignment_matches_loop(gen):
+    u = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    assert assignment_entropy(u, x).item() == pytest.approx(ref_assign(u, x), rel=1e-10)
+    # a mean over regions, not a sum: repeating regions leaves it unchanged
+    assert assignment_entropy(u, x.repeat(1, 3, 1)).item() == pytest.approx(ref_assign(u, x), rel=1e-10)
+
+
+def test_class_specific_matches_loop(gen):
+    v = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    assert class_specific(v, 2).item() == pytest.approx(ref_cs(v, 2), rel=1e-12)
+    own_only = torch.zeros(3, 6, dtype=torch.float64)
+    own_only[0, :2] = own_only[1, 2:4] = own_only[2, 4:] = -5.0
+    assert class_specific(own_only, 2).item() == 0.0  # a class's own parts are free
+    assert class_specific(-v.abs(), 2).item() > 0  # L1: negative weights cost too
+
+
+@pytest.mark.parametrize("term", ["orth", "assign", "cs"])
+def test_gradcheck(term, gen):
+    u = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 4, generator=gen, dtype=torch.float64).add(0.3).requires_grad_()
+    fn = {"orth": lambda: torch.autograd.gradcheck(orthogonality, (u,)),
+          "assign": lambda: torch.autograd.gradcheck(lambda a: assignment_entropy(a, x), (u,)),
+          "cs": lambda: torch.autograd.gradcheck(lambda b: class_specific(b, 2), (v,))}[term]
+    assert fn()
+
+
+def test_model_contributions_sum_to_logit(gen):
+    m = DPNetModule(dim=3, n_parts=4, n_classes=2).double()
+    with torch.no_grad():
+        m.parts.copy_(torch.randn(4, 3, generator=gen))
+        m.classifier.copy_(torch.randn(2, 4, generator=gen))
+    x = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
+    b, where = m.bag(x)
+    s = m.region_scores(x)
+    for n in range(5):
+        raw = [max(float((m.parts[p] * x[n, r]).sum()) for r in range(7)) for p in range(4)]
+        norm = math.sqrt(sum(r * r for r in raw))
+        for p in range(4):
+            assert b[n, p].item() == pytest.approx(raw[p] / norm, rel=1e-10)
+            assert s[n, p, where[n, p]].item() == pytest.approx(raw[p], rel=1e-10)
+    contributions = m.classifier[None] * b[:, None, :]  # (N, C, P)
+    torch.testing.assert_close(contributions.sum(-1), m(x))
+
+
+def test_total_loss_switches_terms(gen):
+    u = torch.randn(4, 3, generator=gen)
+    v = torch.randn(2, 4, generator=gen)
+    x = torch.randn(2, 5, 3, generator=gen)
+    logits, y = torch.randn(2, 2, generator=gen), torch.tensor([0, 1])
+    lam = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
+    base, terms0 = total_loss(logits, y, u, v, x, 2, (), lam)
+    full, terms = total_loss(logits, y, u, v, x, 2, ("orth", "assign", "cs"), lam)
+    assert set(terms0) == {"ce"} and set(terms) == {"ce", "orth", "assign", "cs"}
+    expect = terms["ce"] + 1e-2 * terms["orth"] + 1e-3 * terms["assign"] + 1e-3 * terms["cs"]
+    assert full.item() == pytest.approx(expect, rel=1e-5) and base.item() == pytest.approx(terms["ce"], rel=1e-6)

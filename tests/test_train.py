@@ -1,0 +1,139 @@
+"""The trainer: overfitting a tiny cache, resume equivalence, save/load, mismatches, NaN."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from extract.cache import RegionCache
+from extract.errors import CacheMismatchError
+from extract.pipeline import run_extraction
+from tests.conftest import tiny_config
+from train.data import NonFiniteError
+from train.estimator import DPNetClassifier, NotFittedError
+from train.run import TrainConfig, train_run
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> RegionCache:
+    tmp = tmp_path_factory.mktemp("tc")
+    cfg = tiny_config(tmp, image_size=96, regions=16, weights=None,
+                      synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    return RegionCache(run_extraction(cfg).cache_dir)
+
+
+def quick(**kw) -> DPNetClassifier:
+    base = dict(parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2, batch_size=4, val_fraction=0.0, seed=0)
+    base.update(kw)
+    return DPNetClassifier(**base)
+
+
+def train_arrays(cache: RegionCache) -> tuple[np.ndarray, np.ndarray]:
+    parts = [a for _, a in cache.iter_shards("train", ("regions", "labels"))]
+    return np.concatenate([p["regions"] for p in parts]), np.concatenate([p["labels"] for p in parts])
+
+
+def test_overfits_tiny_cache(tiny_cache):
+    est = quick(epochs=6, inner_epochs=5).fit(tiny_cache)
+    x, y = train_arrays(tiny_cache)
+    assert (est.predict(x) == y).mean() == 1.0
+    assert est.history_[-1]["loss_ce"] < est.history_[0]["loss_ce"]
+
+
+def test_outputs_have_documented_shapes(tiny_cache):
+    est = quick(epochs=1, inner_epochs=1).fit(tiny_cache)
+    x, _ = train_arrays(tiny_cache)
+    n, r = len(x), tiny_cache.n_regions
+    assert est.decision_function(x).shape == (n, 3) and est.part_scores(x).shape == (n, 6)
+    assert est.region_scores(x).shape == (n, 6, r)
+    np.testing.assert_allclose(np.linalg.norm(est.part_scores(x), axis=1), 1.0, rtol=1e-5)
+    b, v = est.part_scores(x), est.module_.classifier.detach().numpy()
+    np.testing.assert_allclose((v[None] * b[:, None, :]).sum(-1), est.decision_function(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="regions must be"):
+        est.predict(x[:, :, :10])
+
+
+def test_not_fitted_error():
+    with pytest.raises(NotFittedError, match="fit"):
+        quick().predict(np.zeros((1, 2, 3), np.float16))
+
+
+def test_save_load_identical_predictions(tiny_cache, tmp_path):
+    est = quick(epochs=2).fit(tiny_cache)
+    est.save(tmp_path / "m.pt")
+    again = DPNetClassifier.load(tmp_path / "m.pt", tiny_cache)
+    x, _ = train_arrays(tiny_cache)
+    assert np.array_equal(est.decision_function(x), again.decision_function(x))
+    assert again.get_params() == est.get_params()
+
+
+def test_resume_gives_same_weights(tiny_cache, tmp_path):
+    ref = quick(val_fraction=0.3).fit(tiny_cache, checkpoint=tmp_path / "ref.pt")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        quick(val_fraction=0.3).fit(tiny_cache, checkpoint=tmp_path / "ck.pt", on_epoch=stop_after_two)
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["epoch"] == 2
+    resumed = quick(val_fraction=0.3).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+    for k, v in ref.module_.state_dict().items():
+        assert torch.equal(v, resumed.module_.state_dict()[k]), k
+    assert [r["val_top1"] for r in ref.history_] == [r["val_top1"] for r in resumed.history_]
+
+
+def test_checkpoint_with_other_cache_is_refused(tiny_cache, tmp_path):
+    est = quick(epochs=1).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+    est.save(tmp_path / "m.pt")
+    other = RegionCache(run_extraction(tiny_config(tmp_path / "o", regions=9)).cache_dir)
+    with pytest.raises(CacheMismatchError, match=r"R: cache has 9, expected 16"):
+        DPNetClassifier.load(tmp_path / "m.pt", other)
+    with pytest.raises(CacheMismatchError, match="R: cache has 9"):
+        quick(epochs=2).fit(other, checkpoint=tmp_path / "ck.pt")
+    with pytest.raises(CacheMismatchError, match="hyper-parameters"):
+        quick(epochs=2, lr=0.5).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+
+
+def test_nan_in_cache_names_shard_and_image(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cache = RegionCache(run_extraction(cfg).cache_dir)
+    import zarr
+
+    shard = zarr.open_group(str(cache.path / cache.manifest["shards"][1]["file"]), mode="r+")
+    shard["regions"][0, 3, 5] = np.nan
+    bad_id = int(shard["image_ids"][0])
+    with pytest.raises(NonFiniteError, match=rf"shard 1: .*first image id {bad_id}"):
+        quick(epochs=1).fit(cache)
+
+
+def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
+    from train.model import DPNetModule
+
+    forward = DPNetModule.forward
+
+    def poisoned(self, x):
+        out = forward(self, x)
+        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]])  # the 2nd image of each batch
+
+    monkeypatch.setattr(DPNetModule, "forward", poisoned)
+    est = quick(epochs=2)
+    with pytest.raises(NonFiniteError, match=r"epoch 1, shard \d+, image id\(s\) \[\d+\]"):
+        est.fit(tiny_cache)
+
+
+def test_train_run_writes_run_files(tiny_cache, tmp_path):
+    cfg = TrainConfig(cache=str(tiny_cache.path), run_dir=str(tmp_path / "run"), parts_per_class=2, epochs=2,
+                      inner_epochs=1, batch_size=4, progress=False)
+    metrics = train_run(cfg)
+    for f in ("metrics.json", "model.pt", "checkpoint.pt", "log.csv", "config.json"):
+        assert (tmp_path / "run" / f).is_file(), f
+    for k in ("dpnet", "global_linear", "global_mlp", "global_logreg"):
+        assert 0 <= metrics[k]["top1"] <= 100 and 0 <= metrics[k]["mean_class"] <= 100
+    assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 3
+    # the MLP baseline is sized like DP-Net
+    assert 0.5 < metrics["global_mlp"]["params"] / metrics["dpnet"]["params"] < 2.0

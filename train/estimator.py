@@ -1,0 +1,319 @@
+"""DPNetClassifier: DP-Net as a small estimator in scikit-learn's spirit, fitted from a cache.
+
+``__init__`` stores hyper-parameters; ``fit(cache)`` streams the cache's shards with the
+paper's batch-level epochs (``inner_epochs`` passes over each loaded shard before the next),
+keeps the epoch with the best validation accuracy, and sets the learned attributes ending
+in ``_``. Checkpoints are atomic; a fit interrupted and started again with the same
+checkpoint path resumes and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract.cache import RegionCache, check_compatible
+from extract.errors import CacheMismatchError, DpnetError
+
+from .data import Chunk, NonFiniteError, ShardSource, region_stats, split_arrays
+from .losses import CONSTRAINTS, total_loss
+from .model import DPNetModule
+
+log = logging.getLogger(__name__)
+
+MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes")
+
+
+class NotFittedError(DpnetError):
+    """The estimator was used before ``fit`` or ``load``."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary sibling, then rename over ``path``."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class DPNetClassifier:
+    """Discriminative parts on cached region descriptors.
+
+    Args:
+        parts_per_class: q; P = q * C, part p belongs to class p // q.
+        epochs: outer epochs; the learning rate is multiplied by ``lr_gamma`` every ``lr_step``.
+        inner_epochs: passes over each loaded shard before the next is read (batch-level epochs).
+        lr: Adam's initial learning rate.
+        batch_size: images per optimiser step.
+        constraints: subset of ("orth", "assign", "cs").
+        lambda_orth, lambda_assign, lambda_cs: weights of the constraints.
+        init: "regions" (each part starts at a random training region of its class, V at
+            +1 for its own class and -0.5 elsewhere) or "random" (Gaussian U and V).
+        val_fraction: share of training images held out to choose the best epoch.
+        memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
+        seed, device: reproducibility and placement ("auto": CUDA when present).
+    """
+
+    def __init__(self, parts_per_class: int = 20, epochs: int = 40, inner_epochs: int = 32, lr: float = 1e-3,
+                 lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
+                 constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
+                 lambda_cs: float = 1e-3, init: str = "regions", val_fraction: float = 0.15,
+                 memory_budget_mb: float | None = None, seed: int = 0, device: str = "auto"):
+        self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
+        self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
+        self.constraints = tuple(constraints)
+        self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
+        self.init, self.val_fraction, self.memory_budget_mb = init, val_fraction, memory_budget_mb
+        self.seed, self.device = seed, device
+
+    def get_params(self) -> dict[str, Any]:
+        names = self.__init__.__code__.co_varnames[1:self.__init__.__code__.co_argcount]
+        return {k: getattr(self, k) for k in names}
+
+    # ------------------------------------------------------------------------------ fit
+    def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
+            on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> "DPNetClassifier":
+        """Learn U and V from the training split of ``cache``; resumes from ``checkpoint`` if present."""
+        self._validate()
+        torch.manual_seed(self.seed)
+        dev = resolve_device(self.device)
+        source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
+        module = DPNetModule(cache.dim, self.parts_per_class * cache.n_classes, cache.n_classes).to(dev)
+        opt = torch.optim.Adam(module.parameters(), lr=self.lr)
+        state = self._resume(checkpoint, cache, module, opt)
+        if state is None:
+            self._initialise(module, source)
+            state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
+                     "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
+        self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
+        self.classes_ = list(cache.manifest["classes"])
+        for epoch in range(state["epoch"], self.epochs):
+            row = self._run_epoch(module, opt, source, epoch, dev, progress)
+            row["val_top1"] = self._val_accuracy(module, cache, dev)
+            if np.isnan(row["val_top1"]) or row["val_top1"] > state["best_val"]:  # no val split: keep the last
+                state.update(best_val=row["val_top1"], best_epoch=epoch + 1,
+                             best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            if checkpoint:
+                save_atomic(self._checkpoint(module, opt, state), Path(checkpoint))
+            if on_epoch:
+                on_epoch(row)
+        module.load_state_dict(state["best_state"])
+        self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
+        return self
+
+    def _validate(self) -> None:
+        unknown = set(self.constraints) - set(CONSTRAINTS)
+        if unknown:
+            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
+        if self.init not in ("regions", "random"):
+            raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
+        if self.parts_per_class < 1 or self.epochs < 1 or self.inner_epochs < 1 or self.batch_size < 1:
+            raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
+
+    def _lambdas(self) -> dict[str, float]:
+        return {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs}
+
+    def _initialise(self, module: DPNetModule, source: ShardSource) -> None:
+        mean, std = region_stats(source)
+        module.mean.copy_(torch.from_numpy(mean))
+        module.std.copy_(torch.from_numpy(std))
+        p, c, q = module.parts.shape[0], module.classifier.shape[0], self.parts_per_class
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.init == "random":
+            module.parts.data.copy_(torch.randn(p, module.parts.shape[1], generator=gen) / module.parts.shape[1] ** 0.5)
+            module.classifier.data.copy_(torch.randn(c, p, generator=gen) * 0.01)
+            return
+        module.parts.data.copy_(self._region_prototypes(module, source, gen))
+        owner = torch.arange(p) // q
+        module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, -0.5))
+
+    def _region_prototypes(self, module: DPNetModule, source: ShardSource, gen: torch.Generator) -> torch.Tensor:
+        """Each part starts at a random standardised region of a random training image of its class."""
+        c, q, dim = module.classifier.shape[0], self.parts_per_class, module.parts.shape[1]
+        rng = np.random.default_rng(self.seed)
+        picks: list[list[np.ndarray]] = [[] for _ in range(c)]
+        for chunk in source.chunks():
+            for cls in range(c):
+                rows = np.flatnonzero(chunk.labels == cls)
+                if len(rows) and len(picks[cls]) < 4 * q:
+                    take = rng.choice(rows, size=min(len(rows), 4 * q - len(picks[cls])), replace=True)
+                    regions = rng.integers(0, chunk.regions.shape[1], len(take))
+                    picks[cls] += list(chunk.regions[take, regions].astype(np.float32))
+        out = torch.randn(c * q, dim, generator=gen) / dim**0.5
+        for cls in range(c):
+            if picks[cls]:
+                chosen = rng.choice(len(picks[cls]), size=q, replace=len(picks[cls]) < q)
+                x = module.standardise(torch.from_numpy(np.stack([picks[cls][i] for i in chosen])).to(module.mean.device))
+                out[cls * q:(cls + 1) * q] = torch.nn.functional.normalize(x, dim=1).cpu()
+        return out
+
+    def _run_epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, source: ShardSource, epoch: int,
+                   dev: torch.device, progress: bool) -> dict[str, Any]:
+        lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0, sums, steps, correct, seen = time.perf_counter(), {}, 0, 0, 0
+        chunks = source.chunks()
+        if progress:
+            chunks = tqdm(chunks, desc=f"epoch {epoch + 1}/{self.epochs}", unit="shard", leave=False)
+        for chunk in chunks:
+            for inner in range(self.inner_epochs):
+                for terms, right, n in self._chunk_steps(module, opt, chunk, epoch, inner, dev):
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    steps, correct, seen = steps + 1, correct + right, seen + n
+        row = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
+               "train_top1": 100.0 * correct / max(seen, 1)}
+        row.update({f"loss_{k}": v / max(steps, 1) for k, v in sums.items()})
+        return row
+
+    def _chunk_steps(self, module: DPNetModule, opt: torch.optim.Optimizer, chunk: Chunk, epoch: int,
+                     inner: int, dev: torch.device):
+        """Minibatch steps over one chunk, shuffled by (seed, epoch, shard, inner pass)."""
+        order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk.labels))
+        for a in range(0, len(order), self.batch_size):
+            idx = np.sort(order[a:a + self.batch_size])
+            x = module.standardise(torch.from_numpy(chunk.regions[idx]).to(dev, non_blocking=True))  # (B, R, D)
+            y = torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = module(x)
+            loss, terms = total_loss(logits.float(), y, module.parts, module.classifier, x,
+                                     self.parts_per_class, self.constraints, self._lambdas())
+            if not torch.isfinite(loss):
+                self._raise_nonfinite(logits, y, chunk, idx, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            yield terms, int((logits.argmax(1) == y).sum()), len(idx)
+
+    def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int):
+        per = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        bad = (~torch.isfinite(per)).nonzero().flatten().tolist() or [0]
+        ids = [int(chunk.image_ids[idx[i]]) for i in bad]
+        raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, shard {chunk.shard}, image id(s) {ids[:10]}. "
+                             f"Lower LR, or check those images' descriptors in the cache.")
+
+    def _val_accuracy(self, module: DPNetModule, cache: RegionCache, dev: torch.device) -> float:
+        scores, labels = self._scores_split(module, cache, "val", dev)
+        return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
+
+    # ------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, module: DPNetModule, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "dpnet-fit", "params": self.get_params(), "manifest": self.cache_manifest_,
+                "classes": self.classes_, "module": module.state_dict(), "opt": opt.state_dict(), **state}
+
+    def _resume(self, checkpoint: str | os.PathLike | None, cache: RegionCache, module: DPNetModule,
+                opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+        if not checkpoint or not Path(checkpoint).is_file():
+            return None
+        ck = torch.load(checkpoint, map_location=module.mean.device, weights_only=False)
+        check_compatible(cache.manifest, ck["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
+        if ck["params"] != self.get_params():
+            diff = {k: (ck["params"].get(k), v) for k, v in self.get_params().items() if ck["params"].get(k) != v}
+            raise CacheMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
+                                     f"delete it to start over, or pass the same settings to resume")
+        module.load_state_dict(ck["module"])
+        opt.load_state_dict(ck["opt"])
+        log.info("resuming from %s at epoch %d", checkpoint, ck["epoch"])
+        return {k: ck[k] for k in ("epoch", "history", "best_val", "best_epoch", "best_state")}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted model with its hyper-parameters and the manifest of its cache (atomic)."""
+        self._check_fitted()
+        save_atomic({"kind": "dpnet-model", "params": self.get_params(), "manifest": self.cache_manifest_,
+                     "classes": self.classes_, "module": self.module_.state_dict(), "history": self.history_,
+                     "best_epoch": self.best_epoch_}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, cache: RegionCache | None = None) -> "DPNetClassifier":
+        """Read a saved model; with ``cache``, refuse it unless D, R, C and dataset match."""
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("kind") not in ("dpnet-model", "dpnet-fit"):
+            raise DpnetError(f"{path} is not a dpnet model file")
+        if cache is not None:
+            check_compatible(cache.manifest, ck["manifest"], f"cache {cache.path} against model {path}")
+        est = cls(**ck["params"])
+        state = ck["module"] if ck["kind"] == "dpnet-model" else ck["best_state"]
+        p, dim = state["parts"].shape
+        est.module_ = DPNetModule(dim, p, state["classifier"].shape[0])
+        est.module_.load_state_dict(state)
+        est.module_.eval()
+        est.cache_manifest_, est.classes_ = ck["manifest"], ck["classes"]
+        est.history_, est.best_epoch_ = ck.get("history", []), ck.get("best_epoch", 0)
+        return est
+
+    # --------------------------------------------------------------------- inference
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise NotFittedError("this DPNetClassifier is not fitted: call fit(cache) or DPNetClassifier.load(path)")
+
+    @torch.no_grad()
+    def _batched(self, regions: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor], batch: int = 64) -> np.ndarray:
+        self._check_fitted()
+        regions = np.asarray(regions)
+        if regions.ndim != 3 or regions.shape[2] != self.module_.parts.shape[1]:
+            raise ValueError(f"regions must be (N, R, D={self.module_.parts.shape[1]}), got {regions.shape}")
+        dev = self.module_.mean.device
+        outs = [fn(self.module_.standardise(torch.from_numpy(regions[a:a + batch]).to(dev))).float().cpu().numpy()
+                for a in range(0, len(regions), batch)]
+        return np.concatenate(outs)
+
+    def decision_function(self, regions: np.ndarray) -> np.ndarray:
+        """Logits, float32 (N, C), from region descriptors (N, R, D)."""
+        self._check_fitted()
+        return self._batched(regions, self.module_)
+
+    def predict(self, regions: np.ndarray) -> np.ndarray:
+        """Class indices (N,)."""
+        return self.decision_function(regions).argmax(1)
+
+    def part_scores(self, regions: np.ndarray) -> np.ndarray:
+        """b, the L2-normalised bag of parts, float32 (N, P)."""
+        return self._batched(regions, lambda x: self.module_.bag(x)[0])
+
+    def region_scores(self, regions: np.ndarray) -> np.ndarray:
+        """S, float32 (N, P, R): s_pr = u_p . x_r on standardised descriptors."""
+        return self._batched(regions, self.module_.region_scores, batch=8)
+
+    @torch.no_grad()
+    def _scores_split(self, module: DPNetModule, cache: RegionCache, split: str,
+                      dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        scores, labels = [], []
+        for arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels")):
+            for a in range(0, len(arrays["labels"]), 64):
+                x = module.standardise(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev))
+                scores.append(module(x).float().cpu().numpy())
+            labels.append(arrays["labels"])
+        if not labels:
+            return np.zeros((0, module.classifier.shape[0]), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(scores), np.concatenate(labels)
+
+    def evaluate(self, cache: RegionCache, split: str = "test") -> dict[str, float]:
+        """Top-1 and mean per-class accuracy (percent) on a split of ``cache``, streamed."""
+        self._check_fitted()
+        check_compatible(cache.manifest, self.cache_manifest_, f"cache {cache.path} against this model")
+        scores, labels = self._scores_split(self.module_, cache, split, self.module_.mean.device)
+        return accuracy(scores.argmax(1), labels, cache.n_classes)
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
+    """{"top1", "mean_class", "n"}: percent correct overall, and averaged over the classes present."""
+    if not len(labels):
+        return {"top1": float("nan"), "mean_class": float("nan"), "n": 0}
+    right = pred == labels
+    per = [right[labels == c].mean() for c in range(n_classes) if (labels == c).any()]
+    return {"top1": float(100 * right.mean()), "mean_class": float(100 * np.mean(per)), "n": int(len(labels))}
