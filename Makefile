@@ -21,7 +21,23 @@ EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) --regions $(REGIONS) 
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad)
 
-.PHONY: setup demo extract test bench clean-cache
+# Training: empty values take the dataset's preset (the paper's: Q=20, EPOCHS=40, INNER_EPOCHS=32).
+CACHE ?=
+Q ?=
+EPOCHS ?=
+INNER_EPOCHS ?=
+LR ?= 1e-3
+LR_STEP ?= 10
+MINIBATCH ?= 32
+CONSTRAINTS ?= orth,assign,cs
+DEVICE ?= auto
+TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) \
+	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
+	--lr $(LR) --lr-step $(LR_STEP) --batch-size $(MINIBATCH) --constraints $(CONSTRAINTS) --seed $(SEED) --device $(DEVICE)
+# The demo trains for fewer epochs than the paper (CPU minutes), with lr 1e-2 to make up the updates.
+DEMO_TRAIN = --epochs 12 --inner-epochs 2 --lr 1e-2 --lr-step 4
+
+.PHONY: setup demo extract train ablation test bench
 
 setup: $(STAMP)
 
@@ -34,11 +50,20 @@ $(STAMP): setup.cfg pyproject.toml
 extract: setup
 	$(PY) -m extract $(EXTRACT_ARGS)
 
+train: setup
+	$(PY) -m train $(TRAIN_ARGS)
+
+ablation: setup
+	$(PY) -m train --ablation $(TRAIN_ARGS)
+
 demo: setup
 	$(PY) -m extract --dataset synth
+	@echo "demo: training with fewer epochs than the paper's 40 x 32 (CPU demo): $(DEMO_TRAIN)"
+	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544 $(DEMO_TRAIN)
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_train.py

@@ -71,18 +71,18 @@ def region_means(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     n, d, h, w = features.shape
     if boxes.shape[0] != n or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be (N={n}, R, 4), got {tuple(boxes.shape)}")
-    integral = integral_image(features).flatten(2)  # (N, D, (H+1)(W+1))
+    integral = integral_image(features).flatten(2).transpose(1, 2)  # (N, (H+1)(W+1), D)
     b = boxes.to(device=features.device, dtype=torch.long)
     x0, y0, x1, y1 = b.unbind(-1)  # each (N, R)
     stride = w + 1
+    rows = torch.arange(n, device=features.device)[:, None]  # (N, 1)
 
     def look(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        index = (y * stride + x).unsqueeze(1).expand(n, d, -1)  # (N, D, R)
-        return integral.gather(2, index)
+        return integral[rows, y * stride + x]  # (N, R, D): whole D-vectors, no (N, D, R) index
 
-    sums = look(y1, x1) - look(y0, x1) - look(y1, x0) + look(y0, x0)  # (N, D, R)
-    area = ((x1 - x0) * (y1 - y0)).to(sums.dtype).unsqueeze(1)  # (N, 1, R)
-    return (sums / area).transpose(1, 2)  # (N, R, D)
+    sums = look(y1, x1) - look(y0, x1) - look(y1, x0) + look(y0, x0)  # (N, R, D)
+    area = ((x1 - x0) * (y1 - y0)).to(sums.dtype).unsqueeze(-1)  # (N, R, 1)
+    return sums / area
 
 
 def global_means(features: torch.Tensor) -> torch.Tensor:

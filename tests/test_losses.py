@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from train.losses import assignment_entropy, class_specific, orthogonality, total_loss
+from train.losses import (assignment_entropy, assignment_entropy_from_scores, class_specific, orthogonality,
+                          total_loss)
 from train.model import DPNetModule
 
 
@@ -91,17 +92,27 @@ def test_model_contributions_sum_to_logit(gen):
     with torch.no_grad():
         m.parts.copy_(torch.randn(4, 3, generator=gen))
         m.classifier.copy_(torch.randn(2, 4, generator=gen))
-    x = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
-    b, where = m.bag(x)
-    s = m.region_scores(x)
+        m.mean.copy_(torch.randn(3, generator=gen))
+        m.std.copy_(torch.rand(3, generator=gen) + 0.5)
+    raw = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
+    x = (raw - m.mean) / m.std  # the loop reference works on standardised descriptors
+    b, where = m.bag(raw)
+    s = m.region_scores(raw)
     for n in range(5):
-        raw = [max(float((m.parts[p] * x[n, r]).sum()) for r in range(7)) for p in range(4)]
-        norm = math.sqrt(sum(r * r for r in raw))
+        best = [max(float((m.parts[p] * x[n, r]).sum()) for r in range(7)) for p in range(4)]
+        norm = math.sqrt(sum(r * r for r in best))
         for p in range(4):
-            assert b[n, p].item() == pytest.approx(raw[p] / norm, rel=1e-10)
-            assert s[n, p, where[n, p]].item() == pytest.approx(raw[p], rel=1e-10)
+            assert b[n, p].item() == pytest.approx(best[p] / norm, rel=1e-10)
+            assert s[n, p, where[n, p]].item() == pytest.approx(best[p], rel=1e-10)
     contributions = m.classifier[None] * b[:, None, :]  # (N, C, P)
-    torch.testing.assert_close(contributions.sum(-1), m(x))
+    torch.testing.assert_close(contributions.sum(-1), m(raw))
+
+
+def test_assignment_from_scores_equals_direct(gen):
+    u = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    direct = assignment_entropy(u, x)
+    assert assignment_entropy_from_scores(x @ u.T, u).item() == pytest.approx(direct.item(), rel=1e-12)
 
 
 def test_total_loss_switches_terms(gen):
@@ -110,8 +121,8 @@ def test_total_loss_switches_terms(gen):
     x = torch.randn(2, 5, 3, generator=gen)
     logits, y = torch.randn(2, 2, generator=gen), torch.tensor([0, 1])
     lam = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
-    base, terms0 = total_loss(logits, y, u, v, x, 2, (), lam)
-    full, terms = total_loss(logits, y, u, v, x, 2, ("orth", "assign", "cs"), lam)
+    base, terms0 = total_loss(logits, y, u, v, x @ u.T, 2, (), lam)
+    full, terms = total_loss(logits, y, u, v, x @ u.T, 2, ("orth", "assign", "cs"), lam)
     assert set(terms0) == {"ce"} and set(terms) == {"ce", "orth", "assign", "cs"}
     expect = terms["ce"] + 1e-2 * terms["orth"] + 1e-3 * terms["assign"] + 1e-3 * terms["cs"]
     assert full.item() == pytest.approx(expect, rel=1e-5) and base.item() == pytest.approx(terms["ce"], rel=1e-6)

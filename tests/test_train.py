@@ -114,13 +114,13 @@ def test_nan_in_cache_names_shard_and_image(tmp_path):
 def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
     from train.model import DPNetModule
 
-    forward = DPNetModule.forward
+    forward = DPNetModule.forward_scores
 
     def poisoned(self, x):
-        out = forward(self, x)
-        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]])  # the 2nd image of each batch
+        out, s = forward(self, x)
+        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]), s  # the 2nd image of each batch
 
-    monkeypatch.setattr(DPNetModule, "forward", poisoned)
+    monkeypatch.setattr(DPNetModule, "forward_scores", poisoned)
     est = quick(epochs=2)
     with pytest.raises(NonFiniteError, match=r"epoch 1, shard \d+, image id\(s\) \[\d+\]"):
         est.fit(tiny_cache)

@@ -187,11 +187,11 @@ class DPNetClassifier:
         order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk.labels))
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
-            x = module.standardise(torch.from_numpy(chunk.regions[idx]).to(dev, non_blocking=True))  # (B, R, D)
+            x = torch.from_numpy(chunk.regions[idx]).to(dev, non_blocking=True)  # (B, R, D) float16
             y = torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = module(x)
-            loss, terms = total_loss(logits.float(), y, module.parts, module.classifier, x,
+                logits, scores = module.forward_scores(x)
+            loss, terms = total_loss(logits.float(), y, module.parts, module.classifier, scores.float(),
                                      self.parts_per_class, self.constraints, self._lambdas())
             if not torch.isfinite(loss):
                 self._raise_nonfinite(logits, y, chunk, idx, epoch)
@@ -268,7 +268,7 @@ class DPNetClassifier:
         if regions.ndim != 3 or regions.shape[2] != self.module_.parts.shape[1]:
             raise ValueError(f"regions must be (N, R, D={self.module_.parts.shape[1]}), got {regions.shape}")
         dev = self.module_.mean.device
-        outs = [fn(self.module_.standardise(torch.from_numpy(regions[a:a + batch]).to(dev))).float().cpu().numpy()
+        outs = [fn(torch.from_numpy(regions[a:a + batch]).to(dev)).float().cpu().numpy()
                 for a in range(0, len(regions), batch)]
         return np.concatenate(outs)
 
@@ -295,8 +295,7 @@ class DPNetClassifier:
         scores, labels = [], []
         for arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels")):
             for a in range(0, len(arrays["labels"]), 64):
-                x = module.standardise(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev))
-                scores.append(module(x).float().cpu().numpy())
+                scores.append(module(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).float().cpu().numpy())
             labels.append(arrays["labels"])
         if not labels:
             return np.zeros((0, module.classifier.shape[0]), np.float32), np.zeros(0, np.int64)

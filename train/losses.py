@@ -34,6 +34,12 @@ def assignment_entropy(parts: torch.Tensor, regions: torch.Tensor) -> torch.Tens
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def assignment_entropy_from_scores(scores: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """C_assign from the model's scores S (N, R, P) = U X^T: U^ X^T is S / ||u_p||, no new GEMM."""
+    logp = (scores / parts.norm(dim=1).clamp_min(1e-12)).log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
 def class_specific(weights: torch.Tensor, parts_per_class: int) -> torch.Tensor:
     """C_cs = (1/(P(C-1))) sum_c sum_{p not of class c} |v_cp|; part p belongs to class p // q.
 
@@ -55,15 +61,18 @@ CONSTRAINTS = ("orth", "assign", "cs")
 
 
 def total_loss(logits: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor, weights: torch.Tensor,
-               regions: torch.Tensor, parts_per_class: int, constraints: tuple[str, ...],
+               scores: torch.Tensor, parts_per_class: int, constraints: tuple[str, ...],
                lambdas: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE + sum of the switched-on constraints with their lambdas; returns (loss, terms)."""
+    """CE + sum of the switched-on constraints with their lambdas; returns (loss, terms).
+
+    ``scores`` is S (N, R, P) on standardised descriptors, as the model computed it.
+    """
     ce = F.cross_entropy(logits, labels)
     terms = {"ce": ce}
     if "orth" in constraints:
         terms["orth"] = orthogonality(parts)
     if "assign" in constraints:
-        terms["assign"] = assignment_entropy(parts, regions)
+        terms["assign"] = assignment_entropy_from_scores(scores, parts)
     if "cs" in constraints:
         terms["cs"] = class_specific(weights, parts_per_class)
     loss = ce + sum(lambdas[k] * v for k, v in terms.items() if k != "ce")

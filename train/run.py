@@ -20,6 +20,7 @@ from typing import Any
 from extract.cache import RegionCache, write_json_atomic
 
 from .baselines import run_baselines
+from .data import is_val
 from .estimator import DPNetClassifier
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,9 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.baselines:
         metrics.update(run_baselines(cache, metrics["dpnet"]["params"], cfg.epochs, cfg.inner_epochs, cfg.lr,
                                      cfg.lr_step, cfg.batch_size, cfg.val_fraction, cfg.seed))
-    metrics["n_fit"] = sum(len(c.labels) for c in _fit_chunks(est, cache))
+    metrics["n_fit"] = int((~is_val(cache.read("image_ids", "train"), cfg.val_fraction, cfg.seed)).sum())
     write_json_atomic(run / "metrics.json", metrics)
     return metrics
-
-
-def _fit_chunks(est: DPNetClassifier, cache: RegionCache):
-    from .data import ShardSource
-
-    return ShardSource(cache, est.val_fraction, est.seed, 0).chunks()
 
 
 def _checkpoint_history(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,167 @@
+"""Training speed against this machine's own bounds, measured side by side in one run.
+
+On a synthetic cache at the paper's shapes scaled to this machine (R=500, D=1280, C=10,
+P=200), several times larger than the memory budget so the trainer streams it:
+(i) the GEMM rate of a torch matmul of the training shapes, (ii) the sequential read rate
+of the cache, then (iii) one training epoch. Compute bound = FLOPs of the epoch's GEMMs /
+GEMM rate; read bound = bytes read / read rate. Also the epoch with the backbone in the
+loop (backbone time per image measured on a few images, scaled) against the cached epoch.
+Prints a table, then one JSON line with ``ratio`` = epoch / max(compute, read bound).
+
+    python benchmarks/bench_train.py [--images 800] [--shard-images 64] [--budget-mb 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.backbones import create_backbone
+from extract.cache import RegionCache, open_shard_writer, write_json_atomic
+from extract.pipeline import finish_manifest
+from train.estimator import DPNetClassifier
+
+
+def write_cache(path: Path, n: int, shard: int, r: int, d: int, c: int) -> RegionCache:
+    """Random float16 descriptors, class-dependent mean so training has signal."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (c, d)).astype(np.float32)
+    bounds = [[a, min(a + shard, n)] for a in range(0, n, shard)]
+    plan = {"format": "dpnet-cache/1", "dataset": "bench", "classes": [str(i) for i in range(c)], "R": r, "D": d,
+            "store": "zarr", "shard_bounds": bounds, "backbone": "none", "image_size": 544}
+    for s, (a, b) in enumerate(bounds):
+        w = open_shard_writer(path, s, "zarr", b - a, r, d)
+        labels = rng.integers(0, c, b - a).astype(np.int32)
+        x = rng.normal(0, 1, (b - a, r, d)).astype(np.float32)
+        x[:, :5] += centres[labels][:, None]  # a few discriminative regions per image
+        w.append({"regions": x.astype(np.float16), "global": x.mean(1).astype(np.float16),
+                  "boxes": np.zeros((b - a, r, 4), np.int16), "sizes": np.zeros((b - a, 2), np.int32),
+                  "labels": labels, "image_ids": np.arange(a, b) + 1, "is_train": np.ones(b - a, bool)})
+        w.commit({"shard": s, "skipped": "[]"})
+    write_json_atomic(path / "plan.json", plan)
+    finish_manifest(path, plan)
+    return RegionCache(path)
+
+
+def gemm_rate(batch: int, r: int, d: int, p: int) -> float:
+    """FLOP/s of (batch*R, D) @ (D, P) in float32."""
+    x, u = torch.randn(batch * r, d), torch.randn(d, p)
+    x @ u
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        x @ u
+        reps += 1
+    return 2 * batch * r * d * p * reps / (time.perf_counter() - t0)
+
+
+def read_rate(cache: RegionCache) -> tuple[float, int]:
+    """Bytes/s of reading every shard's regions, and the bytes read."""
+    t0, total = time.perf_counter(), 0
+    for i in range(cache.n_shards):
+        total += cache.load_shard(i, "train", ("regions",))["regions"].nbytes
+    return total / (time.perf_counter() - t0), total
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak_mb`` after ``stop``."""
+
+    def __init__(self):
+        self.peak, self._run = 0, True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        page = 4096
+        while self._run:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._run = False
+        self.thread.join()
+        return self.peak / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=800)
+    ap.add_argument("--shard-images", type=int, default=64)
+    ap.add_argument("--budget-mb", type=float, default=256.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--q", type=int, default=20)
+    args = ap.parse_args()
+    r, d, c = 500, 1280, 10
+    p = args.q * c
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        import multiprocessing as mp
+
+        child = mp.get_context("spawn").Process(target=write_cache,
+                                                args=(work / "cache", args.images, args.shard_images, r, d, c))
+        child.start(), child.join()  # written by a child so its buffers never count in our RSS
+        cache = RegionCache(work / "cache")
+        rate = gemm_rate(args.batch_size, r, d, p)
+        rbps, nbytes = read_rate(cache)
+        est = DPNetClassifier(parts_per_class=args.q, epochs=1, inner_epochs=1, batch_size=args.batch_size,
+                              val_fraction=0.0, memory_budget_mb=args.budget_mb, device="cpu")
+        rows = []
+        rss = PeakRSS()
+        time.sleep(0.1)
+        before = rss.peak / 2**20
+        est.fit(cache, on_epoch=rows.append)
+        peak = rss.stop()
+        epoch_s = rows[0]["seconds"]
+        # GEMMs per step: S = X U^T and its gradient dU = dS^T X (the assignment term reuses S).
+        flops = 2 * 2 * args.images * r * d * p
+        compute_s, read_s = flops / rate, nbytes / rbps
+        per_image = backbone_seconds_per_image()
+        report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, peak, before, per_image, cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def backbone_seconds_per_image(n: int = 4) -> float:
+    bb = create_backbone("efficientnet_lite0")
+    x = torch.randn(n, 3, 544, 544)
+    with torch.no_grad():
+        bb.body(x[:1])
+        t0 = time.perf_counter()
+        bb.body(x)
+    return (time.perf_counter() - t0) / n
+
+
+def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, peak, before, per_image, cache) -> None:
+    shard_mb = args.shard_images * 500 * 1280 * 2 / 2**20
+    model_mb = (args.q * 10 * 1280 + 10 * args.q * 10) * 4 * 3 / 2**20  # params + Adam moments
+    end_to_end = args.images * per_image + epoch_s
+    rows = [("images / shards", f"{args.images} / {cache.n_shards}"), ("cache MiB", f"{nbytes / 2**20:.0f}"),
+            ("memory budget MiB", f"{args.budget_mb:.0f}"), ("GEMM rate GFLOP/s", f"{rate / 1e9:.1f}"),
+            ("read rate MB/s", f"{rbps / 1e6:.0f}"), ("compute bound s", f"{compute_s:.2f}"),
+            ("read bound s", f"{read_s:.2f}"), ("epoch s", f"{epoch_s:.2f}"),
+            ("ratio epoch / max(bounds)", f"{epoch_s / max(compute_s, read_s):.3f}"),
+            ("RSS before fit MiB", f"{before:.0f}"), ("peak RSS MiB", f"{peak:.0f}"),
+            ("peak RSS growth in fit MiB", f"{peak - before:.0f}"), ("3 shards + model MiB", f"{3 * shard_mb + model_mb:.0f}"),
+            ("backbone s / image (544)", f"{per_image:.3f}"), ("end-to-end epoch s (est.)", f"{end_to_end:.1f}"),
+            ("speedup vs end-to-end", f"{end_to_end / epoch_s:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(json.dumps({"ratio": round(epoch_s / max(compute_s, read_s), 4), "epoch_s": round(epoch_s, 3),
+                      "peak_rss_mb": round(peak, 1), "rss_before_fit_mb": round(before, 1),
+                      "rss_growth_mb": round(peak - before, 1), "shard_mb": round(shard_mb, 1),
+                      "compute_bound_s": round(compute_s, 3), "read_bound_s": round(read_s, 3),
+                      "gemm_gflops": round(rate / 1e9, 2), "read_mb_s": round(rbps / 1e6, 1),
+                      "speedup_vs_end_to_end": round(end_to_end / epoch_s, 2),
+                      "three_shards_plus_model_mb": round(3 * shard_mb + model_mb, 1)}))
+
+
+if __name__ == "__main__":
+    main()
