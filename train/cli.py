@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-orth", type=float, default=1e-2)
     p.add_argument("--lambda-assign", type=float, default=1e-3)
     p.add_argument("--lambda-cs", type=float, default=1e-3)
-    p.add_argument("--init", default="regions", choices=("regions", "random"))
+    p.add_argument("--init", default="random", choices=("random", "regions"),
+                   help="random (default; measured better on synth) or regions (each part at a training region of its class)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--memory-budget-mb", type=float, default=None, help="hold the training split when it fits")
     p.add_argument("--seed", type=int, default=0)

@@ -59,8 +59,9 @@ class DPNetClassifier:
         batch_size: images per optimiser step.
         constraints: subset of ("orth", "assign", "cs").
         lambda_orth, lambda_assign, lambda_cs: weights of the constraints.
-        init: "regions" (each part starts at a random training region of its class, V at
-            +1 for its own class and -0.5 elsewhere) or "random" (Gaussian U and V).
+        init: "random" (default: Gaussian U and V) or "regions" (each part starts at a random
+            training region of its class, V at
+            +1 for its own class and -0.5 elsewhere).
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         seed, device: reproducibility and placement ("auto": CUDA when present).
@@ -69,7 +70,7 @@ class DPNetClassifier:
     def __init__(self, parts_per_class: int = 20, epochs: int = 40, inner_epochs: int = 32, lr: float = 1e-3,
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
-                 lambda_cs: float = 1e-3, init: str = "regions", val_fraction: float = 0.15,
+                 lambda_cs: float = 1e-3, init: str = "random", val_fraction: float = 0.15,
                  memory_budget_mb: float | None = None, seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size

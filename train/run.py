@@ -52,7 +52,7 @@ class TrainConfig:
     batch_size: int = 32
     constraints: tuple[str, ...] = ("orth", "assign", "cs")
     lambdas: dict[str, float] = field(default_factory=lambda: {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3})
-    init: str = "regions"
+    init: str = "random"
     val_fraction: float = 0.15
     memory_budget_mb: float | None = None
     seed: int = 0
