@@ -215,7 +215,18 @@ def _vgg19(weights: str | None) -> Backbone:
 
 
 def grid_size(backbone: Backbone, image_size: int) -> tuple[int, int]:
-    """(H, W) of the feature map for a square input of ``image_size`` pixels (one probe pass)."""
-    with torch.no_grad():
-        out = backbone.body(torch.zeros(1, 3, image_size, image_size))
+    """(H, W) of the feature map for a square input of ``image_size`` pixels.
+
+    Probed on the ``meta`` device (shapes only, no arithmetic); a model whose ops have no meta
+    kernel falls back to one real forward pass.
+    """
+    body = backbone.body
+    try:
+        state = {k: torch.empty_like(v, device="meta") for k, v in
+                 [*body.named_parameters(), *body.named_buffers()]}
+        with torch.no_grad():
+            out = torch.func.functional_call(body, state, (torch.empty(1, 3, image_size, image_size, device="meta"),))
+    except (NotImplementedError, RuntimeError):
+        with torch.no_grad():
+            out = body(torch.zeros(1, 3, image_size, image_size))
     return int(out.shape[-2]), int(out.shape[-1])

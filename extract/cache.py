@@ -60,34 +60,63 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------- shard stores
 
 class _ShardFile:
-    """One shard being written: rows are appended in order, then the file is committed."""
+    """One shard being written: rows are appended in order, then the file is committed.
+
+    ``regions`` rows go to the store as they come (in a background thread, so the write overlaps
+    the next forward pass); the small fields are kept in memory and written once at commit.
+    """
+
+    STREAMED = ("regions",)
 
     def __init__(self, final: Path, store: str, n_max: int, n_regions: int, dim: int):
         self.final, self.store, self.filled = final, store, 0
         self.tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         _remove(self.tmp)
-        specs = field_specs(n_max, n_regions, dim)
+        self.specs = field_specs(n_max, n_regions, dim)
+        self.small: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS if k not in self.STREAMED}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: list = []
         if store == "zarr":
             import zarr
 
             self.handle = zarr.open_group(str(self.tmp), mode="w")
-            self.arrays = {k: self.handle.create_array(k, shape=s, dtype=d, chunks=c, compressors=None)
-                           for k, (s, d, c) in specs.items()}
+            # write_empty_chunks: skip zarr's scan of every chunk for all-fill values (halves write time)
+            self.arrays = {k: self.handle.create_array(k, shape=s, dtype=d, chunks=c, compressors=None,
+                                                       config={"write_empty_chunks": True})
+                           for k, (s, d, c) in self.specs.items()}
         else:
             import h5py
 
             self.handle = h5py.File(self.tmp, "w")
             self.arrays = {k: self.handle.create_dataset(k, shape=s, dtype=d, chunks=c,
-                                                         maxshape=(None,) + s[1:]) for k, (s, d, c) in specs.items()}
+                                                         maxshape=(None,) + s[1:]) for k, (s, d, c) in self.specs.items()}
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
+        """Queue ``rows`` (one array per field, same leading length); at most two writes in flight."""
         k = len(rows["labels"])
-        for name in FIELDS:
-            self.arrays[name][self.filled:self.filled + k] = rows[name]
+        for name in self.small:
+            self.small[name].append(np.asarray(rows[name]))
+        a = self.filled
+        self.pending.append(self.pool.submit(self._put, "regions", a, rows["regions"]))
         self.filled += k
+        while len(self.pending) > 2:
+            self.pending.pop(0).result()
+
+    def _put(self, name: str, start: int, values: np.ndarray) -> None:
+        self.arrays[name][start:start + len(values)] = values
+
+    def _drain(self) -> None:
+        for fut in self.pending:
+            fut.result()  # re-raises a failed write here, in the caller's thread
+        self.pending = []
 
     def commit(self, attrs: dict[str, Any]) -> None:
-        """Trim to the rows written, record ``attrs``, close, and rename into place."""
+        """Finish the writes, trim to the rows written, record ``attrs``, close, rename into place."""
+        self._drain()
+        self.pool.shutdown()
+        for name, parts in self.small.items():
+            if parts:
+                self.arrays[name][:self.filled] = np.concatenate(parts)
         for name, arr in self.arrays.items():
             if arr.shape[0] != self.filled:
                 arr.resize((self.filled,) + tuple(arr.shape[1:]))
@@ -97,6 +126,11 @@ class _ShardFile:
         os.replace(self.tmp, self.final)
 
     def abort(self) -> None:
+        try:
+            self._drain()
+        except Exception:  # noqa: BLE001 - the shard is being thrown away anyway
+            pass
+        self.pool.shutdown()
         if self.store == "h5":
             self.handle.close()
         _remove(self.tmp)

@@ -60,7 +60,7 @@ class Decoded:
     """One DataLoader item: the image or the reason it failed."""
 
     position: int
-    pixels: torch.Tensor | None  # uint8 (3, S, S)
+    pixels: torch.Tensor | None  # uint8 (S, S, 3), as decoded
     size_wh: tuple[int, int]
     error: str | None
 
@@ -82,7 +82,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return Decoded(i, None, (0, 0), "file not found")
         except ValueError as exc:
             return Decoded(i, None, (0, 0), str(exc))
-        return Decoded(i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), orig, None)
+        return Decoded(i, torch.from_numpy(arr), orig, None)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class DecodedBatch:
     """A collated batch: good images stacked, bad ones listed apart."""
 
     positions: list[int]  # of the good images, in batch order
-    pixels: torch.Tensor  # uint8 (n_good, 3, S, S)
+    pixels: torch.Tensor  # uint8 (n_good, 3, S, S), channels_last (the decoded HWC bytes, not copied)
     sizes_wh: np.ndarray  # int32 (n_good, 2)
     errors: list[tuple[int, str]]
 
@@ -102,8 +102,10 @@ class DecodedBatch:
 def collate(items: list[Decoded]) -> DecodedBatch:
     """Stack the decoded images of a batch and keep the failures apart."""
     good = [it for it in items if it.error is None]
-    size = items[0].pixels.shape[-1] if good and items[0].pixels is not None else None
-    pixels = torch.stack([it.pixels for it in good]) if good else torch.zeros(0, 3, size or 1, size or 1, dtype=torch.uint8)
+    if good:
+        pixels = torch.stack([it.pixels for it in good]).permute(0, 3, 1, 2)  # (N, S, S, 3) viewed as NCHW
+    else:
+        pixels = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     return DecodedBatch([it.position for it in good], pixels,
                         np.array([it.size_wh for it in good], np.int32).reshape(-1, 2),
                         [(it.position, it.error) for it in items if it.error is not None])

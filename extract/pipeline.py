@@ -47,7 +47,7 @@ class ExtractConfig:
     seed: int = 0
     shard_mb: float = 256.0
     batch_size: int = 0  # 0: 8 on CPU, 64 on CUDA
-    workers: int = -1  # -1: 1 on CPU, min(8, cores) on CUDA
+    workers: int = -1  # -1: auto, see default_workers
     device: str = "auto"
     skip_bad: bool = False
     test_fraction: float = 0.5
@@ -144,11 +144,11 @@ class FeatureExtractor:
     def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device):
         self.bb, self.grid, self.n_regions, self.seed, self.device = bb, grid, n_regions, seed, device
         self.cuda = device.type == "cuda"
-        self.body = bb.body.to(device)
-        if self.cuda:
-            self.body = self.body.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
+        # channels_last on both devices: measured 1.7x faster on CPU (oneDNN) for Lite0 at 544 px.
+        self.body = bb.body.to(device).to(memory_format=torch.channels_last)
+        std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std = x * scale - shift
+        self.shift = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
 
     def boxes(self, image_ids: list[int]) -> np.ndarray:
         """int16 (N, R, 4) boxes of these images."""
@@ -158,9 +158,9 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
-        x = pixels.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = x.float().mul_(self.scale).sub_(self.shift)
         if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 fmap = self.body(x)
         else:
@@ -169,6 +169,19 @@ class FeatureExtractor:
         regions = region_means(fmap, torch.from_numpy(boxes).to(self.device))  # (N, R, D)
         glob = global_means(fmap)  # (N, D)
         return regions.half().cpu().numpy(), glob.half().cpu().numpy()
+
+
+def default_workers(cuda: bool, cores: int) -> int:
+    """Decoding processes when ``workers=-1``.
+
+    On CUDA the CPU only decodes: up to 8 workers. On CPU the backbone already uses every
+    core, and an extra decoding process oversubscribes them: on the 2-core reference machine
+    decoding in the main process was 0.2-0.3 s faster per 64 images at 544 px than one worker.
+    So CPU runs decode in-process unless there are cores to spare.
+    """
+    if cuda:
+        return min(8, cores)
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) -> list[list[int]]:
@@ -225,7 +238,7 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
     """Run the loader over the shards in ``todo``; returns the bad files met."""
     cuda = extractor.cuda
     batch = cfg.batch_size or (64 if cuda else 8)
-    workers = cfg.workers if cfg.workers >= 0 else (min(8, os.cpu_count() or 1) if cuda else 1)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(cuda, os.cpu_count() or 1)
     batches = _batches(bounds, todo, batch)
     paths = [root / "images" / r.path if (root / "images").is_dir() else root / r.path for r in order]
     shard_of = {p: s for s in todo for p in range(*bounds[s])}

@@ -58,6 +58,14 @@ def integral_image(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(out, (1, 0, 1, 0))
 
 
+def _integral_rows(features: torch.Tensor) -> torch.Tensor:
+    """Tensor[N, D, H, W] -> its integral image as Tensor[N, (H+1)(W+1), D], D innermost."""
+    n, d, _, _ = features.shape
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    x = features.permute(0, 2, 3, 1).to(dtype)  # (N, H, W, D); free for a channels_last map
+    return torch.nn.functional.pad(x.cumsum(1).cumsum(2), (0, 0, 1, 0, 1, 0)).reshape(n, -1, d)
+
+
 def region_means(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Exact mean of the feature map over each box, from four look-ups in its integral image.
 
@@ -71,18 +79,19 @@ def region_means(features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     n, d, h, w = features.shape
     if boxes.shape[0] != n or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be (N={n}, R, 4), got {tuple(boxes.shape)}")
-    integral = integral_image(features).flatten(2).transpose(1, 2)  # (N, (H+1)(W+1), D)
+    integral = _integral_rows(features).flatten(0, 1)  # (N (H+1)(W+1), D)
     b = boxes.to(device=features.device, dtype=torch.long)
     x0, y0, x1, y1 = b.unbind(-1)  # each (N, R)
     stride = w + 1
-    rows = torch.arange(n, device=features.device)[:, None]  # (N, 1)
-
-    def look(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return integral[rows, y * stride + x]  # (N, R, D): whole D-vectors, no (N, D, R) index
-
-    sums = look(y1, x1) - look(y0, x1) - look(y1, x0) + look(y0, x0)  # (N, R, D)
-    area = ((x1 - x0) * (y1 - y0)).to(sums.dtype).unsqueeze(-1)  # (N, R, 1)
-    return sums / area
+    first = (torch.arange(n, device=features.device) * (h + 1) * stride)[:, None, None]  # (N, 1, 1)
+    corners = torch.stack([y1 * stride + x1, y0 * stride + x1, y1 * stride + x0, y0 * stride + x0], -1) + first
+    inv_area = 1.0 / ((x1 - x0) * (y1 - y0)).to(integral.dtype)  # (N, R)
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=integral.dtype, device=integral.device)
+    weights = inv_area.unsqueeze(-1) * signs  # (N, R, 4)
+    # One fused kernel: each output row is the weighted sum of its four corner rows.
+    out = torch.nn.functional.embedding_bag(corners.reshape(-1, 4), integral,
+                                            per_sample_weights=weights.reshape(-1, 4), mode="sum")
+    return out.view(n, -1, d)
 
 
 def global_means(features: torch.Tensor) -> torch.Tensor:

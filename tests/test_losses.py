@@ -99,7 +99,7 @@ def test_model_contributions_sum_to_logit(gen):
     b, where = m.bag(raw)
     s = m.region_scores(raw)
     for n in range(5):
-        best = [max(float((m.parts[p] * x[n, r]).sum()) for r in range(7)) for p in range(4)]
+        best = [max(float((m.parts[p] * x[n, r]).sum().detach()) for r in range(7)) for p in range(4)]
         norm = math.sqrt(sum(r * r for r in best))
         for p in range(4):
             assert b[n, p].item() == pytest.approx(best[p] / norm, rel=1e-10)

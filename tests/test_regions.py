@@ -16,8 +16,9 @@ def brute_means(fmap: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
 @pytest.mark.parametrize("h,w", [(1, 1), (3, 7), (17, 17)])
-def test_region_means_equal_brute_force(dtype, tol, h, w):
-    fmap = torch.randn(2, 5, h, w, dtype=torch.float64).to(dtype)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_region_means_equal_brute_force(dtype, tol, h, w, layout):
+    fmap = torch.randn(2, 5, h, w, dtype=torch.float64).to(dtype).contiguous(memory_format=layout)
     boxes = np.stack([sample_boxes(3, i, 40, h, w) for i in range(2)])
     fast = region_means(fmap, torch.from_numpy(boxes)).double().numpy()
     ref = brute_means(fmap.double().numpy(), boxes)  # reference on the same (rounded) inputs
