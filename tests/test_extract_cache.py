@@ -122,3 +122,23 @@ def test_missing_cache_errors(tmp_path):
         RegionCache(tmp_path)
     with pytest.raises(CacheIncompleteError, match="LATEST"):
         resolve_cache(None, tmp_path)
+
+
+def test_raw_chunk_reader_equals_zarr(tmp_path):
+    """The direct read of uncompressed one-image chunks gives zarr's own answer, holes included."""
+    import zarr
+
+    c = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+    shard_dir = c.path / c.manifest["shards"][1]["file"]
+    group = zarr.open_group(str(shard_dir), mode="r")
+    assert cache_mod._read_raw_chunks(shard_dir, "regions", group["regions"], 0, 2) is not None  # fast path taken
+    (shard_dir / "regions" / "c" / "1" / "0" / "0").unlink()  # a hole: zarr reads the fill value
+    group = zarr.open_group(str(shard_dir), mode="r")
+    for split in ("all", "train", "test"):
+        a, b = c.rows(1, split)
+        np.testing.assert_array_equal(c.load_shard(1, split, ("regions",))["regions"], group["regions"][a:b])
+    assert not c.load_shard(1, "all", ("regions",))["regions"][1].any()
+    chunk = shard_dir / "regions" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(CacheIncompleteError, match=r"100 bytes, expected .*delete"):
+        c.load_shard(1, "all", ("regions",))

@@ -126,3 +126,40 @@ def test_total_loss_switches_terms(gen):
     assert set(terms0) == {"ce"} and set(terms) == {"ce", "orth", "assign", "cs"}
     expect = terms["ce"] + 1e-2 * terms["orth"] + 1e-3 * terms["assign"] + 1e-3 * terms["cs"]
     assert full.item() == pytest.approx(expect, rel=1e-5) and base.item() == pytest.approx(terms["ce"], rel=1e-6)
+
+
+def _module_with(parts: torch.Tensor, classifier: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> DPNetModule:
+    m = DPNetModule(parts.shape[1], parts.shape[0], classifier.shape[0]).double()
+    m.mean.copy_(mean)
+    m.std.copy_(std)
+    del m.parts, m.classifier
+    m.parts, m.classifier = parts, classifier  # plain tensors, so gradcheck can vary them
+    return m
+
+
+@pytest.mark.parametrize("entropy", [True, False])
+def test_fused_training_forward_equals_plain_composition(gen, entropy):
+    """forward_train (one op, hand-written backward) = forward_scores + assignment_entropy_from_scores."""
+    n, r, d, p, c = 3, 5, 6, 4, 2
+    x = torch.randn(n, r, d, generator=gen, dtype=torch.float64)
+    mean, std = torch.randn(d, generator=gen, dtype=torch.float64), torch.rand(d, generator=gen, dtype=torch.float64) + 0.5
+    u0, v0 = torch.randn(p, d, generator=gen, dtype=torch.float64), torch.randn(c, p, generator=gen, dtype=torch.float64)
+    weight = torch.randn(n, c, generator=gen, dtype=torch.float64)
+
+    def fused(u, v):
+        logits, ent = _module_with(u, v, mean, std).forward_train(x, entropy, torch.float64)
+        return (logits * weight).sum() + 3.0 * ent
+
+    def plain(u, v):
+        m = _module_with(u, v, mean, std)
+        logits, s = m.forward_scores(x)
+        ent = assignment_entropy_from_scores(s, u) if entropy else torch.zeros((), dtype=torch.float64)
+        return (logits * weight).sum() + 3.0 * ent
+
+    args = (u0.clone().requires_grad_(), v0.clone().requires_grad_())
+    assert torch.autograd.gradcheck(fused, args)
+    got = torch.autograd.grad(fused(*args), args)
+    want = torch.autograd.grad(plain(*args), args)
+    assert fused(*args).item() == pytest.approx(plain(*args).item(), rel=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -111,16 +111,54 @@ def test_nan_in_cache_names_shard_and_image(tmp_path):
         quick(epochs=1).fit(cache)
 
 
+def _poison(cache: RegionCache, split_train: bool) -> int:
+    """Put a NaN into the first train (or test) image of the first shard holding one; its id."""
+    import zarr
+
+    for entry in cache.manifest["shards"]:
+        shard = zarr.open_group(str(cache.path / entry["file"]), mode="r+")
+        rows = np.flatnonzero(shard["is_train"][:] == split_train)
+        if len(rows):
+            shard["regions"][int(rows[0]), 2, 1] = np.nan
+            return int(shard["image_ids"][int(rows[0])])
+    raise AssertionError("no such image")
+
+
+def test_nan_met_on_resume_names_shard_and_image(tmp_path):
+    """Resuming skips the statistics pass; the first non-finite loss then blames the cache row."""
+    cache = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        quick(epochs=2).fit(cache, checkpoint=tmp_path / "ck.pt", on_epoch=stop)
+    bad_id = _poison(cache, split_train=True)
+    with pytest.raises(NonFiniteError, match=rf"shard \d+: .*first image id {bad_id}"):
+        quick(epochs=2).fit(cache, checkpoint=tmp_path / "ck.pt")
+
+
+def test_nan_in_test_image_named_by_evaluate(tmp_path):
+    cache = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+    est = quick(epochs=1).fit(cache)
+    bad_id = _poison(cache, split_train=False)
+    with pytest.raises(NonFiniteError, match=rf"shard \d+: .*first image id {bad_id}"):
+        est.evaluate(cache, "test")
+
+
 def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
     from train.model import DPNetModule
 
-    forward = DPNetModule.forward_scores
+    forward = DPNetModule.forward_train
 
-    def poisoned(self, x):
-        out, s = forward(self, x)
-        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]), s  # the 2nd image of each batch
+    def poisoned(self, x, *args):
+        out, ent = forward(self, x, *args)
+        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]), ent  # the 2nd image of each batch
 
-    monkeypatch.setattr(DPNetModule, "forward_scores", poisoned)
+    monkeypatch.setattr(DPNetModule, "forward_train", poisoned)
     est = quick(epochs=2)
     with pytest.raises(NonFiniteError, match=r"epoch 1, shard \d+, image id\(s\) \[\d+\]"):
         est.fit(tiny_cache)
@@ -137,3 +175,33 @@ def test_train_run_writes_run_files(tiny_cache, tmp_path):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 3
     # the MLP baseline is sized like DP-Net
     assert 0.5 < metrics["global_mlp"]["params"] / metrics["dpnet"]["params"] < 2.0
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_micro_batches_give_the_batch_gradient(micro):
+    """A step pushed through in micro-batches has the gradient of the whole batch's loss."""
+    from train.data import Chunk
+    from train.losses import total_loss
+    from train.model import DPNetModule
+
+    torch.manual_seed(0)
+    n, r, d, c, q = 8, 5, 6, 3, 2
+    regions = np.random.default_rng(0).normal(size=(n, r, d)).astype(np.float16)
+    labels = np.arange(n) % c
+    chunk = Chunk(0, regions, np.arange(n), labels, np.arange(n) + 1)
+    est = DPNetClassifier(parts_per_class=q, batch_size=n, micro_batch=micro)
+    est._buf = None
+    est.cache_path_ = Path("mem")
+    module = DPNetModule(d, c * q, c)
+    torch.nn.init.normal_(module.parts)
+    torch.nn.init.normal_(module.classifier)
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    next(est._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
+    got = module.parts.grad.clone(), module.classifier.grad.clone()
+    module.zero_grad()
+    logits, scores = module.forward_scores(torch.from_numpy(regions))
+    loss, _ = total_loss(logits, torch.from_numpy(labels), module.parts, module.classifier, scores, q,
+                         est.constraints, est._lambdas())
+    loss.backward()
+    torch.testing.assert_close(got[0], module.parts.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], module.classifier.grad, rtol=1e-5, atol=1e-6)

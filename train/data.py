@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from extract.cache import RegionCache
 from extract.datasets import hash_fraction
@@ -39,17 +40,48 @@ def default_budget_mb() -> float:
 
 @dataclass
 class Chunk:
-    """The training rows of one shard: regions (n, R, D) float16, labels (n,), image ids (n,)."""
+    """The fitting rows of one shard, without copying its descriptors.
+
+    ``regions`` is the shard's array (n_shard, R, D) float16 as read; ``rows`` (n,) picks this
+    chunk's images from it; ``labels`` and ``image_ids`` (n,) are already picked.
+    """
 
     shard: int
     regions: np.ndarray
+    rows: np.ndarray
     labels: np.ndarray
     image_ids: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: np.ndarray) -> np.ndarray:
+        """float16 (len(idx), R, D) of the chunk's images ``idx`` (positions in this chunk)."""
+        return self.regions[self.rows[idx]]
+
+    def batch_into(self, idx: np.ndarray, buf: torch.Tensor) -> torch.Tensor:
+        """The images ``idx`` converted into the float32 buffer ``buf`` (flat, large enough), viewed
+        as (len(idx), R, D): image by image, with no float16 copy of the batch in between."""
+        r, d = self.regions.shape[1:]
+        out = buf[:len(idx) * r * d].view(len(idx), r, d)
+        for k, row in enumerate(self.rows[idx]):
+            out[k].copy_(torch.from_numpy(self.regions[row]))
+        return out
+
+    def compact(self) -> "Chunk":
+        """A copy holding only this chunk's rows (for keeping in memory across epochs)."""
+        if len(self.rows) == len(self.regions):
+            return self
+        return Chunk(self.shard, self.regions[self.rows], np.arange(len(self.rows)), self.labels, self.image_ids)
+
 
 def check_finite(regions: np.ndarray, image_ids: np.ndarray, where: str) -> None:
-    """Raise NonFiniteError naming the first image whose descriptors hold NaN or inf."""
-    bad = ~np.isfinite(regions.reshape(len(regions), -1)).all(axis=1)
+    """Raise NonFiniteError naming the first image whose descriptors hold NaN or inf.
+
+    A full scan; the trainer calls it only once a sum it computes anyway (the statistics, a
+    loss, a logit) turns out non-finite, so finite data costs nothing.
+    """
+    bad = np.array([not np.isfinite(r).all() for r in regions], bool)
     if bad.any():
         first = int(image_ids[np.argmax(bad)])
         raise NonFiniteError(f"{where}: non-finite region descriptors in {int(bad.sum())} image(s), first image id "
@@ -81,41 +113,57 @@ class ShardSource:
         held = []
         fields = ("regions", "labels", "image_ids")
         for shard, arrays in self.cache.iter_shards("train", fields):
-            keep = ~is_val(arrays["image_ids"], self.val_fraction, self.seed)
-            chunk = Chunk(shard, arrays["regions"][keep], arrays["labels"][keep], arrays["image_ids"][keep])
+            keep = np.flatnonzero(~is_val(arrays["image_ids"], self.val_fraction, self.seed))
+            chunk = Chunk(shard, arrays["regions"], keep, arrays["labels"][keep], arrays["image_ids"][keep])
             del arrays
-            check_finite(chunk.regions, chunk.image_ids, f"{self.cache.path} shard {shard}")
             if self.hold:
+                chunk = chunk.compact()
                 held.append(chunk)
             yield chunk
+            del chunk  # streaming: only the consumer's reference remains, then the shard is freed
         if self.hold:
             self._held = held
 
 
 def split_arrays(cache: RegionCache, split: str, val_fraction: float, seed: int,
-                 fields: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
-    """Stream ``fields`` of ``split`` in ``all``/``train``/``test``/``val``/``fit`` (train minus val)."""
+                 fields: tuple[str, ...], with_shard: bool = False) -> Iterator:
+    """Stream ``fields`` of ``split`` in ``all``/``train``/``test``/``val``/``fit`` (train minus val).
+
+    Yields dicts of arrays (``image_ids`` always included), or ``(shard, dict)`` with ``with_shard``.
+    """
     base = "train" if split in ("val", "fit") else split
-    for _, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"})):
+    for shard, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"})):
         if split in ("val", "fit"):
             mask = is_val(arrays["image_ids"], val_fraction, seed)
             arrays = {k: v[mask if split == "val" else ~mask] for k, v in arrays.items()}
         if len(arrays["image_ids"]):
-            yield arrays
+            yield (shard, arrays) if with_shard else arrays
 
 
 def region_stats(source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (D,) of every training region descriptor, in float64 accumulators."""
+    """Mean and std (D,) of every training region descriptor, in float64 accumulators.
+
+    Raises:
+        NonFiniteError: a descriptor is NaN or inf; names the shard and the first image.
+    """
     total = sq = None
     count = 0
+    buf = torch.empty(2 * source.cache.n_regions * source.cache.dim)
     for chunk in source.chunks():
-        for a in range(0, len(chunk.regions), 8):  # 8 images at a time: bounded float64 copies
-            x = chunk.regions[a:a + 8].reshape(-1, chunk.regions.shape[-1]).astype(np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+        for a in range(0, len(chunk), 2):  # 2 images at a time, in one reused float32 buffer
+            rows = np.arange(a, min(a + 2, len(chunk)))
+            x = chunk.batch_into(rows, buf).flatten(0, 1)  # (n R, D)
+            part = x.sum(0).double()  # float32 sums of <= 2R rows, accumulated in float64
+            part_sq = x.square_().sum(0).double()
+            if not (torch.isfinite(part).all() and torch.isfinite(part_sq).all()):
+                check_finite(chunk.batch(rows), chunk.image_ids[rows], f"{source.cache.path} shard {chunk.shard}")
+            total = part if total is None else total + part
+            sq = part_sq if sq is None else sq + part_sq
             count += len(x)
+        del chunk
     if not count:
         raise DpnetError(f"{source.cache.path}: no training images left after the validation split")
+    total, sq = total.numpy(), sq.numpy()
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)

@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from extract.cache import RegionCache, check_compatible
 from extract.errors import CacheMismatchError, DpnetError
 
-from .data import Chunk, NonFiniteError, ShardSource, region_stats, split_arrays
-from .losses import CONSTRAINTS, total_loss
+from .data import Chunk, NonFiniteError, ShardSource, check_finite, region_stats, split_arrays
+from .losses import CONSTRAINTS, constraint_loss
 from .model import DPNetModule
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class DPNetClassifier:
             +1 for its own class and -0.5 elsewhere).
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
+        micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
+            the gradient is the batch's either way, up to float summation order.
         seed, device: reproducibility and placement ("auto": CUDA when present).
     """
 
@@ -71,12 +74,13 @@ class DPNetClassifier:
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, init: str = "random", val_fraction: float = 0.15,
-                 memory_budget_mb: float | None = None, seed: int = 0, device: str = "auto"):
+                 memory_budget_mb: float | None = None, micro_batch: int = 0, seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
         self.constraints = tuple(constraints)
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
         self.init, self.val_fraction, self.memory_budget_mb = init, val_fraction, memory_budget_mb
+        self.micro_batch = micro_batch
         self.seed, self.device = seed, device
 
     def get_params(self) -> dict[str, Any]:
@@ -88,6 +92,7 @@ class DPNetClassifier:
             on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> "DPNetClassifier":
         """Learn U and V from the training split of ``cache``; resumes from ``checkpoint`` if present."""
         self._validate()
+        self._buf: torch.Tensor | None = None
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
         source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
@@ -99,6 +104,7 @@ class DPNetClassifier:
             state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
                      "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
         self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
+        self.cache_path_ = cache.path
         self.classes_ = list(cache.manifest["classes"])
         for epoch in range(state["epoch"], self.epochs):
             row = self._run_epoch(module, opt, source, epoch, dev, progress)
@@ -113,6 +119,7 @@ class DPNetClassifier:
             if on_epoch:
                 on_epoch(row)
         module.load_state_dict(state["best_state"])
+        del self._buf
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
 
@@ -153,7 +160,7 @@ class DPNetClassifier:
                 if len(rows) and len(picks[cls]) < 4 * q:
                     take = rng.choice(rows, size=min(len(rows), 4 * q - len(picks[cls])), replace=True)
                     regions = rng.integers(0, chunk.regions.shape[1], len(take))
-                    picks[cls] += list(chunk.regions[take, regions].astype(np.float32))
+                    picks[cls] += list(chunk.regions[chunk.rows[take], regions].astype(np.float32))
         out = torch.randn(c * q, dim, generator=gen) / dim**0.5
         for cls in range(c):
             if picks[cls]:
@@ -177,31 +184,79 @@ class DPNetClassifier:
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v
                     steps, correct, seen = steps + 1, correct + right, seen + n
+            del chunk  # free this shard before the next is taken (at most two in memory)
         row = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
                "train_top1": 100.0 * correct / max(seen, 1)}
         row.update({f"loss_{k}": v / max(steps, 1) for k, v in sums.items()})
         return row
 
+    def _micro(self, cache_shape: tuple[int, int], dev: torch.device) -> int:
+        """Images per forward/backward piece: the whole batch on CUDA; about 16 MB of float32 on CPU."""
+        if self.micro_batch > 0:
+            return self.micro_batch
+        if dev.type == "cuda":
+            return self.batch_size
+        r, d = cache_shape
+        return max(1, min(self.batch_size, (16 << 20) // (r * d * 4)))
+
+    def _micro_input(self, chunk: Chunk, idx: np.ndarray, dev: torch.device) -> torch.Tensor:
+        """Images ``idx`` of ``chunk`` as the step's input (b, R, D): float16 on the GPU; on CPU
+        float32, converted straight into one reused buffer.
+
+        Reusing the buffer (autograd is done with it before the next micro-batch) avoids fresh
+        multi-MB allocations per micro-batch, which grow glibc's heap and the process's RSS.
+        """
+        if dev.type != "cpu":
+            return torch.from_numpy(chunk.batch(idx)).to(dev, non_blocking=True)
+        need = len(idx) * chunk.regions.shape[1] * chunk.regions.shape[2]
+        if self._buf is None or self._buf.numel() < need:
+            self._buf = torch.empty(need, dtype=torch.float32)
+        return chunk.batch_into(idx, self._buf)
+
     def _chunk_steps(self, module: DPNetModule, opt: torch.optim.Optimizer, chunk: Chunk, epoch: int,
                      inner: int, dev: torch.device):
-        """Minibatch steps over one chunk, shuffled by (seed, epoch, shard, inner pass)."""
-        order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk.labels))
+        """Minibatch steps over one chunk, shuffled by (seed, epoch, shard, inner pass).
+
+        Each step's batch is pushed through in micro-batches whose gradients add up to the
+        batch's (the CE and assignment terms are means over images; the constraints on U and
+        V are added once), so memory per step stays at a few MB whatever the batch size. The
+        scores, max-pool and assignment entropy run as one fused op (``forward_train``).
+        """
+        order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk))
+        micro = self._micro(chunk.regions.shape[1:], dev)
+        assign = "assign" in self.constraints
+        global_terms = tuple(k for k in self.constraints if k != "assign")
+        gemm_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
-            x = torch.from_numpy(chunk.regions[idx]).to(dev, non_blocking=True)  # (B, R, D) float16
-            y = torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits, scores = module.forward_scores(x)
-            loss, terms = total_loss(logits.float(), y, module.parts, module.classifier, scores.float(),
-                                     self.parts_per_class, self.constraints, self._lambdas())
-            if not torch.isfinite(loss):
-                self._raise_nonfinite(logits, y, chunk, idx, epoch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            terms, right = {}, 0
+            for m in range(0, len(idx), micro):
+                sub = idx[m:m + micro]
+                x = self._micro_input(chunk, sub, dev)  # (b, R, D)
+                y = torch.from_numpy(chunk.labels[sub].astype(np.int64)).to(dev)
+                logits, entropy = module.forward_train(x, assign, gemm_dtype)
+                ce = F.cross_entropy(logits, y)
+                loss = ce + self.lambda_assign * entropy if assign else ce
+                if not torch.isfinite(loss):
+                    self._raise_nonfinite(logits, y, chunk, sub, epoch, self.cache_path_)
+                share = len(sub) / len(idx)
+                (loss * share).backward()
+                terms["ce"] = terms.get("ce", 0.0) + float(ce.detach()) * share
+                if assign:
+                    terms["assign"] = terms.get("assign", 0.0) + float(entropy.detach()) * share
+                right += int((logits.argmax(1) == y).sum())
+            if global_terms:
+                reg, part = constraint_loss(module.parts, module.classifier, self.parts_per_class, global_terms,
+                                            self._lambdas())
+                reg.backward()
+                terms.update(part)
             opt.step()
-            yield terms, int((logits.argmax(1) == y).sum()), len(idx)
+            yield terms, right, len(idx)
 
-    def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int):
+    def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int,
+                         cache_path: Path):
+        check_finite(chunk.batch(idx), chunk.image_ids[idx], f"{cache_path} shard {chunk.shard}")  # the data?
         per = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
         bad = (~torch.isfinite(per)).nonzero().flatten().tolist() or [0]
         ids = [int(chunk.image_ids[idx[i]]) for i in bad]
@@ -294,9 +349,13 @@ class DPNetClassifier:
     def _scores_split(self, module: DPNetModule, cache: RegionCache, split: str,
                       dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
         scores, labels = [], []
-        for arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels")):
+        for shard, arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels"),
+                                          with_shard=True):
             for a in range(0, len(arrays["labels"]), 64):
-                scores.append(module(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).float().cpu().numpy())
+                out = module(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).float().cpu().numpy()
+                if not np.isfinite(out).all():
+                    check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], f"{cache.path} shard {shard}")
+                scores.append(out)
             labels.append(arrays["labels"])
         if not labels:
             return np.zeros((0, module.classifier.shape[0]), np.float32), np.zeros(0, np.int64)

@@ -60,6 +60,18 @@ def foreign_mask(n_classes: int, n_parts: int, parts_per_class: int, like: torch
 CONSTRAINTS = ("orth", "assign", "cs")
 
 
+def constraint_loss(parts: torch.Tensor, weights: torch.Tensor, parts_per_class: int, constraints: tuple[str, ...],
+                    lambdas: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The terms that depend on U and V only ("orth", "cs"), weighted and summed; returns (loss, terms)."""
+    terms = {}
+    if "orth" in constraints:
+        terms["orth"] = orthogonality(parts)
+    if "cs" in constraints:
+        terms["cs"] = class_specific(weights, parts_per_class)
+    loss = sum((lambdas[k] * v for k, v in terms.items()), torch.zeros((), device=parts.device))
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
 def total_loss(logits: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor, weights: torch.Tensor,
                scores: torch.Tensor, parts_per_class: int, constraints: tuple[str, ...],
                lambdas: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
