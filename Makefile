@@ -37,7 +37,14 @@ TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),
 # The demo trains for fewer epochs than the paper (CPU minutes), with lr 1e-2 to make up the updates.
 DEMO_TRAIN = --epochs 12 --inner-epochs 2 --lr 1e-2 --lr-step 4
 
-.PHONY: setup demo extract train ablation test bench
+# Analysis: RUN= a run folder or name under data/runs (default: the run of CACHE / DATASET / LATEST).
+RUN ?=
+IMG ?=
+BOXES ?=
+ANALYZE_ARGS = $(if $(RUN),--run $(RUN),$(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET)))) \
+	$(if $(BOXES),--boxes-csv $(BOXES))
+
+.PHONY: setup demo extract train ablation report explain test bench
 
 setup: $(STAMP)
 
@@ -60,6 +67,13 @@ demo: setup
 	$(PY) -m extract --dataset synth
 	@echo "demo: training with fewer epochs than the paper's 40 x 32 (CPU demo): $(DEMO_TRAIN)"
 	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544 $(DEMO_TRAIN)
+	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544
+
+report: setup
+	$(PY) -m analyze report $(ANALYZE_ARGS)
+
+explain: setup
+	$(PY) -m analyze explain $(IMG) $(ANALYZE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -24,6 +24,7 @@ from .errors import DatasetLayoutError
 log = logging.getLogger(__name__)
 
 PART_NAMES = ["head", "wing", "tail", "marking"]
+CLASS_DEFINING_PARTS = ("head", "marking")  # the only parts whose look depends on the class
 HEAD_STYLES = ["red_plain", "red_striped", "blue_plain", "blue_dotted", "yellow_ringed"]
 MARK_STYLES = ["white_bar", "black_spot"]
 _HEAD_COLORS = {"red": (200, 30, 40), "blue": (30, 60, 200), "yellow": (230, 200, 30)}

@@ -1,8 +1,11 @@
-"""The default synthetic set, end to end: parts must beat the global linear baseline.
+"""The default synthetic set, end to end: parts must beat the global linear baseline, and the
+report's explanations must be faithful and land on the parts that define the classes.
 
 Extracts the default set (10 classes x 60 images, EfficientNet-Lite0, R = 500, 544 px) once
 for the module: about two minutes on a 2-core CPU.
 """
+
+import json
 
 import pytest
 
@@ -24,3 +27,13 @@ def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
     m = train_run(cfg)
     assert m["dpnet"]["top1"] > m["global_linear"]["top1"] + 5
     assert m["dpnet"]["top1"] > 50  # 10 classes: chance is 10
+
+    from analyze.report import build_report
+
+    page = build_report(tmp_path / "run", k=4, n_show=4)
+    numbers = json.loads((page.parent / "analysis.json").read_text())
+    for k in ("k1", "k3", "k5"):  # removing the named regions costs more than removing random ones
+        f = numbers["faithfulness"][k]
+        assert f["drop_named"] > max(f["drop_random"], 0) + 0.01, (k, f)
+    loc = numbers["localisation"]
+    assert loc["top_part_on_defining_part"] > loc["chance_region_on_defining_part"], loc

@@ -1,0 +1,66 @@
+"""Command line of stage 3: ``python -m analyze report [--run NAME]`` and ``python -m analyze explain IMG``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from extract.errors import DpnetError
+from train.cli import pick_cache
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analyze", description=__doc__)
+    p.add_argument("command", choices=("report", "explain"))
+    p.add_argument("image", nargs="?", help="explain: the image file")
+    p.add_argument("--run", default=None, help="run folder or name under data/runs (default: the LATEST cache's run)")
+    p.add_argument("--cache", default=None, help="pick the run of this cache (name or folder)")
+    p.add_argument("--dataset", default=None, help="pick the run of the most recent cache of this dataset")
+    p.add_argument("--cache-root", default="data/cache")
+    p.add_argument("--runs-root", default="data/runs")
+    p.add_argument("--top-k", type=int, default=6, help="regions shown per part in the gallery")
+    p.add_argument("--images", type=int, default=8, help="test images in the image view")
+    p.add_argument("--boxes-csv", default=None, help="object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game")
+    p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_run(args: argparse.Namespace) -> Path:
+    """The run folder named by --run, or the run of the cache that --cache/--dataset/LATEST picks."""
+    if args.run:
+        path = Path(args.run)
+        run = path if path.is_dir() or len(path.parts) > 1 else Path(args.runs_root) / path
+    else:
+        run = Path(args.runs_root) / pick_cache(args).name
+    if not (run / "model.pt").is_file():
+        raise DpnetError(f"no trained model in {run} (model.pt missing): run `make train` first, or pass RUN=<run folder>")
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run = resolve_run(args)
+        if args.command == "report":
+            from .report import build_report
+
+            page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
+                                progress=not args.no_progress)
+            print(f"report: {page}")
+            return 0
+        if not args.image or not Path(args.image).is_file():
+            raise DpnetError(f"explain needs an existing image file: IMG={args.image!r} (make explain IMG=path/to/photo.jpg)")
+        from .single import explain_image
+
+        res = explain_image(args.image, run, args.out)
+    except DpnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"predicted: {res.pred_name} (class {res.pred})")
+    print("top parts: " + ", ".join(f"part {p} ({v:+.3f})" for p, v in res.top_parts))
+    print(f"page: {res.page}")
+    return 0

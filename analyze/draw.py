@@ -1,0 +1,85 @@
+"""Pure drawing functions on the explainers' arrays: crops, heatmap overlays, assignment maps, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as RGB (same conversions as extraction: alpha over white, CMYK, palette)."""
+    from extract.images import _to_rgb
+
+    with Image.open(path) as img:
+        img.load()
+        return _to_rgb(img)
+
+
+def crop(img: Image.Image, box: np.ndarray, size: int = 96) -> Image.Image:
+    """The pixel box (x0, y0, x1, y1) of ``img``, fitted into ``size`` x ``size``."""
+    x0, y0, x1, y1 = (int(round(float(t))) for t in box)
+    out = img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+    out.thumbnail((size, size))
+    return out
+
+
+def with_box(img: Image.Image, box: np.ndarray, colour: str = "#ff3b30", width: int = 3) -> Image.Image:
+    """A copy of ``img`` with a rectangle drawn on it."""
+    out = img.copy()
+    ImageDraw.Draw(out).rectangle([float(t) for t in box], outline=colour, width=width)
+    return out
+
+
+def overlay_heatmap(img: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Heat (H, W) in [0, 1] over the whole image, bilinear, coloured with matplotlib's 'jet'."""
+    from matplotlib import colormaps
+
+    small = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8))
+    big = np.asarray(small.resize(img.size, Image.BILINEAR), dtype=np.float32) / 255
+    colour = (colormaps["jet"](big)[..., :3] * 255).astype(np.uint8)
+    return Image.blend(img, Image.fromarray(colour), alpha)
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct RGB colours (uint8 (n, 3))."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"] if n <= 20 else colormaps["hsv"]
+    return (np.array([cmap(i / max(n, 1) if n > 20 else i)[:3] for i in range(n)]) * 255).astype(np.uint8)
+
+
+def overlay_assignment(img: Image.Image, amap: np.ndarray, parts: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """Cells of ``amap`` (H, W) coloured by part (colour i for parts[i]); -1 cells left as they are."""
+    colours = palette(len(parts))
+    lookup = {int(p): i for i, p in enumerate(parts)}
+    rgba = np.zeros(amap.shape + (4,), np.uint8)
+    for (y, x), p in np.ndenumerate(amap):
+        if p >= 0 and int(p) in lookup:
+            rgba[y, x, :3], rgba[y, x, 3] = colours[lookup[int(p)]], int(255 * alpha)
+    layer = Image.fromarray(rgba, "RGBA").resize(img.size, Image.NEAREST)
+    out = img.convert("RGBA")
+    out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def line_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
+              title: str) -> None:
+    """Save a small line chart of named (x, y) series as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

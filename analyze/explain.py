@@ -1,0 +1,162 @@
+"""Explainers: plain arrays of documented shape from a trained model and region descriptors.
+
+In the spirit of pytorch-grad-cam: an explainer computes arrays, drawing is elsewhere
+(``analyze.draw``). Glossary: N images, R regions, D descriptor size, P parts, C classes,
+(H, W) the feature grid; boxes are grid cells ``(x0, y0, x1, y1)``, half-open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.estimator import DPNetClassifier
+
+
+@dataclass
+class Evidence:
+    """ProtoPNet's "this looks like that" table for one image and one class, parts by points.
+
+    ``points`` = ``b * v`` per part; ``points.sum()`` equals the class logit.
+    """
+
+    cls: int
+    parts: np.ndarray  # (P,) part ids, most points first
+    region: np.ndarray  # (P,) this image's best region of each part
+    b: np.ndarray  # (P,) pooled, L2-normalised part scores
+    v: np.ndarray  # (P,) the class weights v_cp
+    points: np.ndarray  # (P,) b * v
+    logit: float
+
+
+class DPNetExplainer:
+    """Explanations of a fitted :class:`DPNetClassifier`.
+
+    Args:
+        est: the fitted model.
+        d: optional (C, P) class-level part weights d(p, c) (from ``analyze.stats``), used to
+            pick a class's parts for heatmaps; without it the class's own q parts are used.
+    """
+
+    def __init__(self, est: DPNetClassifier, d: np.ndarray | None = None):
+        est._check_fitted()
+        self.est, self.d = est, d
+        self.v = est.module_.classifier.detach().cpu().numpy()  # (C, P)
+        self.q = est.parts_per_class
+
+    @torch.no_grad()
+    def scores(self, regions: np.ndarray) -> np.ndarray:
+        """S, float32 (N, R, P): raw part scores of every region."""
+        return self.est.region_scores(regions).transpose(0, 2, 1)
+
+    @staticmethod
+    def pool(scores: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, R, P) scores -> b (N, P) L2-normalised, and best region (N, P); ``keep`` (N, R) masks regions out."""
+        s = scores if keep is None else np.where(keep[:, :, None], scores, -np.inf)
+        where = s.argmax(1)  # (N, P)
+        raw = np.take_along_axis(s, where[:, None, :], 1)[:, 0]  # (N, P)
+        raw = np.where(np.isfinite(raw), raw, 0.0)
+        b = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        return b.astype(np.float32), where
+
+    def contributions(self, b: np.ndarray) -> np.ndarray:
+        """v_cp * b_p, float32 (N, C, P); summed over P it gives the logits (N, C)."""
+        return b[:, None, :] * self.v[None, :, :]
+
+    def evidence(self, scores: np.ndarray, cls: int) -> Evidence:
+        """The evidence table of one image (scores (R, P)) for class ``cls``."""
+        b, where = self.pool(scores[None])
+        points = b[0] * self.v[cls]
+        order = np.argsort(-points, kind="stable")
+        return Evidence(cls, order, where[0, order], b[0, order], self.v[cls, order], points[order],
+                        float(points.sum()))
+
+    def class_parts(self, cls: int, n: int) -> np.ndarray:
+        """The n parts that matter most for ``cls``: by d(p, c) when known, else its own parts by v."""
+        if self.d is not None:
+            return np.argsort(-self.d[cls], kind="stable")[:n]
+        own = np.arange(cls * self.q, (cls + 1) * self.q)
+        return own[np.argsort(-self.v[cls, own], kind="stable")][:n]
+
+    def heatmaps(self, scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int], classes: np.ndarray,
+                 top_n: int = 3, top_m: int = 5) -> np.ndarray:
+        """The paper's Fig. 3: top-N parts of each image's class, their top-M regions painted.
+
+        Args:
+            scores: (N, R, P) raw scores. boxes: (N, R, 4) grid boxes. grid: (H, W).
+            classes: (N,) the class to explain per image.
+
+        Returns:
+            float32 (N, H, W) in [0, 1]: the sum over painted regions of their positive score.
+        """
+        n, (h, w) = len(scores), grid
+        out = np.zeros((n, h, w), np.float32)
+        for i in range(n):
+            for p in self.class_parts(int(classes[i]), top_n):
+                for r in np.argsort(-scores[i, :, p], kind="stable")[:top_m]:
+                    x0, y0, x1, y1 = (int(t) for t in boxes[i, r])
+                    out[i, y0:y1, x0:x1] += max(float(scores[i, r, p]), 0.0)
+            peak = out[i].max()
+            if peak > 0:
+                out[i] /= peak
+        return out
+
+    def assignment_maps(self, scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int],
+                        classes: np.ndarray) -> np.ndarray:
+        """Each cell gets the part (of the image's class) whose best region covering it scores highest.
+
+        Returns:
+            int64 (N, H, W) part ids, -1 where no best region of those parts covers the cell.
+        """
+        n, (h, w) = len(scores), grid
+        out = np.full((n, h, w), -1, np.int64)
+        _, where = self.pool(scores)
+        for i in range(n):
+            cls = int(classes[i])
+            best = np.full((h, w), -np.inf)
+            for p in range(cls * self.q, (cls + 1) * self.q):
+                r = where[i, p]
+                x0, y0, x1, y1 = (int(t) for t in boxes[i, r])
+                cell = best[y0:y1, x0:x1]
+                win = scores[i, r, p] > cell
+                cell[win] = scores[i, r, p]
+                out[i, y0:y1, x0:x1][win] = p
+        return out
+
+
+def named_regions(expl: DPNetExplainer, scores: np.ndarray, cls: int, k: int) -> np.ndarray:
+    """The regions an explanation names: the best regions of the top-k contributing parts (unique, in order)."""
+    ev = expl.evidence(scores, cls)
+    return np.array(list(dict.fromkeys(int(r) for r in ev.region[:k])), np.int64)
+
+
+def deletion_scores(expl: DPNetExplainer, scores: np.ndarray, cls: np.ndarray, steps: int = 10,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class score as the named regions are removed, against removing as many random regions.
+
+    Removal is exact in region space: removed regions leave the max-pool, b is recomputed.
+
+    Args:
+        scores: (N, R, P); cls: (N,) the class explained (its logit is tracked).
+        steps: the k of "top-k contributing parts" goes 0..steps.
+
+    Returns:
+        named (N, steps + 1) and random (N, steps + 1) class logits; column 0 is the intact image.
+    """
+    n, r, _ = scores.shape
+    rng = np.random.default_rng(seed)
+    named, rand = np.zeros((n, steps + 1)), np.zeros((n, steps + 1))
+    for i in range(n):
+        c = int(cls[i])
+        order = named_regions(expl, scores[i], c, steps)
+        perm = rng.permutation(r)
+        for k in range(steps + 1):
+            m = len(named_regions(expl, scores[i], c, k)) if k else 0
+            for out, drop in ((named, order[:m]), (rand, perm[:m])):
+                keep = np.ones((1, r), bool)
+                keep[0, drop] = False
+                b, _ = expl.pool(scores[i:i + 1], keep)
+                out[i, k] = float(b[0] @ expl.v[c])
+    return named, rand

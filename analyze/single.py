@@ -1,0 +1,110 @@
+"""``make explain IMG=photo.jpg``: backbone + model on one new image, its evidence and heatmap.
+
+The image goes through exactly the extraction path (decode, resize, backbone, region means,
+with boxes drawn for image id 0 and the cache's seed), then through the run's model.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.backbones import create_backbone
+from extract.cache import RegionCache
+from extract.errors import CacheMismatchError
+from extract.images import load_rgb
+from extract.pipeline import FeatureExtractor
+from extract.regions import boxes_to_pixels
+from train.estimator import DPNetClassifier
+
+from . import draw
+from .explain import DPNetExplainer
+
+
+@dataclass
+class ImageExplanation:
+    """The prediction for one image and what the page shows."""
+
+    pred: int
+    pred_name: str
+    logits: np.ndarray  # (C,)
+    top_parts: list[tuple[int, float]]  # (part, points) for the predicted class, best first
+    heatmap: np.ndarray  # (H, W) in [0, 1]
+    page: Path
+
+
+def dataset_image_id(path: str | Path, cache: RegionCache) -> int | None:
+    """The image id of ``path`` when it is one of the cache's own images, else ``None``."""
+    root, target = Path(cache.manifest["dataset_root"]), Path(path).resolve()
+    for row in cache.image_table():
+        for base in (root / "images", root):
+            if (base / row["path"]).resolve() == target:
+                return row["image_id"]
+    return None
+
+
+def describe_image(path: str | Path, cache: RegionCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw regions (1, R, D) float16, grid boxes (1, R, 4) and the original size (2,) of one image file.
+
+    The boxes are those of the image's id when the file is one of the cache's images (so its
+    descriptors equal the cached ones), else those of id 0: a new image gets a fixed draw.
+    """
+    m = cache.manifest
+    weights = m["weights"] if m["weights"] in ("random",) or Path(str(m["weights"])).is_file() else None
+    bb = create_backbone(m["backbone"], weights)
+    if bb.weights_sha256 != m.get("weights_sha256"):
+        raise CacheMismatchError(f"the {m['backbone']} weights found here ({bb.weights}) are not those the cache "
+                                 f"{cache.path} was extracted with ({m['weights']}); explain needs the same weights")
+    fx = FeatureExtractor(bb, tuple(m["grid"]), m["R"], m["seed"], torch.device("cpu"))
+    pixels, size_wh = load_rgb(path, m["image_size"])
+    iid = dataset_image_id(path, cache)
+    boxes = fx.boxes([0 if iid is None else iid])
+    regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)
+    return regions, boxes, np.array(size_wh)
+
+
+def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | None = None) -> ImageExplanation:
+    """Predict and explain one image with the run's model; write PNG heatmap and an HTML page."""
+    run = Path(run_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    cache = RegionCache(metrics["cache"])
+    est = DPNetClassifier.load(run / "model.pt", cache)
+    regions, boxes, size_wh = describe_image(path, cache)
+    expl = DPNetExplainer(est, _class_weights(run))
+    scores = expl.scores(regions)  # (1, R, P)
+    b, _ = expl.pool(scores)
+    logits = expl.contributions(b).sum(-1)[0]
+    pred = int(logits.argmax())
+    ev = expl.evidence(scores[0], pred)
+    grid = tuple(cache.manifest["grid"])
+    heat = expl.heatmaps(scores, boxes, grid, np.array([pred]))[0]
+    out = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
+    out.mkdir(parents=True, exist_ok=True)
+    img = draw.open_rgb(path)
+    draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
+    rows = []
+    for i in range(min(5, len(ev.parts))):
+        pix = boxes_to_pixels(boxes[0, ev.region[i]:ev.region[i] + 1], grid, size_wh)[0]
+        draw.crop(img, pix, 96).save(out / f"part{ev.parts[i]}.png")
+        rows.append(f"<tr><td>part {ev.parts[i]}</td><td><img src='part{ev.parts[i]}.png'></td><td>{ev.b[i]:.3f}</td>"
+                    f"<td>{ev.v[i]:.3f}</td><td>{ev.points[i]:.3f}</td></tr>")
+    name = est.classes_[pred]
+    (out / "index.html").write_text(
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(name)}</title><body style='font-family:sans-serif'>"
+        f"<h2>{html.escape(Path(path).name)}: predicted {html.escape(name)}</h2><img src='heatmap.png' height='320'>"
+        f"<p>Evidence for {html.escape(name)} (points = b_p x v_cp; all {len(ev.parts)} parts sum to the logit "
+        f"{ev.logit:.3f}):</p><table border='1' cellpadding='4'><tr><th>part</th><th>region</th><th>b_p</th>"
+        f"<th>v_cp</th><th>points</th></tr>{''.join(rows)}</table></body>")
+    top = [(int(p), float(v)) for p, v in zip(ev.parts[:5], ev.points[:5])]
+    return ImageExplanation(pred, name, logits, top, heat, out / "index.html")
+
+
+def _class_weights(run: Path) -> np.ndarray | None:
+    """d(p, c) from the run's report when it was built (heatmaps then use the class's top parts by d)."""
+    path = run / "report" / "class_parts.npy"
+    return np.load(path) if path.is_file() else None

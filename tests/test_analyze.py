@@ -1,0 +1,260 @@
+"""The analysis stage: part statistics, explainers, faithfulness, localisation, report and explain."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analyze.explain import DPNetExplainer, deletion_scores, named_regions
+from analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
+from analyze.stats import class_part_weights, merge_topk, part_stats
+from extract.cache import RegionCache
+from extract.pipeline import run_extraction
+from tests.conftest import tiny_config
+from train.run import TrainConfig, train_run
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_class_part_weights_on_a_hand_made_example():
+    # 2 classes, q = 1, 3 parts. Mean contributions: class 0 -> [2, 1, 0], class 1 -> [0, 3, 1]
+    v = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    class_sum = np.array([[4.0, 2.0, 5.0], [7.0, 6.0, 2.0]])
+    count = np.array([2, 2])
+    d, f = class_part_weights(v, class_sum, count, parts_per_class=1)
+    # top-1 part per class: class 0 -> part 0 (2 > 1), class 1 -> part 1 (3 > 1); f = [1, 1, 0]
+    assert f.tolist() == [1, 1, 0]
+    want = v * class_sum / np.log(2.0)  # f = 0 counts as 1, f = 1 -> log(2)
+    np.testing.assert_allclose(d, want)
+    d2, f2 = class_part_weights(v, class_sum, count, parts_per_class=2)
+    # top-2: class 0 -> parts 0, 1; class 1 -> parts 1, 2: part 1 shared (f = 2), weighted down by log 3
+    assert f2.tolist() == [1, 2, 1]
+    np.testing.assert_allclose(d2[:, 1], v[:, 1] * class_sum[:, 1] / np.log(3.0))
+
+
+def test_streaming_topk_equals_global_topk():
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(5, 40))
+    best = np.full((5, 0), -np.inf)
+    ids = np.zeros((5, 0), int)
+    for a in range(0, 40, 7):  # chunks of images, as shards arrive
+        best, pick = merge_topk(best, full[:, a:a + 7], 4)
+        ids = np.take_along_axis(np.concatenate([ids, np.broadcast_to(np.arange(a, min(a + 7, 40)), (5, min(7, 40 - a)))], 1), pick, 1)
+    want = np.argsort(-full, 1)[:, :4]
+    assert np.array_equal(ids, want)
+    np.testing.assert_allclose(best, np.take_along_axis(full, want, 1))
+
+
+def test_pointing_game_and_consistency_by_hand():
+    heat = np.zeros((2, 4, 4))
+    heat[0, 0, 0] = 1  # peak in the top-left cell: centre (12.5, 12.5) px of a 100 px image
+    heat[1, 3, 3] = 1  # bottom-right: (87.5, 87.5)
+    sizes = np.array([[100, 100], [100, 100]])
+    boxes = np.array([[0, 0, 30, 30], [0, 0, 30, 30]], float)  # x, y, w, h
+    assert pointing_game(heat, (4, 4), sizes, boxes) == 50.0
+    # 1 class, q = 2; part 0's best region always holds keypoint 0, part 1's only once in 2
+    best = np.array([[[0, 0, 10, 10], [50, 50, 60, 60]], [[0, 0, 10, 10], [0, 0, 10, 10]]], float)
+    kp = np.array([[[5, 5, 1], [55, 55, 1]], [[5, 5, 1], [90, 90, 1]]], float)
+    share, rate = part_consistency(best, kp, np.array([0, 0]), parts_per_class=2)
+    assert rate.tolist() == [1.0, 0.5] and share == 50.0
+
+
+def test_landmark_error_is_zero_for_an_exact_linear_relation():
+    rng = np.random.default_rng(0)
+    n, p = 60, 3
+    box = np.tile([10.0, 20.0, 100.0, 50.0], (n, 1))
+    parts = rng.uniform(0, 1, (n, p, 2)) * box[:, None, 2:] + box[:, None, :2]
+    kp = np.concatenate([parts[:, :1] * 1.0, np.ones((n, 1, 1))], -1)  # keypoint = part 0's centre
+    err = landmark_error(parts[:40], kp[:40], box[:40], parts[40:], kp[40:], box[40:], alpha=1e-8)
+    assert err < 1e-3
+    shifted = kp.copy()
+    shifted[40:, :, 0] += 10.0  # test keypoints moved by 0.1 box widths -> error 10
+    assert landmark_error(parts[:40], kp[:40], box[:40], parts[40:], shifted[40:], box[40:], alpha=1e-8) == pytest.approx(10.0, rel=1e-3)
+
+
+def test_defining_part_hits_against_a_loop():
+    rng = np.random.default_rng(1)
+    n, m = 20, 7
+    kp = np.concatenate([rng.uniform(0, 100, (n, 3, 2)), rng.integers(0, 2, (n, 3, 1))], -1)
+    xy = rng.uniform(0, 80, (n, m, 2))
+    boxes = np.concatenate([xy, xy + 20], -1)
+    hit, chance = defining_part_hits(boxes[:, 0], boxes, kp, [0, 2])
+
+    def covers(b, i):
+        return any(kp[i, k, 2] > 0 and b[0] <= kp[i, k, 0] < b[2] and b[1] <= kp[i, k, 1] < b[3] for k in (0, 2))
+
+    assert hit == pytest.approx(100 * np.mean([covers(boxes[i, 0], i) for i in range(n)]))
+    assert chance == pytest.approx(100 * np.mean([np.mean([covers(boxes[i, j], i) for j in range(m)]) for i in range(n)]))
+
+
+# ------------------------------------------------------------------------- on a trained tiny run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("an")
+    cfg = tiny_config(tmp, image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    cache = run_extraction(cfg).cache_dir
+    run = tmp / "run"
+    train_run(TrainConfig(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2,
+                          batch_size=4, val_fraction=0.0, baselines=False, progress=False))
+    return run
+
+
+def _test_arrays(run: Path):
+    from analyze.analysis import load_run
+
+    est, cache, _ = load_run(run)
+    parts = [a for _, a in cache.iter_shards("test", ("regions", "boxes", "labels", "image_ids"))]
+    return est, cache, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_evidence_and_contributions_sum_to_the_logit(tiny_run):
+    est, _, a = _test_arrays(tiny_run)
+    expl = DPNetExplainer(est)
+    scores = expl.scores(a["regions"])  # (N, R, P)
+    logits = est.decision_function(a["regions"])
+    b, _ = expl.pool(scores)
+    np.testing.assert_allclose(expl.contributions(b).sum(-1), logits, rtol=1e-4, atol=1e-5)
+    for i in range(len(scores)):
+        for c in range(logits.shape[1]):
+            ev = expl.evidence(scores[i], c)
+            assert ev.points.sum() == pytest.approx(logits[i, c], rel=1e-4, abs=1e-5)
+            assert np.all(np.diff(ev.points) <= 0)
+            np.testing.assert_allclose(ev.points, ev.b * ev.v, rtol=1e-6)
+
+
+def test_explainer_maps_have_documented_shapes(tiny_run):
+    est, cache, a = _test_arrays(tiny_run)
+    expl = DPNetExplainer(est)
+    scores, grid = expl.scores(a["regions"]), tuple(cache.manifest["grid"])
+    heat = expl.heatmaps(scores, a["boxes"], grid, a["labels"])
+    amap = expl.assignment_maps(scores, a["boxes"], grid, a["labels"])
+    n = len(scores)
+    assert heat.shape == (n,) + grid and heat.dtype == np.float32 and heat.min() >= 0 and heat.max() <= 1
+    assert amap.shape == (n,) + grid
+    for i in range(n):
+        own = set(range(a["labels"][i] * 2, a["labels"][i] * 2 + 2)) | {-1}
+        assert set(np.unique(amap[i]).tolist()) <= own
+        _, where = expl.pool(scores[i:i + 1])
+        for p in own - {-1}:  # each part's best box is claimed, at least in part, unless another part beat it
+            x0, y0, x1, y1 = a["boxes"][i, where[0, p]]
+            assert (amap[i, y0:y1, x0:x1] >= 0).all()
+
+
+def test_deletion_starts_at_the_logit_and_removes_named_regions(tiny_run):
+    est, _, a = _test_arrays(tiny_run)
+    expl = DPNetExplainer(est)
+    scores = expl.scores(a["regions"])
+    pred = est.predict(a["regions"])
+    named, rand = deletion_scores(expl, scores, pred, steps=3)
+    logits = est.decision_function(a["regions"])
+    np.testing.assert_allclose(named[:, 0], logits[np.arange(len(pred)), pred], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rand[:, 0], named[:, 0])
+    # slow reference for image 0, k = 2: drop the named regions by hand, recompute b and the logit
+    drop = named_regions(expl, scores[0], int(pred[0]), 2)
+    keep = np.setdiff1d(np.arange(scores.shape[1]), drop)
+    raw = scores[0][keep].max(0)
+    b = raw / np.linalg.norm(raw)
+    assert named[0, 2] == pytest.approx(float(b @ expl.v[pred[0]]), rel=1e-5)
+
+
+def test_part_stats_topk_matches_brute_force(tiny_run):
+    est, cache, _ = _test_arrays(tiny_run)
+    st = part_stats(est, cache, k=3)
+    parts = [a for _, a in cache.iter_shards("train", ("regions", "image_ids"))]
+    regions, ids = np.concatenate([p["regions"] for p in parts]), np.concatenate([p["image_ids"] for p in parts])
+    s = DPNetExplainer(est).scores(regions)  # (N, R, P)
+    best = s.max(1)  # (N, P)
+    for p in range(s.shape[2]):
+        order = np.argsort(-best[:, p], kind="stable")[:3]
+        np.testing.assert_allclose(st.top_score[p], best[order, p], rtol=1e-5)
+        assert set(st.top_image[p].tolist()) == set(ids[order].tolist())
+        for img, r in zip(st.top_image[p], st.top_region[p]):
+            assert s[ids.tolist().index(img), r, p] == pytest.approx(best[ids.tolist().index(img), p], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ report, browser
+def test_report_builds_and_every_image_exists(tiny_run):
+    from analyze.report import build_report
+
+    page = build_report(tiny_run, k=3, n_show=4)
+    text = page.read_text()
+    srcs = re.findall(r"src='([^']+)'", text)
+    assert srcs and all((page.parent / s).is_file() for s in srcs)
+    numbers = json.loads((page.parent / "analysis.json").read_text())
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert numbers["test_top1_recomputed"] == pytest.approx(metrics["dpnet"]["top1"])
+    for key in ("pointing_game", "consistency", "landmark_error_x100", "top_part_on_defining_part"):
+        assert key in numbers["localisation"]
+    assert set(numbers["faithfulness"]) >= {"k1", "k3", "k5", "images"}
+    for section in ("Accuracy", "Faithfulness", "Localisation", "Classes", "Test images explained", "Part gallery"):
+        assert section in text
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+                       shell=True, capture_output=True, timeout=900)
+    return shutil.which("chromium")
+
+
+def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
+    from PIL import Image
+
+    from analyze.report import build_report
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed and `apt-get install chromium` did not work here")
+    page = build_report(tiny_run, k=3, n_show=4)
+    shot = tmp_path / "shot.png"
+    html = tmp_path / "probe.html"
+    # The probe page loads the report in an iframe-free way: same page, plus a script that
+    # writes how many <img> failed to load into the title, which --dump-dom shows.
+    text = page.read_text().replace("</body>", "<script>window.onload=()=>{const bad=[...document.images]"
+                                               ".filter(i=>!i.complete||i.naturalWidth===0).length;"
+                                               "document.body.setAttribute('data-broken',bad)}</script></body>")
+    html.write_text(text.replace("src='img/", f"src='{page.parent.as_uri()}/img/").replace('src="img/', f'src="{page.parent.as_uri()}/img/'))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--allow-file-access-from-files"]
+    subprocess.run([browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=180)
+    dom = subprocess.run([browser, *flags, "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
+                         capture_output=True, text=True, timeout=180).stdout
+    assert shot.is_file(), "no screenshot was written"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10, "the screenshot is blank"
+    found = re.search(r'data-broken="(\d+)"', dom)
+    assert found, "the page's script did not run"
+    assert found.group(1) == "0", f"{found.group(1)} broken images"
+
+
+# ------------------------------------------------------------------------------------- explain
+def test_explain_gives_the_runs_prediction_for_a_dataset_image(tiny_run, tmp_path):
+    from analyze.single import explain_image
+
+    est, cache, a = _test_arrays(tiny_run)
+    table = {r["image_id"]: r["path"] for r in cache.image_table()}
+    root = Path(cache.manifest["dataset_root"]) / "images"
+    pred = est.predict(a["regions"])
+    for i in range(3):
+        res = explain_image(root / table[int(a["image_ids"][i])], tiny_run, tmp_path / f"e{i}")
+        assert res.pred == pred[i]
+        assert res.page.is_file() and (res.page.parent / "heatmap.png").is_file()
+        np.testing.assert_allclose(res.logits, est.decision_function(a["regions"][i:i + 1])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_explain_cli_errors_name_the_fix(tiny_run, tmp_path, capsys):
+    from analyze.cli import main
+
+    assert main(["explain", str(tmp_path / "missing.jpg"), "--run", str(tiny_run)]) == 2
+    assert "IMG=" in capsys.readouterr().err
+    assert main(["report", "--run", str(tmp_path / "nothing")]) == 2
+    assert "make train" in capsys.readouterr().err
