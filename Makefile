@@ -16,9 +16,10 @@ DATA_DIR ?=
 WEIGHTS ?=
 SKIP_BAD ?=
 TEST_FRACTION ?= 0.5
+RANKS ?= 1
 
 EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) --regions $(REGIONS) --image-size $(IMAGE_SIZE) \
-	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) \
+	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad)
 
 # Training: empty values take the dataset's preset (the paper's: Q=20, EPOCHS=40, INNER_EPOCHS=32).

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-image-size", type=int, default=256)
     p.add_argument("--out-root", default="data/cache")
     p.add_argument("--name", default=None, help="cache folder name (default <dataset>-<backbone>-r<R>-s<size>)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="extraction processes on this machine, each writing every ranks-th shard "
+                        "(under torchrun, RANK / WORLD_SIZE are read instead)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -42,7 +45,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     synth = {"n_classes": args.synth_classes, "per_class": args.synth_per_class, "image_size": args.synth_image_size}
     return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, args.regions, args.image_size,
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
-                         args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress)
+                         args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
+                         ranks=args.ranks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,14 +23,15 @@ from . import __version__
 from .backbones import Backbone, create_backbone, grid_size
 from .cache import FORMAT, _ShardFile, open_shard_writer, shard_path, write_json_atomic
 from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
-from .errors import BadImagesError, CacheMismatchError
+from .errors import BadImagesError, CacheMismatchError, DpnetError
 from .images import DecodedBatch, ImageFiles, collate
 from .regions import global_means, region_means, sample_boxes
 
 log = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resume without changing the cache.
-RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_root", "name")
+RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_root", "name", "ranks", "rank",
+                "world_size")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class ExtractConfig:
     out_root: str = "data/cache"
     name: str | None = None
     progress: bool = True
+    ranks: int = 1  # processes to start on this machine, each taking every ranks-th shard
+    rank: int = -1  # this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1
+    world_size: int = 0
 
     def cache_name(self) -> str:
         """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
@@ -62,8 +66,16 @@ class ExtractConfig:
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cpu")
         return torch.device(self.device)
+
+    def resolved_rank(self) -> tuple[int, int]:
+        """(rank, world size): given, else from torchrun's environment, else (0, 1)."""
+        if self.rank >= 0:
+            return self.rank, max(self.world_size, 1)
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 @dataclass
@@ -206,6 +218,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         BadImagesError: some images could not be read and ``skip_bad`` is off. Shards without
             bad images are kept; run again (with ``skip_bad`` to drop the bad ones) to finish.
     """
+    if cfg.ranks > 1 and cfg.rank < 0:
+        return _run_ranks(cfg)
     t0 = time.perf_counter()
     index = load_index(cfg)
     bb = create_backbone(cfg.backbone, cfg.weights)
@@ -216,7 +230,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     cache_dir = Path(cfg.out_root) / cfg.cache_name()
     prepare_cache_dir(cache_dir, plan, order)
     bounds = [tuple(b) for b in plan["shard_bounds"]]
-    todo = [s for s in range(len(bounds)) if not shard_path(cache_dir, s, cfg.store).exists()]
+    rank, world = cfg.resolved_rank()
+    todo = [s for s in range(len(bounds)) if s % world == rank and not shard_path(cache_dir, s, cfg.store).exists()]
     device = cfg.resolved_device()
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device)
     bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root))
@@ -224,12 +239,47 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
                                   f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "
                                   f"{cache_dir / 'manifest.json'}.")
+    if not all(shard_path(cache_dir, s, cfg.store).exists() for s in range(len(bounds))):
+        # another rank still works: whichever rank finishes last gathers the manifest
+        return ExtractSummary(cache_dir, 0, len(todo), len(bounds), 0, time.perf_counter() - t0, [])
     manifest = finish_manifest(cache_dir, plan)
     (Path(cfg.out_root) / "LATEST").write_text(cache_dir.name + "\n")
     size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
     summary = ExtractSummary(cache_dir, manifest["n_images"], len(todo), len(bounds), size,
                              time.perf_counter() - t0, manifest["skipped"])
     log.debug("extracted %s", summary.line())
+    return summary
+
+
+def _rank_main(cfg: ExtractConfig) -> None:
+    # Each rank keeps torch's default thread count: the CPU kernels' results can depend on it,
+    # and the cache must not depend on how many ranks made it.
+    run_extraction(cfg)
+
+
+def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
+    """Start ``cfg.ranks`` processes on this machine (the same split torchrun would give), then
+    gather the manifest. Each rank writes only its own shards, so the cache equals a 1-process run."""
+    import multiprocessing as mp
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+    load_index(cfg)  # generate the synthetic set once, before the ranks read it
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks, progress=cfg.progress and r == 0),))
+             for r in range(cfg.ranks)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise DpnetError(f"extraction ranks {failed} failed (see their errors above); finished shards are kept: "
+                         f"run the same command again to resume")
+    wall0 = time.time() - (time.perf_counter() - t0)
+    summary = run_extraction(replace(cfg, ranks=1, rank=0, world_size=1))  # all shards there: only gathers
+    summary.seconds = time.perf_counter() - t0
+    summary.shards_written = sum(1 for f in (summary.cache_dir / "shards").iterdir() if f.stat().st_mtime >= wall0)
     return summary
 
 

@@ -72,9 +72,16 @@ def ensure_synth(root: str | Path, spec: SynthSpec) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     write_synth(tmp, spec)
     root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        root.rmdir()
-    os.replace(tmp, root)
+    try:
+        if root.exists():
+            root.rmdir()
+        os.replace(tmp, root)
+    except OSError:
+        # another process (a parallel extraction rank) finished the same set first: use it
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not stamp.is_file():
+            raise
+        return ensure_synth(root, spec)
     log.info("generated synthetic set %s in %s", asdict(spec), root)
     return root
 

@@ -142,3 +142,26 @@ def test_raw_chunk_reader_equals_zarr(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:100])
     with pytest.raises(CacheIncompleteError, match=r"100 bytes, expected .*delete"):
         c.load_shard(1, "all", ("regions",))
+
+
+def test_two_ranks_make_the_single_process_cache(tmp_path):
+    """Two processes, each taking every other shard, give exactly the 1-process cache."""
+    one = run_extraction(tiny_config(tmp_path / "one")).cache_dir
+    summary = run_extraction(tiny_config(tmp_path / "two", ranks=2))
+    assert summary.images == 18 and summary.shards_written == summary.shards_total == 4
+    assert_same_cache(one, summary.cache_dir)
+
+
+def test_torchrun_ranks_split_shards_and_last_one_gathers(tmp_path, monkeypatch):
+    """Under torchrun (RANK / WORLD_SIZE set) a rank writes only its shards; the last rank writes the manifest."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    first = run_extraction(tiny_config(tmp_path))
+    shards = sorted(p.name for p in (first.cache_dir / "shards").iterdir())
+    assert shards == ["00001.zarr", "00003.zarr"] and not (first.cache_dir / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    last = run_extraction(tiny_config(tmp_path))
+    assert (last.cache_dir / "manifest.json").is_file() and last.images == 18
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert_same_cache(run_extraction(tiny_config(tmp_path / "ref")).cache_dir, last.cache_dir)
