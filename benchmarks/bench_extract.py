@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--regions", type=int, default=500)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best is kept")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:

@@ -206,6 +206,9 @@ def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) ->
 
 
 def _loader(paths: list[Path], size: int, batches: list[list[int]], workers: int, pin: bool):
+    if workers == 0 and not pin:  # in-process decoding: a plain loop, without DataLoader's machinery
+        files = ImageFiles(paths, size)
+        return (collate([files[i] for i in batch]) for batch in batches)
     return torch.utils.data.DataLoader(ImageFiles(paths, size), batch_sampler=batches, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin,
                                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
