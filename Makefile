@@ -6,7 +6,7 @@ STAMP := $(VENV)/.dpnet-installed
 
 DATASET ?= synth
 BACKBONE ?= efficientnet_lite0
-REGIONS ?= 500
+REGIONS ?=
 IMAGE_SIZE ?= 544
 STORE ?= zarr
 SEED ?= 0
@@ -18,7 +18,7 @@ SKIP_BAD ?=
 TEST_FRACTION ?= 0.5
 RANKS ?= 1
 
-EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) --regions $(REGIONS) --image-size $(IMAGE_SIZE) \
+EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad)
 

@@ -79,18 +79,93 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
         UnknownNameError: the name is not registered; the message lists those that are.
         WeightsNotFoundError: pretrained weights are not on this machine.
     """
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    builder = _REGISTRY.get(name) or _timm_builder(name)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):  # reproducible random init, caller's RNG untouched
             torch.manual_seed(0)
-            bb = _REGISTRY[name](weights)
+            bb = builder(weights)
     else:
-        bb = _REGISTRY[name](weights)
+        bb = builder(weights)
     for module in (bb.body, bb.head):
         if module is not None:
             module.eval().requires_grad_(False)
     return bb
+
+
+def _timm_builder(name: str) -> Callable[[str | None], Backbone]:
+    """Any timm model by name, cut at its last feature map (``features_only``)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise UnknownNameError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}, "
+                               f"or any timm model name (timm.list_models())")
+    return lambda weights: _timm_features(name, weights)
+
+
+class _LastFeature(nn.Module):
+    """A timm ``features_only`` model returning only its last map."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's names and tensor bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _timm_cached_file(name: str) -> str | None:
+    """The locally cached weights file of a timm model's default pretrained tag, without the network."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name) or {}
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if cfg.get("file") and Path(cfg["file"]).is_file():
+        return cfg["file"]
+    repo = cfg.get("hf_hub_id")
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _timm_features(name: str, weights: str | None) -> Backbone:
+    import timm
+
+    kwargs = {"features_only": True, "out_indices": (-1,)}
+    if weights in (None, "pretrained"):
+        path = _timm_cached_file(name)
+        if path is None:
+            raise WeightsNotFoundError(
+                f"pretrained weights of timm model {name!r} are not in the local Hugging Face cache.\n"
+                f"Fix: on a machine with internet run  python -c \"import timm; timm.create_model('{name}', "
+                f"pretrained=True)\"  (it fills ~/.cache/huggingface), or pass WEIGHTS=/path/to/state_dict.pth")
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+        source = f"timm:{model.pretrained_cfg.get('hf_hub_id') or name}"
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        source = "random"
+        if weights != "random":
+            state = torch.load(_existing(weights, name), map_location="cpu", weights_only=True)
+            missing, _ = model.load_state_dict(state, strict=False)
+            if missing:
+                raise WeightsNotFoundError(f"{weights} lacks {len(missing)} tensors of {name} (first: {missing[0]})")
+            source = str(weights)
+    sha = None if source == "random" else state_sha256(model.state_dict())
+    cfg = model.pretrained_cfg
+    info = model.feature_info
+    return Backbone(name, _LastFeature(model), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
+                    int(info.channels()[-1]), f"timm features_only, last map ({info.module_name()[-1]})", source, sha)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

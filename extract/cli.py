@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset folder (default data/raw/<dataset>)")
     p.add_argument("--backbone", default="efficientnet_lite0", help=f"one of {', '.join(list_backbones())}")
     p.add_argument("--weights", default=None, help="state-dict file, or 'random' (tests only)")
-    p.add_argument("--regions", type=int, default=500, help="R, random regions per image")
+    p.add_argument("--regions", type=int, default=None, help="R, random regions per image (500; 100 for imagenet)")
     p.add_argument("--image-size", type=int, default=544)
     p.add_argument("--store", default="zarr", choices=STORES)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     synth = {"n_classes": args.synth_classes, "per_class": args.synth_per_class, "image_size": args.synth_image_size}
-    return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, args.regions, args.image_size,
+    regions = args.regions if args.regions is not None else (100 if args.dataset == "imagenet" else 500)
+    return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, regions, args.image_size,
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
                          args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
                          ranks=args.ranks)

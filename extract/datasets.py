@@ -164,8 +164,15 @@ def _read_cub_annotations(root: Path, index: DatasetIndex) -> None:
 
 @register_dataset("cub")
 def _cub(options: DatasetOptions) -> DatasetIndex:
-    root = Path(options.data_dir) if options.data_dir else default_root("cub")
-    return read_cub(root, "cub")
+    if options.data_dir:
+        root = Path(options.data_dir)
+        inner = root / "CUB_200_2011"
+        return read_cub(inner if not (root / "images.txt").is_file() and (inner / "images.txt").is_file() else root)
+    if (default_root("cub") / "images.txt").is_file():  # unpacked there by hand
+        return read_cub(default_root("cub"))
+    from .sources import ensure_downloaded
+
+    return read_cub(ensure_downloaded("cub", default_root("cub")), "cub")
 
 
 @register_dataset("synth")
@@ -189,7 +196,8 @@ def hash_fraction(text: str) -> float:
     return zlib.crc32(text.encode("utf-8")) / 2**32
 
 
-def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folder") -> DatasetIndex:
+def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folder",
+                test_dir: str = "test") -> DatasetIndex:
     """Read an ImageFolder layout: ``train/<class>/*`` and ``test/<class>/*``, or ``<class>/*``.
 
     Without ``train/`` and ``test/``, each class is split on its own: an image goes to test
@@ -201,8 +209,8 @@ def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folde
         raise DatasetLayoutError(f"DATA_DIR {root} does not exist or is not a folder")
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
-    presplit = (root / "train").is_dir() and (root / "test").is_dir()
-    bases = [root / "train", root / "test"] if presplit else [root]
+    presplit = (root / "train").is_dir() and (root / test_dir).is_dir()
+    bases = [root / "train", root / test_dir] if presplit else [root]
     classes = sorted({d.name for b in bases for d in b.iterdir() if d.is_dir()})
     if not classes:
         raise DatasetLayoutError(
@@ -227,3 +235,65 @@ def _folder(options: DatasetOptions) -> DatasetIndex:
     if not options.data_dir:
         raise DatasetLayoutError("DATASET=folder needs DATA_DIR=/path/to/class/folders")
     return read_folder(options.data_dir, options.test_fraction)
+
+
+# --------------------------------------------------------------------------------- MIT-67
+
+def read_mit67(root: str | Path) -> DatasetIndex:
+    """MIT Indoor 67: ``Images/<class>/<file>`` plus ``TrainImages.txt`` / ``TestImages.txt``
+    (lines "class/file.jpg"; file names may hold spaces). The split files decide the split;
+    images in neither are left out. Classes are the sorted folder names."""
+    root = Path(root)
+    missing = [f for f in ("Images", "TrainImages.txt", "TestImages.txt") if not (root / f).exists()]
+    if missing:
+        raise DatasetLayoutError(f"{root} is not an MIT Indoor 67 folder: missing {', '.join(missing)}. Point "
+                                 f"DATA_DIR at the folder holding Images/, TrainImages.txt and TestImages.txt.")
+    classes = sorted(d.name for d in (root / "Images").iterdir() if d.is_dir())
+    label = {c: i for i, c in enumerate(classes)}
+    entries = []
+    for fname, is_train in (("TrainImages.txt", True), ("TestImages.txt", False)):
+        for lineno, line in enumerate((root / fname).read_text().splitlines(), 1):
+            rel = line.strip()
+            if not rel:
+                continue
+            cname = rel.split("/", 1)[0]
+            if cname not in label or "/" not in rel:
+                raise DatasetLayoutError(f"{root / fname}:{lineno}: expected class/file.jpg with a class of Images/, "
+                                         f"got {rel!r}")
+            entries.append((f"Images/{rel}", label[cname], is_train))
+    entries.sort()
+    records = [ImageRecord(i + 1, rel, lab, tr) for i, (rel, lab, tr) in enumerate(entries)]
+    return DatasetIndex("mit67", root, classes, records)
+
+
+@register_dataset("mit67")
+def _mit67(options: DatasetOptions) -> DatasetIndex:
+    if options.data_dir:
+        return read_mit67(options.data_dir)
+    from .sources import ensure_downloaded
+
+    return read_mit67(ensure_downloaded("mit67", default_root("mit67")))
+
+
+# ------------------------------------------------------------------------------- ImageNet
+
+def read_imagenet(root: str | Path) -> DatasetIndex:
+    """ILSVRC-2012 as ``train/<wnid>/*`` and ``val/<wnid>/*`` (see ``python -m extract.imagenet_val``
+    to arrange the flat validation folder). Class index = position of the WNID in sorted order."""
+    root = Path(root)
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        raise DatasetLayoutError(f"{root} needs train/<wnid>/ and val/<wnid>/ folders. For the official flat val "
+                                 f"folder run: python -m extract.imagenet_val {root / 'val'} --devkit <devkit folder>")
+    flat = [p for p in (root / "val").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if flat:
+        raise DatasetLayoutError(f"{root / 'val'} holds {len(flat)} images directly (the official flat layout): run "
+                                 f"python -m extract.imagenet_val {root / 'val'} --devkit <devkit folder> first")
+    return read_folder(root, name="imagenet", test_dir="val")
+
+
+@register_dataset("imagenet")
+def _imagenet(options: DatasetOptions) -> DatasetIndex:
+    if not options.data_dir:
+        raise DatasetLayoutError("DATASET=imagenet needs DATA_DIR=/path/to/ILSVRC2012 (train/ and val/); "
+                                 "ImageNet cannot be downloaded without an account")
+    return read_imagenet(options.data_dir)

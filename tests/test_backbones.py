@@ -48,3 +48,21 @@ def test_unknown_backbone_lists_known():
         create_backbone("alexnet")
     for name in list_backbones():
         assert name in str(err.value)
+
+
+def test_any_timm_model_by_name_gives_its_last_map(tmp_path):
+    from extract.backbones import create_backbone, grid_size, state_sha256
+    from extract.errors import WeightsNotFoundError
+
+    bb = create_backbone("resnet18", "random")
+    assert bb.dim == 512 and grid_size(bb, 64) == (2, 2) and bb.weights == "random"
+    with torch.no_grad():
+        assert bb.body(torch.zeros(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+    path = tmp_path / "r18.pth"
+    torch.save(bb.body.model.state_dict(), path)
+    loaded = create_backbone("resnet18", str(path))
+    assert loaded.weights == str(path) and loaded.weights_sha256 == state_sha256(bb.body.model.state_dict())
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)not in the local Hugging Face cache.*WEIGHTS="):
+        create_backbone("resnet18")  # no network, no cache: a clear error, not a download attempt
+    with pytest.raises(UnknownNameError, match="any timm model name"):
+        create_backbone("no_such_net_123")
