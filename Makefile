@@ -42,8 +42,9 @@ DEMO_TRAIN = --epochs 12 --inner-epochs 2 --lr 1e-2 --lr-step 4
 RUN ?=
 IMG ?=
 BOXES ?=
+DASK ?=
 ANALYZE_ARGS = $(if $(RUN),--run $(RUN),$(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET)))) \
-	$(if $(BOXES),--boxes-csv $(BOXES))
+	$(if $(BOXES),--boxes-csv $(BOXES)) $(if $(DASK),--dask $(DASK))
 
 .PHONY: setup demo extract train ablation report explain test bench
 

@@ -88,10 +88,18 @@ def read_boxes_csv(path: Path, table: list[dict[str, Any]]) -> dict[int, tuple[f
 
 
 def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show: int = 8, max_faith: int = 500,
-            boxes_csv: Path | None = None, progress: bool = False) -> Analysis:
-    """Compute the report's numbers for the run in ``run_dir`` (see the module docstring)."""
+            boxes_csv: Path | None = None, progress: bool = False, use_dask: bool = False) -> Analysis:
+    """Compute the report's numbers for the run in ``run_dir`` (see the module docstring).
+
+    With ``use_dask`` the training-set pass runs as a dask graph (on the active client, if any).
+    """
     est, cache, metrics = load_run(run_dir, cache)
-    stats = part_stats(est, cache, k, progress)
+    if use_dask:
+        from .dask_stats import part_stats_dask
+
+        stats = part_stats_dask(est, cache, k)
+    else:
+        stats = part_stats(est, cache, k, progress)
     expl = DPNetExplainer(est, stats.d)
     index = dataset_index(cache)
     table = cache.image_table()

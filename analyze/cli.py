@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=8, help="test images in the image view")
     p.add_argument("--boxes-csv", default=None, help="object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game")
     p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
+    p.add_argument("--dask", default=None, help="run the training-set pass on dask: 'local' (a local cluster) "
+                                                "or a distributed scheduler address (tcp://host:8786)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -40,6 +42,17 @@ def resolve_run(args: argparse.Namespace) -> Path:
     return run
 
 
+def _dask_client(where: str | None):
+    """A context holding a distributed client for ``--dask`` (nothing when it is not given)."""
+    import contextlib
+
+    if where is None:
+        return contextlib.nullcontext()
+    from distributed import Client
+
+    return Client(processes=True, dashboard_address=None) if where == "local" else Client(where)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -48,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .report import build_report
 
-            page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
-                                progress=not args.no_progress)
+            with _dask_client(args.dask):
+                page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
+                                    progress=not args.no_progress, use_dask=args.dask is not None)
             print(f"report: {page}")
             return 0
         if not args.image or not Path(args.image).is_file():

@@ -37,12 +37,13 @@ th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}.cards{displ
 
 
 def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k: int = 6, n_show: int = 8,
-                 boxes_csv: str | None = None, progress: bool = False) -> Path:
+                 boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False) -> Path:
     """Analyse the run and write ``<run>/report/index.html``, its images and ``analysis.json``."""
     run = Path(run_dir)
     out = run / "report"
     (out / "img").mkdir(parents=True, exist_ok=True)
-    an = analyse(run, cache, k=k, n_show=n_show, boxes_csv=Path(boxes_csv) if boxes_csv else None, progress=progress)
+    an = analyse(run, cache, k=k, n_show=n_show, boxes_csv=Path(boxes_csv) if boxes_csv else None, progress=progress,
+                 use_dask=use_dask)
     pages = _Renderer(an, out)
     body = "\n".join([pages.summary(), pages.accuracy(), pages.faithfulness(), pages.localisation(),
                       pages.class_view(), pages.image_view(), pages.gallery()])

@@ -258,3 +258,25 @@ def test_explain_cli_errors_name_the_fix(tiny_run, tmp_path, capsys):
     assert "IMG=" in capsys.readouterr().err
     assert main(["report", "--run", str(tmp_path / "nothing")]) == 2
     assert "make train" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ dask path
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler):
+    from analyze.analysis import load_run
+    from analyze.dask_stats import part_stats_dask
+
+    est, cache, _ = load_run(tiny_run)
+    ref = part_stats(est, cache, k=3)
+    if scheduler == "threads":
+        got = part_stats_dask(est, cache, k=3, images_per_block=5)
+    else:
+        distributed = pytest.importorskip("distributed")
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+                distributed.Client(lc):
+            got = part_stats_dask(est, cache, k=3, images_per_block=5)
+    np.testing.assert_allclose(got.top_score, ref.top_score, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(got.top_image, ref.top_image) and np.array_equal(got.top_region, ref.top_region)
+    np.testing.assert_allclose(got.class_sum, ref.class_sum, rtol=1e-5)
+    np.testing.assert_allclose(got.d, ref.d, rtol=1e-5)
+    assert np.array_equal(got.f, ref.f) and np.array_equal(got.class_count, ref.class_count)

@@ -1,0 +1,74 @@
+"""The training-set pass of :mod:`analyze.stats` on dask.array over the zarr cache.
+
+Same result as :func:`analyze.stats.part_stats`, but expressed as a dask graph over the
+shards' ``regions`` arrays, so any dask scheduler runs it: threads here, or a
+``distributed.Client`` (a cluster whose workers can read the cache path). Each block holds a
+few images; a block becomes its per-part best scores, then reductions give the top-k per part
+(``da.topk``) and the per-class sums (one-hot labels times b).
+Glossary: N images, R regions, D descriptor size, P parts, C classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from extract.cache import RegionCache
+from train.estimator import DPNetClassifier
+
+from .stats import PartStats, class_part_weights
+
+
+def train_regions(cache: RegionCache, images_per_block: int = 16):
+    """dask (N, R, D) float16 of the training images, shard after shard, in cache order."""
+    import dask.array as da
+
+    if cache.manifest["store"] != "zarr":
+        raise ValueError(f"{cache.path}: the dask path reads zarr shards; this cache is {cache.manifest['store']}")
+    parts = []
+    for s in range(cache.n_shards):
+        a, b = cache.rows(s, "train")
+        if b > a:
+            arr = da.from_zarr(str(cache.path / cache.manifest["shards"][s]["file"]), component="regions")
+            parts.append(arr[a:b])
+    return da.concatenate(parts).rechunk((images_per_block, -1, -1))
+
+
+def _block_scores(block: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(n, R, D) float16 -> (n, 3, P): b (normalised), best raw score, best region index (as float)."""
+    s = block.astype(np.float32) @ w.T - c  # (n, R, P)
+    where = s.argmax(1)  # (n, P)
+    raw = np.take_along_axis(s, where[:, None, :], 1)[:, 0]
+    b = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    return np.stack([b, raw, where.astype(np.float32)], 1)
+
+
+def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images_per_block: int = 16) -> PartStats:
+    """:func:`analyze.stats.part_stats` as a dask computation (uses the current dask scheduler/client)."""
+    import dask
+    import dask.array as da
+
+    m = est.module_
+    w = (m.parts / m.std).detach().cpu().numpy().astype(np.float32)  # (P, D), standardisation folded in
+    c = ((m.mean / m.std) @ m.parts.T).detach().cpu().numpy().astype(np.float32)  # (P,)
+    p, n_classes = w.shape[0], len(est.classes_)
+    x = train_regions(cache, images_per_block)
+    per = x.map_blocks(_block_scores, w, c, drop_axis=[1, 2], new_axis=[1, 2], chunks=(x.chunks[0], (3,), (p,)),
+                       dtype=np.float32)  # (N, 3, P)
+    labels = cache.read("labels", "train").astype(np.int64)
+    ids = cache.read("image_ids", "train").astype(np.int64)
+    onehot = da.from_array(np.eye(n_classes)[labels], chunks=(x.chunks[0], n_classes))  # (N, C)
+    class_sum = onehot.T @ per[:, 0, :].astype(np.float64)  # (C, P)
+    top_pos = da.argtopk(per[:, 1, :], k, axis=0)  # (k, P) rows of the training images, best first
+    class_sum, top_pos = dask.compute(class_sum, top_pos)
+    top_pos = top_pos.T  # (P, k)
+    cols = np.broadcast_to(np.arange(p)[:, None], top_pos.shape)
+    # only the selected (image, part) cells come back: memory stays (P, k) whatever N is
+    top_score, top_region = dask.compute(per[:, 1, :].vindex[top_pos, cols], per[:, 2, :].vindex[top_pos, cols])
+    order = np.argsort(-top_score, axis=1, kind="stable")  # argtopk's order is not guaranteed
+    top_pos = np.take_along_axis(top_pos, order, 1)
+    top_score = np.take_along_axis(top_score, order, 1).astype(np.float32)
+    top_region = np.take_along_axis(top_region, order, 1).astype(np.int64)
+    count = np.bincount(labels, minlength=n_classes)
+    v = m.classifier.detach().cpu().numpy().astype(np.float64)
+    d, f = class_part_weights(v, class_sum, count, est.parts_per_class)
+    return PartStats(top_score, ids[top_pos], top_region, class_sum, count, d, f)
