@@ -104,5 +104,5 @@ def test_folder_without_classes_errors(tmp_path):
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(UnknownNameError, match="known datasets: cub, folder, synth"):
+    with pytest.raises(UnknownNameError, match="known datasets: cub, folder, imagenet, mit67, synth"):
         load_dataset("imagenet21k", DatasetOptions())
