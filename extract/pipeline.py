@@ -254,9 +254,11 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     return summary
 
 
-def _rank_main(cfg: ExtractConfig) -> None:
-    # Each rank keeps torch's default thread count: the CPU kernels' results can depend on it,
-    # and the cache must not depend on how many ranks made it.
+def _rank_main(cfg: ExtractConfig, threads: int) -> None:
+    # Each rank uses the parent's torch thread count: the CPU kernels' results can depend on
+    # it (and a spawned child would otherwise read OMP_NUM_THREADS afresh), and the cache must
+    # not depend on how many ranks made it.
+    torch.set_num_threads(threads)
     run_extraction(cfg)
 
 
@@ -269,7 +271,8 @@ def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     load_index(cfg)  # generate the synthetic set once, before the ranks read it
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks, progress=cfg.progress and r == 0),))
+    procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks, progress=cfg.progress and r == 0),
+                                                  torch.get_num_threads()))
              for r in range(cfg.ranks)]
     for proc in procs:
         proc.start()
