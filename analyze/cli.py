@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from extract.cache import cache_name
 from extract.errors import DpnetError
 from train.cli import pick_cache
 
@@ -36,7 +37,7 @@ def resolve_run(args: argparse.Namespace) -> Path:
         path = Path(args.run)
         run = path if path.is_dir() or len(path.parts) > 1 else Path(args.runs_root) / path
     else:
-        run = Path(args.runs_root) / pick_cache(args).name
+        run = Path(args.runs_root) / cache_name(pick_cache(args))
     if not (run / "model.pt").is_file():
         raise DpnetError(f"no trained model in {run} (model.pt missing): run `make train` first, or pass RUN=<run folder>")
     return run

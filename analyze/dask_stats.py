@@ -28,7 +28,7 @@ def train_regions(cache: RegionCache, images_per_block: int = 16):
     for s in range(cache.n_shards):
         a, b = cache.rows(s, "train")
         if b > a:
-            arr = da.from_zarr(str(cache.path / cache.manifest["shards"][s]["file"]), component="regions")
+            arr = da.from_zarr(cache.shard_location(s), component="regions")
             parts.append(arr[a:b])
     return da.concatenate(parts).rechunk((images_per_block, -1, -1))
 

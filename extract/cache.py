@@ -192,14 +192,19 @@ def _read_raw_chunks(path: Path, name: str, array: Any, start: int, stop: int) -
     return out
 
 
-def _open_for_read(path: Path, store: str):
+def is_url(path: Any) -> bool:
+    """Whether ``path`` names an fsspec location (``proto://...``) rather than a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _open_for_read(path: Path | str, store: str, fs: Any = None):
     if store == "zarr":
         import zarr
 
         return zarr.open_group(str(path), mode="r")
     import h5py
 
-    return h5py.File(path, "r")
+    return h5py.File(fs.open(str(path).split("://", 1)[-1], "rb") if fs is not None else path, "r")
 
 
 # ----------------------------------------------------------------------------------- reader
@@ -215,17 +220,42 @@ class RegionCache:
     """
 
     def __init__(self, path: str | os.PathLike, expect: dict[str, Any] | None = None):
-        self.path = Path(path)
-        manifest = self.path / "manifest.json"
-        if not manifest.is_file():
+        self.fs = None
+        if is_url(path):  # any fsspec location zarr can read: file://, memory://, s3://, gs://, ...
+            import fsspec
+
+            self.path = str(path).rstrip("/")
+            self.fs, self._root = fsspec.core.url_to_fs(self.path)
+        else:
+            self.path = Path(path)
+        manifest = self._join("manifest.json")
+        if not self._exists("manifest.json"):
             hint = ("extraction did not finish: run the same `make extract` again to resume it"
-                    if (self.path / "plan.json").is_file() else "run `make extract` first")
+                    if self._exists("plan.json") else "run `make extract` first")
             raise CacheIncompleteError(f"no finished cache at {self.path} (no manifest.json): {hint}")
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.manifest: dict[str, Any] = json.loads(self._read_text("manifest.json"))
         if self.manifest.get("format") != FORMAT:
             raise CacheMismatchError(f"{manifest}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
         if expect:
             check_compatible(self.manifest, expect, str(manifest))
+
+    # -- location (a local folder or an fsspec URL)
+    @property
+    def name(self) -> str:
+        return self.path.name if isinstance(self.path, Path) else self.path.rsplit("/", 1)[-1]
+
+    def _join(self, rel: str):
+        return self.path / rel if isinstance(self.path, Path) else f"{self.path}/{rel}"
+
+    def _exists(self, rel: str) -> bool:
+        return (self.path / rel).is_file() if self.fs is None else self.fs.exists(f"{self._root}/{rel}")
+
+    def _read_text(self, rel: str) -> str:
+        return (self.path / rel).read_text() if self.fs is None else self.fs.cat_file(f"{self._root}/{rel}").decode()
+
+    def shard_location(self, shard: int) -> str:
+        """Path or URL of one shard (for zarr / dask readers)."""
+        return str(self._join(self.manifest["shards"][shard]["file"]))
 
     # -- shapes
     @property
@@ -266,12 +296,13 @@ class RegionCache:
         through zarr or h5py.
         """
         start, stop = self.rows(shard, split)
-        path = self.path / self.manifest["shards"][shard]["file"]
-        handle = _open_for_read(path, self.manifest["store"])
+        path = self._join(self.manifest["shards"][shard]["file"])
+        handle = _open_for_read(path, self.manifest["store"], self.fs)
         try:
             out = {}
             for name in fields:
-                fast = _read_raw_chunks(path, name, handle[name], start, stop) if self.manifest["store"] == "zarr" else None
+                local_zarr = self.manifest["store"] == "zarr" and self.fs is None
+                fast = _read_raw_chunks(path, name, handle[name], start, stop) if local_zarr else None
                 out[name] = fast if fast is not None else np.asarray(handle[name][start:stop])
             return out
         finally:
@@ -306,7 +337,7 @@ class RegionCache:
 
     def image_table(self) -> list[dict[str, Any]]:
         """Rows of ``images.tsv``: position, image_id, label, is_train, path."""
-        lines = (self.path / "images.tsv").read_text().splitlines()
+        lines = self._read_text("images.tsv").splitlines()
         header = lines[0].split("\t")
         out = []
         for line in lines[1:]:
@@ -324,8 +355,32 @@ def check_compatible(manifest: dict[str, Any], expect: dict[str, Any], where: st
                                  ". Use a cache extracted with those settings (or train a model on this one).")
 
 
-def resolve_cache(ref: str | os.PathLike | None, cache_root: str | os.PathLike = "data/cache") -> Path:
-    """A cache folder from a path, a name under ``cache_root``, or ``None`` for ``LATEST``."""
+def cache_name(ref: Path | str) -> str:
+    """The folder name of a cache path or URL (runs are named after it)."""
+    return str(ref).rstrip("/").rsplit("/", 1)[-1] if is_url(ref) else Path(ref).name
+
+
+def publish(cache_dir: str | os.PathLike, url: str) -> str:
+    """Copy a finished local cache to an fsspec location; ``manifest.json`` goes last, so a
+    reader never sees a half-copied cache as finished. Returns the URL."""
+    import fsspec
+
+    src = RegionCache(cache_dir)  # refuses an unfinished cache
+    fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
+    if fs.exists(f"{root}/manifest.json"):
+        fs.rm(f"{root}/manifest.json")  # an older copy is no longer finished while we overwrite it
+    for f in sorted(p for p in Path(cache_dir).rglob("*") if p.is_file() and p.name != "manifest.json"):
+        rel = f.relative_to(cache_dir).as_posix()
+        fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(f), f"{root}/{rel}")
+    fs.pipe_file(f"{root}/manifest.json", json.dumps(src.manifest, indent=1, sort_keys=True).encode())
+    return url.rstrip("/")
+
+
+def resolve_cache(ref: str | os.PathLike | None, cache_root: str | os.PathLike = "data/cache") -> Path | str:
+    """A cache folder from a path, a name under ``cache_root``, an fsspec URL, or ``None`` for ``LATEST``."""
+    if is_url(ref):
+        return ref
     root = Path(cache_root)
     if ref is None or str(ref) == "":
         latest = root / "LATEST"

@@ -165,3 +165,29 @@ def test_torchrun_ranks_split_shards_and_last_one_gathers(tmp_path, monkeypatch)
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     assert_same_cache(run_extraction(tiny_config(tmp_path / "ref")).cache_dir, last.cache_dir)
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_cache_on_an_fsspec_location_reads_and_trains_like_the_local_one(tmp_path, scheme):
+    from extract.cache import publish
+    from train.estimator import DPNetClassifier
+
+    local = run_extraction(tiny_config(tmp_path)).cache_dir
+    url = (tmp_path / "remote" / "c1").as_uri() if scheme == "file" else f"memory://dpnet-test/{tmp_path.name}/c1"
+    remote = RegionCache(publish(local, url), expect={"R": 12, "dataset": "synth"})
+    here = RegionCache(local)
+    assert remote.manifest == here.manifest and remote.image_table() == here.image_table()
+    for i in range(here.n_shards):
+        for split in ("all", "train", "test"):
+            a, b = here.load_shard(i, split), remote.load_shard(i, split)
+            assert all(np.array_equal(a[f], b[f]) for f in FIELDS)
+    kw = dict(parts_per_class=2, epochs=2, inner_epochs=1, batch_size=4, val_fraction=0.0, lr=1e-2)
+    x = np.concatenate([here.load_shard(i, "test")["regions"] for i in range(here.n_shards)])
+    p_local = DPNetClassifier(**kw).fit(here).decision_function(x)
+    p_remote = DPNetClassifier(**kw).fit(remote).decision_function(x)
+    np.testing.assert_allclose(p_local, p_remote, rtol=1e-6, atol=1e-7)
+
+
+def test_an_unfinished_remote_cache_is_refused(tmp_path):
+    with pytest.raises(CacheIncompleteError, match="no manifest.json"):
+        RegionCache((tmp_path / "nothing").as_uri())

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from extract.cache import resolve_cache
+from extract.cache import cache_name, resolve_cache
 from extract.errors import DpnetError
 
 from .losses import CONSTRAINTS
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_cache(args: argparse.Namespace) -> Path:
+def pick_cache(args: argparse.Namespace) -> Path | str:
     if args.cache or not args.dataset:
         return resolve_cache(args.cache, args.cache_root)
     found = sorted(Path(args.cache_root).glob(f"{args.dataset}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
@@ -57,7 +57,7 @@ def pick_cache(args: argparse.Namespace) -> Path:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cache = pick_cache(args)
     constraints = () if args.constraints in ("", "none") else tuple(args.constraints.split(","))
-    return TrainConfig(cache=str(cache), run_dir=args.run_dir or str(Path(args.runs_root) / cache.name),
+    return TrainConfig(cache=str(cache), run_dir=args.run_dir or str(Path(args.runs_root) / cache_name(cache)),
                        parts_per_class=args.q, epochs=args.epochs, inner_epochs=args.inner_epochs, lr=args.lr,
                        lr_step=args.lr_step, batch_size=args.batch_size, constraints=constraints,
                        lambdas={"orth": args.lambda_orth, "assign": args.lambda_assign, "cs": args.lambda_cs},
