@@ -74,7 +74,7 @@ def _jsonable(obj: Any) -> Any:
 def _fmt(v: Any, digits: int = 2) -> str:
     if isinstance(v, (float, np.floating)):
         if math.isinf(float(v)):
-            return "&infin; (random removal: no drop)"
+            return "&infin; (random removal: no drop above 0.1%)"
         return "n/a" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
     return html.escape(str(v))
 
