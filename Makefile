@@ -17,10 +17,11 @@ WEIGHTS ?=
 SKIP_BAD ?=
 TEST_FRACTION ?= 0.5
 RANKS ?= 1
+CROP ?=
 
 EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
-	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad)
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),--crop)
 
 # Training: empty values take the dataset's preset (the paper's: Q=20, EPOCHS=40, INNER_EPOCHS=32).
 CACHE ?=

@@ -18,6 +18,7 @@ import numpy as np
 
 from extract.cache import RegionCache
 from extract.datasets import DatasetIndex
+from extract.errors import DpnetError
 from extract.regions import boxes_to_pixels
 from train.estimator import DPNetClassifier
 
@@ -74,6 +75,17 @@ def dataset_index(cache: RegionCache) -> DatasetIndex | None:
         return None
 
 
+def crop_boxes(cache: RegionCache, index: DatasetIndex | None, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    """(N, 4) pixel boxes the images were cropped to when the cache was made with CROP=1, else None."""
+    if not cache.manifest.get("config", {}).get("crop"):
+        return None
+    if index is None:
+        raise DpnetError(f"{cache.path} was extracted with CROP=1 but its dataset (and so its boxes) cannot be read")
+    from extract.regions import crop_box
+
+    return np.array([crop_box(index.bboxes[int(i)], tuple(wh)) for i, wh in zip(ids, sizes)], np.float32)
+
+
 def read_boxes_csv(path: Path, table: list[dict[str, Any]]) -> dict[int, tuple[float, float, float, float]]:
     """Object boxes from a CSV with image_name, xmin, ymin, xmax, ymax (matched on file name)."""
     by_name = {Path(r["path"]).stem: r["image_id"] for r in table}
@@ -107,6 +119,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     if boxes_csv:
         obj = read_boxes_csv(Path(boxes_csv), table)
     test = _test_pass(expl, cache, n_show, max_faith)
+    test["crops"] = crop_boxes(cache, index, test["ids"], test["sizes"])
     numbers = {"accuracy": metrics, "faithfulness": _faithfulness(test["named"], test["random"]),
                "parts": {"P": int(est.module_.parts.shape[0]), "q": est.parts_per_class,
                          "f_mean": float(stats.f.mean()), "f_max": int(stats.f.max()),
@@ -198,18 +211,18 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     """Landmark error, part consistency, pointing game and (synth) defining-part hits, where annotated."""
     grid, out = tuple(cache.manifest["grid"]), {}
     ids = test["ids"]
-    pix = boxes_to_pixels(test["boxes"], grid, test["sizes"])  # (N, R, 4)
+    pix = boxes_to_pixels(test["boxes"], grid, test["sizes"], test["crops"])  # (N, R, 4)
     best_pix = np.take_along_axis(pix, test["where"][..., None], 1)  # (N, P, 4)
     if obj and all(int(i) in obj for i in ids):
         box = np.array([obj[int(i)] for i in ids], np.float64)
-        out["pointing_game"] = pointing_game(test["heat_true"], grid, test["sizes"], box)
+        out["pointing_game"] = pointing_game(test["heat_true"], grid, test["sizes"], box, test["crops"])
     if index is None or not index.part_locs or not all(int(i) in index.part_locs for i in ids):
         return out
     kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)  # (N, K, 3)
     out["consistency"], _ = part_consistency(best_pix, kp, test["labels"], est.parts_per_class)
     out["keypoints"] = list(index.part_names)
     if index.bboxes:
-        train = _train_centres(est, cache)
+        train = _train_centres(est, cache, index)
         box_te = np.array([index.bboxes[int(i)] for i in ids], np.float64)
         box_tr = np.array([index.bboxes[int(i)] for i in train["ids"]], np.float64)
         kp_tr = np.stack([index.part_locs[int(i)] for i in train["ids"]]).astype(np.float64)
@@ -226,12 +239,13 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     return out
 
 
-def _train_centres(est: DPNetClassifier, cache: RegionCache) -> dict[str, np.ndarray]:
+def _train_centres(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None) -> dict[str, np.ndarray]:
     """Pixel centres (N, P, 2) of every part's best region in each training image."""
     grid, ids, centres = tuple(cache.manifest["grid"]), [], []
     for _, a in cache.iter_shards("train", ("regions", "boxes", "sizes", "image_ids")):
         _, _, where = best_regions(est, a["regions"])
-        pix = boxes_to_pixels(np.take_along_axis(a["boxes"], where[..., None], 1), grid, a["sizes"])
+        crops = crop_boxes(cache, index, a["image_ids"], a["sizes"])
+        pix = boxes_to_pixels(np.take_along_axis(a["boxes"], where[..., None], 1), grid, a["sizes"], crops)
         centres.append(box_centres(pix).astype(np.float32))
         ids.append(a["image_ids"])
         del a

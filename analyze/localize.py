@@ -74,16 +74,22 @@ def part_consistency(best_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray,
     return float(100 * (rate >= threshold).mean()), rate
 
 
-def pointing_game(heat: np.ndarray, grid: tuple[int, int], sizes_wh: np.ndarray, obj: np.ndarray) -> float:
+def pointing_game(heat: np.ndarray, grid: tuple[int, int], sizes_wh: np.ndarray, obj: np.ndarray,
+                  crops: np.ndarray | None = None) -> float:
     """Percent of images whose heatmap peak (the centre of the top grid cell) is inside the object box.
 
     Args:
         heat: (N, H, W). sizes_wh: (N, 2) original sizes. obj: (N, 4) x, y, w, h boxes.
+        crops: (N, 4) pixel boxes the images were cropped to before resizing (CROP=1), if any.
     """
     h, w = grid
     flat = heat.reshape(len(heat), -1).argmax(1)
     cy, cx = (flat // w + 0.5) / h, (flat % w + 0.5) / w
-    px, py = cx * sizes_wh[:, 0], cy * sizes_wh[:, 1]
+    if crops is None:
+        px, py = cx * sizes_wh[:, 0], cy * sizes_wh[:, 1]
+    else:
+        px = crops[:, 0] + cx * (crops[:, 2] - crops[:, 0])
+        py = crops[:, 1] + cy * (crops[:, 3] - crops[:, 1])
     hit = (px >= obj[:, 0]) & (px < obj[:, 0] + obj[:, 2]) & (py >= obj[:, 1]) & (py < obj[:, 1] + obj[:, 3])
     return float(100 * hit.mean()) if len(hit) else float("nan")
 

@@ -98,6 +98,11 @@ class _Renderer:
         self.paths = {r["image_id"]: r["path"] for r in self.cache.image_table()}
         self._small = self._small_fields()
         self._images: dict[int, Any] = {}
+        self.crop_index = None
+        if self.cache.manifest.get("config", {}).get("crop"):  # show what the model saw: the crops
+            from .analysis import dataset_index
+
+            self.crop_index = dataset_index(self.cache)
 
     # ------------------------------------------------------------------ helpers
     def _small_fields(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -116,7 +121,12 @@ class _Renderer:
                 self._images.clear()
             rel = self.paths[image_id]
             path = self.root / "images" / rel if (self.root / "images").is_dir() else self.root / rel
-            self._images[image_id] = draw.open_rgb(path)
+            img = draw.open_rgb(path)
+            if self.crop_index is not None:
+                from extract.regions import crop_box
+
+                img = img.crop(crop_box(self.crop_index.bboxes[image_id], img.size))
+            self._images[image_id] = img
         return self._images[image_id]
 
     def save(self, img, stem: str) -> str:
@@ -129,14 +139,15 @@ class _Renderer:
         h = f" height='{height}'" if height else ""
         return f"<img src='{self.save(img, stem)}' title='{html.escape(title)}' alt='{html.escape(title)}'{h}>"
 
-    def region_crop(self, image_id: int, boxes: np.ndarray, size_wh: np.ndarray, region: int, size: int = 96):
-        pix = boxes_to_pixels(boxes[region:region + 1], self.grid, size_wh)[0]
-        return draw.crop(self.image(image_id), pix, size)
+    def region_crop(self, image_id: int, boxes: np.ndarray, region: int, size: int = 96):
+        img = self.image(image_id)  # the picture the model saw (the crop, with CROP=1)
+        pix = boxes_to_pixels(boxes[region:region + 1], self.grid, np.array(img.size))[0]
+        return draw.crop(img, pix, size)
 
     def part_crop(self, part: int, rank: int = 0, size: int = 96):
         iid = int(self.an.stats.top_image[part, rank])
-        boxes, size_wh = self._small[iid]
-        return self.region_crop(iid, boxes, size_wh, int(self.an.stats.top_region[part, rank]), size)
+        boxes, _ = self._small[iid]
+        return self.region_crop(iid, boxes, int(self.an.stats.top_region[part, rank]), size)
 
     # ------------------------------------------------------------------ sections
     def subtitle(self) -> str:
@@ -260,7 +271,7 @@ class _Renderer:
         ev = self.an.explainer.evidence(t.scores, cls)
         rows = []
         for i in range(min(top, len(ev.parts))):
-            here = self.tag(self.region_crop(t.image_id, t.boxes, t.size_wh, int(ev.region[i]), 64), "here", "this image")
+            here = self.tag(self.region_crop(t.image_id, t.boxes, int(ev.region[i]), 64), "here", "this image")
             proto = self.tag(self.part_crop(int(ev.parts[i]), 0, 64), "proto", "best training region")
             rows.append([f"part {ev.parts[i]}", here, proto, float(ev.b[i]), float(ev.v[i]), float(ev.points[i])])
         rest = ev.points[top:].sum()

@@ -53,6 +53,8 @@ def describe_image(path: str | Path, cache: RegionCache) -> tuple[np.ndarray, np
 
     The boxes are those of the image's id when the file is one of the cache's images (so its
     descriptors equal the cached ones), else those of id 0: a new image gets a fixed draw.
+    With a CROP=1 cache, a dataset image is cropped to its box as in extraction; a new image
+    has no box and is described whole.
     """
     m = cache.manifest
     weights = m["weights"] if m["weights"] in ("random",) or Path(str(m["weights"])).is_file() else None
@@ -61,8 +63,13 @@ def describe_image(path: str | Path, cache: RegionCache) -> tuple[np.ndarray, np
         raise CacheMismatchError(f"the {m['backbone']} weights found here ({bb.weights}) are not those the cache "
                                  f"{cache.path} was extracted with ({m['weights']}); explain needs the same weights")
     fx = FeatureExtractor(bb, tuple(m["grid"]), m["R"], m["seed"], torch.device("cpu"))
-    pixels, size_wh = load_rgb(path, m["image_size"])
     iid = dataset_image_id(path, cache)
+    bbox = None
+    if m.get("config", {}).get("crop") and iid is not None:  # a dataset image of a CROP=1 cache: same crop
+        from .analysis import dataset_index
+
+        bbox = dataset_index(cache).bboxes.get(iid)
+    pixels, size_wh = load_rgb(path, m["image_size"], bbox)
     boxes = fx.boxes([0 if iid is None else iid])
     regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)
     return regions, boxes, np.array(size_wh)
@@ -86,6 +93,15 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     out = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
     out.mkdir(parents=True, exist_ok=True)
     img = draw.open_rgb(path)
+    crop_meta = cache.manifest.get("config", {}).get("crop")
+    iid = dataset_image_id(path, cache) if crop_meta else None
+    if iid is not None:
+        from extract.regions import crop_box
+
+        from .analysis import dataset_index
+
+        img = img.crop(crop_box(dataset_index(cache).bboxes[iid], img.size))
+        size_wh = np.array(img.size)
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
     rows = []
     for i in range(min(5, len(ev.parts))):

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1, help="decoding processes (-1: auto)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
+    p.add_argument("--crop", action="store_true", help="crop each image to its object box first (CUB protocol)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="folder datasets without train/ and test/")
     p.add_argument("--synth-classes", type=int, default=10)
     p.add_argument("--synth-per-class", type=int, default=60)
@@ -47,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, regions, args.image_size,
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
                          args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
-                         ranks=args.ranks)
+                         ranks=args.ranks, crop=args.crop)
 
 
 def main(argv: list[str] | None = None) -> int:

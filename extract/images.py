@@ -13,11 +13,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .regions import crop_box
+
 MIN_SIDE = 8  # smaller images carry no usable region at any grid size
 
 
-def load_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode an image, convert it to RGB, and resize it to ``size x size`` (aspect not kept).
+def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float] | None = None
+             ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image, convert it to RGB, crop it to ``bbox`` (x, y, w, h; optional, see
+    :func:`extract.regions.crop_box`), and resize it to ``size x size`` (aspect not kept).
 
     Grayscale, palette, RGBA (alpha dropped over white) and CMYK images are converted to RGB.
 
@@ -33,9 +37,11 @@ def load_rgb(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
             orig = img.size
             if min(orig) < MIN_SIDE:
                 raise ValueError(f"image is {orig[0]}x{orig[1]} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            if bbox is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
                 img.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
             img = _to_rgb(img)
+            if bbox is not None:
+                img = img.crop(crop_box(bbox, orig))
             img = img.resize((size, size), Image.BILINEAR)
             return np.array(img, dtype=np.uint8), orig
     except FileNotFoundError:
@@ -68,16 +74,17 @@ class Decoded:
 class ImageFiles(torch.utils.data.Dataset):
     """Paths to decoded uint8 tensors; item ``i`` is ``paths[i]``."""
 
-    def __init__(self, paths: list[Path], size: int):
+    def __init__(self, paths: list[Path], size: int, bboxes: list | None = None):
         self.paths = paths
         self.size = size
+        self.bboxes = bboxes  # per position, (x, y, w, h) to crop to, or None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Decoded:
         try:
-            arr, orig = load_rgb(self.paths[i], self.size)
+            arr, orig = load_rgb(self.paths[i], self.size, self.bboxes[i] if self.bboxes else None)
         except FileNotFoundError:
             return Decoded(i, None, (0, 0), "file not found")
         except ValueError as exc:

@@ -23,7 +23,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone, grid_size
 from .cache import FORMAT, _ShardFile, open_shard_writer, shard_path, write_json_atomic
 from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
-from .errors import BadImagesError, CacheMismatchError, DpnetError
+from .errors import BadImagesError, CacheMismatchError, DatasetLayoutError, DpnetError
 from .images import DecodedBatch, ImageFiles, collate
 from .regions import global_means, region_means, sample_boxes
 
@@ -59,10 +59,12 @@ class ExtractConfig:
     ranks: int = 1  # processes to start on this machine, each taking every ranks-th shard
     rank: int = -1  # this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1
     world_size: int = 0
+    crop: bool = False  # cut each image to its object box first (CUB protocol); needs boxes
 
     def cache_name(self) -> str:
         """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
-        return self.name or f"{self.dataset}-{self.backbone}-r{self.regions}-s{self.image_size}"
+        crop = "-crop" if self.crop else ""
+        return self.name or f"{self.dataset}-{self.backbone}-r{self.regions}-s{self.image_size}{crop}"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -133,6 +135,11 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
     plan_file = cache_dir / "plan.json"
     if plan_file.is_file():
         old = json.loads(plan_file.read_text())
+        defaults = asdict(ExtractConfig())
+        new_cfg = plan.get("config", {})
+        # options added after a cache was started read as their defaults (so old caches still resume)
+        old["config"] = {**{k: v for k, v in new_cfg.items() if k not in old.get("config", {}) and v == defaults.get(k)},
+                         **old.get("config", {})}
         diffs = [k for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: {str(old.get(k))[:80]} -> {str(plan.get(k))[:80]}" for k in diffs[:5])
@@ -205,11 +212,10 @@ def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) ->
     return out
 
 
-def _loader(paths: list[Path], size: int, batches: list[list[int]], workers: int, pin: bool):
+def _loader(files: ImageFiles, batches: list[list[int]], workers: int, pin: bool):
     if workers == 0 and not pin:  # in-process decoding: a plain loop, without DataLoader's machinery
-        files = ImageFiles(paths, size)
         return (collate([files[i] for i in batch]) for batch in batches)
-    return torch.utils.data.DataLoader(ImageFiles(paths, size), batch_sampler=batches, num_workers=workers,
+    return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin,
                                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
@@ -237,7 +243,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     todo = [s for s in range(len(bounds)) if s % world == rank and not shard_path(cache_dir, s, cfg.store).exists()]
     device = cfg.resolved_device()
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device)
-    bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root))
+    bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root), _crop_boxes(cfg, index, order))
     if bad and not cfg.skip_bad:
         raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
                                   f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "
@@ -289,8 +295,19 @@ def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
     return summary
 
 
+def _crop_boxes(cfg: ExtractConfig, index: DatasetIndex, order: list[ImageRecord]) -> list | None:
+    """Per cache position, the object box to crop to (CROP=1), or None when not cropping."""
+    if not cfg.crop:
+        return None
+    missing = [r.path for r in order if r.image_id not in index.bboxes]
+    if missing:
+        raise DatasetLayoutError(f"CROP=1 needs an object box for every image; {len(missing)} have none in "
+                                 f"{index.root} (first: {missing[0]}). Add bounding_boxes.txt or drop CROP=1.")
+    return [index.bboxes[r.image_id] for r in order]
+
+
 def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord], bounds: list[tuple[int, int]],
-                    todo: list[int], extractor: FeatureExtractor, root: Path) -> list[tuple[str, str]]:
+                    todo: list[int], extractor: FeatureExtractor, root: Path, crops: list | None) -> list[tuple[str, str]]:
     """Run the loader over the shards in ``todo``; returns the bad files met."""
     cuda = extractor.cuda
     batch = cfg.batch_size or (64 if cuda else 8)
@@ -303,7 +320,8 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
     shard_bad: list[dict[str, str]] = []
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not cfg.progress, desc="extract")
     try:
-        for positions, decoded in zip(batches, _loader(paths, cfg.image_size, batches, workers, cuda)):
+        files = ImageFiles(paths, cfg.image_size, crops)
+        for positions, decoded in zip(batches, _loader(files, batches, workers, cuda)):
             s = shard_of[positions[0]]
             if writer is None:
                 a, b = bounds[s]

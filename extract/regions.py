@@ -99,7 +99,27 @@ def global_means(features: torch.Tensor) -> torch.Tensor:
     return features.float().mean(dim=(2, 3))
 
 
-def boxes_to_pixels(boxes: np.ndarray, grid_hw: tuple[int, int], image_wh: np.ndarray) -> np.ndarray:
+def crop_box(bbox_xywh: tuple[float, float, float, float], image_wh: tuple[int, int], min_side: int = 8) -> tuple[int, int, int, int]:
+    """The integer pixel box ``(x0, y0, x1, y1)`` that CROP=1 cuts from an image of size ``image_wh``.
+
+    The object box is rounded outwards, clipped to the image and grown to ``min_side`` pixels,
+    so extraction and analysis (which maps regions back to original pixels) agree.
+    """
+    w, h = int(image_wh[0]), int(image_wh[1])
+    x, y, bw, bh = bbox_xywh
+    x0, y0 = max(0, int(np.floor(x))), max(0, int(np.floor(y)))
+    x1, y1 = min(w, int(np.ceil(x + bw))), min(h, int(np.ceil(y + bh)))
+    if x1 - x0 < min_side:
+        x0 = max(0, min(x0, w - min_side))
+        x1 = min(w, x0 + min_side)
+    if y1 - y0 < min_side:
+        y0 = max(0, min(y0, h - min_side))
+        y1 = min(h, y0 + min_side)
+    return x0, y0, x1, y1
+
+
+def boxes_to_pixels(boxes: np.ndarray, grid_hw: tuple[int, int], image_wh: np.ndarray,
+                    crops: np.ndarray | None = None) -> np.ndarray:
     """Map grid-cell boxes to original-image pixel boxes.
 
     The image was resized to a square without keeping its aspect ratio, so each axis scales
@@ -109,11 +129,19 @@ def boxes_to_pixels(boxes: np.ndarray, grid_hw: tuple[int, int], image_wh: np.nd
         boxes: (..., R, 4) grid boxes ``(x0, y0, x1, y1)``.
         grid_hw: (H, W) of the feature grid.
         image_wh: (..., 2) original ``(width, height)`` of each image, broadcast against boxes.
+        crops: optional (..., 4) pixel boxes the images were cropped to before resizing (CROP=1,
+            see :func:`crop_box`); the result is still in original-image pixels.
 
     Returns:
         float32 (..., R, 4) pixel boxes ``(x0, y0, x1, y1)`` in the original image.
     """
     h, w = grid_hw
+    if crops is not None:
+        crops = np.asarray(crops, dtype=np.float32)
+        image_wh = crops[..., 2:] - crops[..., :2]
     wh = np.asarray(image_wh, dtype=np.float32)[..., None, :]  # (..., 1, 2)
     scale = np.concatenate([wh[..., :1] / w, wh[..., 1:] / h, wh[..., :1] / w, wh[..., 1:] / h], -1)
-    return boxes.astype(np.float32) * scale
+    out = boxes.astype(np.float32) * scale
+    if crops is not None:
+        out += np.concatenate([crops[..., :2], crops[..., :2]], -1)[..., None, :]
+    return out

@@ -280,3 +280,23 @@ def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler):
     np.testing.assert_allclose(got.class_sum, ref.class_sum, rtol=1e-5)
     np.testing.assert_allclose(got.d, ref.d, rtol=1e-5)
     assert np.array_equal(got.f, ref.f) and np.array_equal(got.class_count, ref.class_count)
+
+
+def test_report_and_explain_on_a_cropped_cache(tmp_path):
+    """CROP=1: the report maps regions into the crops and explain reproduces the cached prediction."""
+    from analyze.report import build_report
+    from analyze.single import explain_image
+
+    cfg = tiny_config(tmp_path, image_size=96, regions=16, crop=True, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    cache = run_extraction(cfg).cache_dir
+    run = tmp_path / "run"
+    train_run(TrainConfig(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=2, inner_epochs=1, lr=1e-2,
+                          batch_size=4, val_fraction=0.0, baselines=False, progress=False))
+    page = build_report(run, k=2, n_show=2)
+    assert all((page.parent / s).is_file() for s in re.findall(r"src='([^']+)'", page.read_text()))
+    numbers = json.loads((page.parent / "analysis.json").read_text())
+    assert 0 <= numbers["localisation"]["pointing_game"] <= 100
+    est, c, a = _test_arrays(run)
+    table = {r["image_id"]: r["path"] for r in c.image_table()}
+    res = explain_image(Path(c.manifest["dataset_root"]) / "images" / table[int(a["image_ids"][0])], run, tmp_path / "e")
+    np.testing.assert_allclose(res.logits, est.decision_function(a["regions"][:1])[0], rtol=1e-4, atol=1e-5)

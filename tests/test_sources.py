@@ -183,3 +183,44 @@ def test_imagenet_val_helper_and_reader(tmp_path):
     assert index.classes == sorted(wnids)  # class index follows sorted WNIDs
     val = [r for r in index.records if not r.is_train]
     assert len(val) == 4 and {r.label for r in val if "00000001" in r.path} == {1}
+
+
+# ------------------------------------------------------------------------------ CUB box crop
+def test_crop_box_and_pixel_mapping():
+    from extract.regions import boxes_to_pixels, crop_box
+
+    assert crop_box((10.4, 5.6, 20.0, 30.0), (100, 50)) == (10, 5, 31, 36)
+    assert crop_box((95.0, -3.0, 20.0, 2.0), (100, 50)) == (92, 0, 100, 8)  # clipped, grown to 8 px
+    boxes = np.array([[[0, 0, 4, 4], [1, 2, 3, 4]]])
+    crops = np.array([[10.0, 20.0, 50.0, 100.0]])  # a 40 x 80 crop at (10, 20)
+    px = boxes_to_pixels(boxes, (4, 4), np.array([[999, 999]]), crops)
+    np.testing.assert_allclose(px[0, 0], [10, 20, 50, 100])
+    np.testing.assert_allclose(px[0, 1], [20, 60, 40, 100])
+
+
+def test_load_rgb_crops_to_the_box_before_resizing(tmp_path):
+    from extract.images import load_rgb
+
+    img = Image.new("RGB", (60, 40), (0, 0, 255))
+    img.paste((255, 0, 0), (20, 10, 44, 30))  # a red 24 x 20 block
+    img.save(tmp_path / "a.png")
+    arr, orig = load_rgb(tmp_path / "a.png", 16, bbox=(20, 10, 24, 20))
+    assert orig == (60, 40) and arr.shape == (16, 16, 3)
+    assert (arr[..., 0] > 200).all() and (arr[..., 2] < 50).all()
+
+
+def test_crop_option_extracts_recorded_and_refused_without_boxes(tmp_path):
+    plain = run_extraction(tiny_config(tmp_path / "p"))
+    cropped = run_extraction(tiny_config(tmp_path / "p", crop=True))
+    assert cropped.cache_dir.name.endswith("-crop") and cropped.cache_dir != plain.cache_dir
+    import json
+
+    manifest = json.loads((cropped.cache_dir / "manifest.json").read_text())
+    assert manifest["config"]["crop"] is True
+    from extract.cache import RegionCache
+
+    a, b = RegionCache(plain.cache_dir).load_shard(0), RegionCache(cropped.cache_dir).load_shard(0)
+    assert np.array_equal(a["boxes"], b["boxes"]) and not np.array_equal(a["regions"], b["regions"])
+    make_mit67(tmp_path / "mit")
+    with pytest.raises(DatasetLayoutError, match="CROP=1 needs an object box"):
+        run_extraction(tiny_config(tmp_path, dataset="mit67", data_dir=str(tmp_path / "mit"), crop=True))
