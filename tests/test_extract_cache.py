@@ -191,3 +191,31 @@ def test_cache_on_an_fsspec_location_reads_and_trains_like_the_local_one(tmp_pat
 def test_an_unfinished_remote_cache_is_refused(tmp_path):
     with pytest.raises(CacheIncompleteError, match="no manifest.json"):
         RegionCache((tmp_path / "nothing").as_uri())
+
+
+def test_mapped_shard_equals_read_shard_and_holds_no_files(tmp_path):
+    """load_shard(mmap=True): same rows, no open file descriptors, unmapped once dropped."""
+    import gc
+    import os
+
+    c = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in range(c.n_shards):
+        for split in ("all", "train", "test"):
+            mapped = c.load_shard(i, split, ("regions", "labels"), mmap=True)["regions"]
+            read = c.load_shard(i, split, ("regions",))["regions"]
+            assert mapped.shape == read.shape and np.array_equal(np.asarray(mapped), read)
+            assert all(np.array_equal(mapped[k], read[k]) for k in range(len(read)))
+            mask = np.arange(len(read)) % 2 == 0
+            assert np.array_equal(mapped[mask], read[mask]) and np.array_equal(mapped[::-1], read[::-1])
+    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor kept per mapped chunk
+    shard_dir = str(c.path / c.manifest["shards"][0]["file"])
+    held = c.load_shard(0, "all", ("regions",), mmap=True)["regions"]
+    assert shard_dir in open("/proc/self/maps").read()
+    del held, mapped
+    gc.collect()
+    assert shard_dir not in open("/proc/self/maps").read()  # unmapped when the last view went
+    chunk = c.path / c.manifest["shards"][0]["file"] / "regions" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(CacheIncompleteError, match="10 bytes"):
+        c.load_shard(0, "all", ("regions",), mmap=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -64,13 +65,15 @@ class Chunk:
         as (len(idx), R, D): image by image, with no float16 copy of the batch in between."""
         r, d = self.regions.shape[1:]
         out = buf[:len(idx) * r * d].view(len(idx), r, d)
-        for k, row in enumerate(self.rows[idx]):
-            out[k].copy_(torch.from_numpy(self.regions[row]))
+        with warnings.catch_warnings():  # mapped rows are read-only; they are only ever copied from
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for k, row in enumerate(self.rows[idx]):
+                out[k].copy_(torch.from_numpy(self.regions[row]))
         return out
 
     def compact(self) -> "Chunk":
         """A copy holding only this chunk's rows (for keeping in memory across epochs)."""
-        if len(self.rows) == len(self.regions):
+        if isinstance(self.regions, np.ndarray) and len(self.rows) == len(self.regions):
             return self
         return Chunk(self.shard, self.regions[self.rows], np.arange(len(self.rows)), self.labels, self.image_ids)
 
@@ -112,7 +115,8 @@ class ShardSource:
             return
         held = []
         fields = ("regions", "labels", "image_ids")
-        for shard, arrays in self.cache.iter_shards("train", fields):
+        # streaming maps the shards (no copy); a split that is kept is copied into memory once
+        for shard, arrays in self.cache.iter_shards("train", fields, mmap=True):
             keep = np.flatnonzero(~is_val(arrays["image_ids"], self.val_fraction, self.seed))
             chunk = Chunk(shard, arrays["regions"], keep, arrays["labels"][keep], arrays["image_ids"][keep])
             del arrays

@@ -24,8 +24,12 @@ class _PoolAndEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, c, inv_norm, entropy: bool):
-        s = x @ w.T  # (N, R, P)
-        s = (s.float() if s.dtype in (torch.bfloat16, torch.float16) else s).sub_(c)  # >= float32
+        n, r, d = x.shape
+        if x.dtype == w.dtype == c.dtype:  # the bias rides in the GEMM (beta * c): one pass fewer
+            s = torch.addmm(c, x.reshape(n * r, d), w.T, alpha=1.0, beta=-1.0).view(n, r, -1)
+        else:
+            s = x @ w.T  # (N, R, P)
+            s = (s.float() if s.dtype in (torch.bfloat16, torch.float16) else s).sub_(c)  # >= float32
         best, where = s.max(dim=1)  # (N, P)
         ctx.entropy, ctx.shape, ctx.w_dtype = entropy, s.shape, w.dtype
         if not entropy:
@@ -33,8 +37,9 @@ class _PoolAndEntropy(torch.autograd.Function):
             return best, s.new_zeros(())
         logp = (s * inv_norm).log_softmax(dim=-1)
         p = logp.exp()
-        h = -(p * logp).sum(-1)  # (N, R)
-        ctx.save_for_backward(x, where, s, p, logp, h, inv_norm)
+        plogp = p * logp  # kept: the backward reuses it
+        h = plogp.sum(-1).neg_()  # (N, R)
+        ctx.save_for_backward(x, where, s, p, plogp, h, inv_norm)
         return best, h.mean()
 
     @staticmethod
@@ -43,11 +48,13 @@ class _PoolAndEntropy(torch.autograd.Function):
         n, r, _ = ctx.shape
         g_inv = None
         if ctx.entropy:
-            s, p, logp, h, inv_norm = ctx.saved_tensors[2:]
-            # d mean(H) / dz = -p (log p + H) / (N R); z = s * inv_norm
-            dz = (logp + h.unsqueeze(-1)).mul_(p).mul_(-g_entropy / (n * r))
-            g_inv = (dz * s).sum((0, 1))
-            ds = dz.mul_(inv_norm)
+            s, p, plogp, h, inv_norm = ctx.saved_tensors[2:]
+            # d mean(H) / dz = k (p log p + p H), k = -g / (N R); z = s * inv_norm. k is folded
+            # into the (P,) factors, so the (N, R, P) tensor is walked three times in all.
+            k = -g_entropy / (n * r)
+            dz = torch.addcmul(plogp, p, h.unsqueeze(-1))  # dz / k
+            g_inv = (dz * s).sum((0, 1)).mul_(k)
+            ds = dz.mul_(inv_norm * k)
         else:
             ds = g_best.new_zeros(ctx.shape)
         ds.scatter_add_(1, where.unsqueeze(1), g_best.unsqueeze(1))  # max: gradient to the argmax row
