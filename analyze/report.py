@@ -190,7 +190,7 @@ class _Renderer:
             series = {"train top-1": (ep, np.array([r["train_top1"] for r in hist]))}
             if all(isinstance(r.get("val_top1"), float) and math.isfinite(r["val_top1"]) for r in hist):
                 series["val top-1"] = (ep, np.array([r["val_top1"] for r in hist]))
-            name = f"img/curves.png"
+            name = "img/curves.png"
             draw.line_plot(self.out / name, series, "epoch", "accuracy %", "training curves")
             parts.append(f"<p class='note'>Training curves: accuracy per epoch on the fitting and validation "
                          f"splits; the best validation epoch is kept.</p><img src='{name}' alt='training curves'>")

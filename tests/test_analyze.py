@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from analyze.explain import DPNetExplainer, deletion_scores, named_regions
 from analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
 from analyze.stats import class_part_weights, merge_topk, part_stats
-from extract.cache import RegionCache
 from extract.pipeline import run_extraction
 from tests.conftest import tiny_config
 from train.run import TrainConfig, train_run

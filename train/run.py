@@ -9,7 +9,6 @@ Files of a run: ``config.json`` (resolved), ``checkpoint.pt`` (resumable fit sta
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
