@@ -163,3 +163,22 @@ def test_fused_training_forward_equals_plain_composition(gen, entropy):
     assert fused(*args).item() == pytest.approx(plain(*args).item(), rel=1e-12)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_training_forward_runs_its_gemms_in_bfloat16(gen):
+    """The CUDA path (GEMMs in bfloat16, the rest in float32) checked on CPU: close to float32."""
+    n, r, d, p, c = 4, 9, 16, 6, 3
+    m = DPNetModule(d, p, c)
+    torch.nn.init.normal_(m.parts, generator=gen)
+    torch.nn.init.normal_(m.classifier, generator=gen)
+    x = torch.randn(n, r, d, generator=gen)
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        m.zero_grad()
+        logits, ent = m.forward_train(x, True, dtype)
+        assert logits.dtype == torch.float32 and ent.dtype == torch.float32
+        (logits.sum() + ent).backward()
+        grads.append((logits.detach(), m.parts.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0.05, atol=0.05)
+    cos = torch.nn.functional.cosine_similarity(grads[1][1].flatten(), grads[0][1].flatten(), dim=0)
+    assert cos > 0.98
