@@ -216,12 +216,11 @@ def _libc():
     lib.mmap.restype = ctypes.c_void_p
     lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return lib
 
 
 _LIBC = None
-PROT_READ, MAP_PRIVATE, MAP_POPULATE, MADV_WILLNEED = 1, 2, 0x8000, 3
+PROT_READ, MAP_PRIVATE, MAP_POPULATE = 1, 2, 0x8000
 
 
 def _map_file(path: Path, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
