@@ -195,6 +195,8 @@ class MappedRows:
     def __getitem__(self, idx):
         if isinstance(idx, (int, np.integer)):
             return self.rows[idx]
+        if isinstance(idx, tuple) and len(idx) == 2 and all(np.ndim(i) == 1 for i in idx):
+            return np.stack([self.rows[i][j] for i, j in zip(*idx)])  # pointwise (row, region) picks
         picks = np.arange(len(self.rows))[idx]
         if isinstance(idx, tuple) or picks.ndim != 1:
             return np.stack(self.rows)[idx]  # rare multi-axis indexing: materialise

@@ -219,3 +219,14 @@ def test_mapped_shard_equals_read_shard_and_holds_no_files(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:10])
     with pytest.raises(CacheIncompleteError, match="10 bytes"):
         c.load_shard(0, "all", ("regions",), mmap=True)
+
+
+def test_mapped_rows_index_like_numpy():
+    from extract.cache import MappedRows
+
+    rows = [np.arange(12).reshape(3, 4) + 100 * i for i in range(5)]
+    m, full = MappedRows(rows, (3, 4), np.dtype(np.int64)), np.stack(rows)
+    a, b = np.array([0, 4, 2]), np.array([1, 0, 2])
+    for idx in (a, slice(1, 3), full[:, 0, 0] > 150, (a, b), np.array([], int)):
+        assert np.array_equal(m[idx], full[idx]), idx
+    assert m.shape == full.shape and np.array_equal(np.asarray(m), full) and m[3] is rows[3]
