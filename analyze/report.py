@@ -6,7 +6,6 @@ Rendering only: every number comes from :func:`analyze.analysis.analyse`.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import os
@@ -291,7 +290,3 @@ class _Renderer:
                 "it highest (one per image, best first), found in one streaming pass over the training set.</p>"
                 + "".join(blocks) + "</section>")
 
-
-def report_numbers(path: Path) -> dict[str, Any]:
-    """analysis.json of a built report."""
-    return json.loads((path.parent / "analysis.json").read_text())
