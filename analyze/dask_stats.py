@@ -48,8 +48,7 @@ def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images
     import dask.array as da
 
     m = est.module_
-    w = (m.parts / m.std).detach().cpu().numpy().astype(np.float32)  # (P, D), standardisation folded in
-    c = ((m.mean / m.std) @ m.parts.T).detach().cpu().numpy().astype(np.float32)  # (P,)
+    w, c = (t.detach().cpu().numpy().astype(np.float32) for t in m.folded_parts())  # (P, D), (P,)
     p, n_classes = w.shape[0], len(est.classes_)
     x = train_regions(cache, images_per_block)
     per = x.map_blocks(_block_scores, w, c, drop_axis=[1, 2], new_axis=[1, 2], chunks=(x.chunks[0], (3,), (p,)),

@@ -77,14 +77,18 @@ class DPNetModule(nn.Module):
         """(N, R, D) any float dtype -> float32 (N, R, D), (x - mean) / std."""
         return (regions.float() - self.mean) / self.std
 
-    def scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """Raw Tensor[N, R, D] -> Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std.
+    def folded_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (P, D), c (P,)) with u_p . (x - mean) / std = W_p . x - c_p.
 
-        The standardisation is folded into the parts, (u / std) . x - (u / std) . mean, so the
-        standardised descriptors are never materialised: one GEMM per batch.
+        The standardisation is folded into the parts, so the standardised descriptors are never
+        materialised: one GEMM per batch.
         """
-        w = self.parts / self.std  # (P, D)
-        return regions.to(w.dtype) @ w.T - (self.mean / self.std) @ self.parts.T  # (N, R, P)
+        return self.parts / self.std, (self.mean / self.std) @ self.parts.T
+
+    def scores(self, regions: torch.Tensor) -> torch.Tensor:
+        """Raw Tensor[N, R, D] -> Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std."""
+        w, c = self.folded_parts()
+        return regions.to(w.dtype) @ w.T - c  # (N, R, P)
 
     def region_scores(self, regions: torch.Tensor) -> torch.Tensor:
         """S: raw Tensor[N, R, D] -> Tensor[N, P, R]."""
@@ -114,8 +118,7 @@ class DPNetModule(nn.Module):
         fused op that never keeps the autograd graph of the (N, R, P) scores. The two GEMMs run
         in ``gemm_dtype`` (bfloat16 on CUDA); everything after them in float32.
         """
-        w = self.parts / self.std  # (P, D): standardisation folded into the parts
-        c = (self.mean / self.std) @ self.parts.T  # (P,)
+        w, c = self.folded_parts()  # (P, D), (P,)
         inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
