@@ -34,6 +34,17 @@ RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_
                 "world_size")
 
 
+def resolve_device(device: str) -> torch.device:
+    """``device``, or for ``"auto"`` CUDA when present (under torchrun the GPU of LOCAL_RANK), else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return torch.device("cuda")
+
+
 @dataclass
 class ExtractConfig:
     """Everything stage 1 needs; saved (resolved) in the cache's plan and manifest."""
@@ -67,11 +78,7 @@ class ExtractConfig:
         return self.name or f"{self.dataset}-{self.backbone}-r{self.regions}-s{self.image_size}{crop}"
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-            return torch.device("cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def resolved_rank(self) -> tuple[int, int]:
         """(rank, world size): given, else from torchrun's environment, else (0, 1)."""

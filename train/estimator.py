@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from extract.cache import RegionCache, check_compatible
 from extract.errors import CacheMismatchError, DpnetError
+from extract.pipeline import resolve_device
 
 from .data import Chunk, NonFiniteError, ShardSource, check_finite, region_stats, split_arrays
 from .losses import CONSTRAINTS, constraint_loss
@@ -34,12 +35,6 @@ MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes")
 
 class NotFittedError(DpnetError):
     """The estimator was used before ``fit`` or ``load``."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
