@@ -150,10 +150,12 @@ def deletion_scores(expl: DPNetExplainer, scores: np.ndarray, cls: np.ndarray, s
     named, rand = np.zeros((n, steps + 1)), np.zeros((n, steps + 1))
     for i in range(n):
         c = int(cls[i])
-        order = named_regions(expl, scores[i], c, steps)
+        ranked = expl.evidence(scores[i], c).region[:steps]  # best region of each part, by points
+        order = np.array(list(dict.fromkeys(int(x) for x in ranked)), np.int64)  # = named_regions(.., steps)
+        named_count = [len(set(ranked[:k].tolist())) for k in range(steps + 1)]  # regions named by top-k
         perm = rng.permutation(r)
         for k in range(steps + 1):
-            m = len(named_regions(expl, scores[i], c, k)) if k else 0
+            m = named_count[k]
             for out, drop in ((named, order[:m]), (rand, perm[:m])):
                 keep = np.ones((1, r), bool)
                 keep[0, drop] = False
