@@ -53,6 +53,7 @@ class Analysis:
     numbers: dict[str, Any]
     shown: list[TestImage]
     deletion: dict[str, np.ndarray] = field(default_factory=dict)
+    index: DatasetIndex | None = None  # the cache's dataset, when readable
 
 
 def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClassifier, RegionCache, dict[str, Any]]:
@@ -130,7 +131,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     numbers["ablation"] = _read_csv(run_dir / "ablation.csv")
     numbers["history"] = _read_csv(run_dir / "log.csv")
     return Analysis(est, cache, stats, expl, numbers, test["shown"],
-                    {"named": test["named"].mean(0), "random": test["random"].mean(0)})
+                    {"named": test["named"].mean(0), "random": test["random"].mean(0)}, index)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:

@@ -97,11 +97,8 @@ class _Renderer:
         self.paths = {r["image_id"]: r["path"] for r in self.cache.image_table()}
         self._small = self._small_fields()
         self._images: dict[int, Any] = {}
-        self.crop_index = None
-        if self.cache.manifest.get("config", {}).get("crop"):  # show what the model saw: the crops
-            from .analysis import dataset_index
-
-            self.crop_index = dataset_index(self.cache)
+        # with CROP=1, show what the model saw: the crops (boxes from the analysis's dataset index)
+        self.crop_index = an.index if self.cache.manifest.get("config", {}).get("crop") else None
 
     # ------------------------------------------------------------------ helpers
     def _small_fields(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -19,7 +19,7 @@ from extract.cache import RegionCache
 from extract.errors import CacheMismatchError
 from extract.images import load_rgb
 from extract.pipeline import FeatureExtractor
-from extract.regions import boxes_to_pixels
+from extract.regions import boxes_to_pixels, crop_box
 from train.estimator import DPNetClassifier
 
 from . import draw
@@ -48,8 +48,10 @@ def dataset_image_id(path: str | Path, cache: RegionCache) -> int | None:
     return None
 
 
-def describe_image(path: str | Path, cache: RegionCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw regions (1, R, D) float16, grid boxes (1, R, 4) and the original size (2,) of one image file.
+def describe_image(path: str | Path, cache: RegionCache
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
+    """Raw regions (1, R, D) float16, grid boxes (1, R, 4), the original size (2,) of one image
+    file, and the pixel box it was cropped to (None when not cropped).
 
     The boxes are those of the image's id when the file is one of the cache's images (so its
     descriptors equal the cached ones), else those of id 0: a new image gets a fixed draw.
@@ -72,7 +74,7 @@ def describe_image(path: str | Path, cache: RegionCache) -> tuple[np.ndarray, np
     pixels, size_wh = load_rgb(path, m["image_size"], bbox)
     boxes = fx.boxes([0 if iid is None else iid])
     regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)
-    return regions, boxes, np.array(size_wh)
+    return regions, boxes, np.array(size_wh), None if bbox is None else crop_box(bbox, size_wh)
 
 
 def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | None = None) -> ImageExplanation:
@@ -81,7 +83,7 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     metrics = json.loads((run / "metrics.json").read_text())
     cache = RegionCache(metrics["cache"])
     est = DPNetClassifier.load(run / "model.pt", cache)
-    regions, boxes, size_wh = describe_image(path, cache)
+    regions, boxes, size_wh, crop = describe_image(path, cache)
     expl = DPNetExplainer(est, _class_weights(run))
     scores = expl.scores(regions)  # (1, R, P)
     b, _ = expl.pool(scores)
@@ -93,14 +95,8 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     out = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
     out.mkdir(parents=True, exist_ok=True)
     img = draw.open_rgb(path)
-    crop_meta = cache.manifest.get("config", {}).get("crop")
-    iid = dataset_image_id(path, cache) if crop_meta else None
-    if iid is not None:
-        from extract.regions import crop_box
-
-        from .analysis import dataset_index
-
-        img = img.crop(crop_box(dataset_index(cache).bboxes[iid], img.size))
+    if crop is not None:  # show what the model saw
+        img = img.crop(crop)
         size_wh = np.array(img.size)
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
     rows = []
