@@ -72,7 +72,7 @@ class _ShardFile:
         self.final, self.store, self.filled = final, store, 0
         self.tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         _remove(self.tmp)
-        self.specs = field_specs(n_max, n_regions, dim)
+        specs = field_specs(n_max, n_regions, dim)
         self.small: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS if k not in self.STREAMED}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         self.pending: list = []
@@ -83,13 +83,13 @@ class _ShardFile:
             # write_empty_chunks: skip zarr's scan of every chunk for all-fill values (halves write time)
             self.arrays = {k: self.handle.create_array(k, shape=s, dtype=d, chunks=c, compressors=None,
                                                        config={"write_empty_chunks": True})
-                           for k, (s, d, c) in self.specs.items()}
+                           for k, (s, d, c) in specs.items()}
         else:
             import h5py
 
             self.handle = h5py.File(self.tmp, "w")
             self.arrays = {k: self.handle.create_dataset(k, shape=s, dtype=d, chunks=c,
-                                                         maxshape=(None,) + s[1:]) for k, (s, d, c) in self.specs.items()}
+                                                         maxshape=(None,) + s[1:]) for k, (s, d, c) in specs.items()}
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
         """Queue ``rows`` (one array per field, same leading length); at most two writes in flight."""
@@ -170,6 +170,16 @@ def _raw_chunk_folder(path: Path, name: str, array: Any) -> Path | None:
         return None
     folder = Path(path) / name / "c"
     return folder if ok and folder.is_dir() else None
+
+
+def _chunk_file(folder: Path, row: int, ndim: int) -> Path:
+    """The file of row ``row``'s chunk in a raw one-row chunk folder."""
+    return folder / str(row) / "/".join(["0"] * (ndim - 1))
+
+
+def _damaged(chunk: Path, got: int, want: int, shard: Path) -> CacheIncompleteError:
+    return CacheIncompleteError(f"{chunk}: {got} bytes, expected {want}; the shard is damaged: "
+                                f"delete {shard} and run make extract again")
 
 
 class MappedRows:
@@ -254,18 +264,16 @@ def _map_raw_chunks(path: Path, name: str, array: Any, start: int, stop: int) ->
         return None
     shape, dtype = tuple(array.shape[1:]), np.dtype(array.dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    tail = "/".join(["0"] * (array.ndim - 1))
     rows = []
     for i in range(start, stop):
-        chunk = folder / f"{i}/{tail}"
+        chunk = _chunk_file(folder, i, array.ndim)
         try:
             size = chunk.stat().st_size
         except FileNotFoundError:
             rows.append(np.full(shape, array.metadata.fill_value, dtype))
             continue
         if size != nbytes:
-            raise CacheIncompleteError(f"{chunk}: {size} bytes, expected {nbytes}; the shard is damaged: "
-                                       f"delete {path} and run make extract again")
+            raise _damaged(chunk, size, nbytes, path)
         rows.append(_map_file(chunk, nbytes, dtype, shape))
     return MappedRows(rows, shape, dtype)
 
@@ -281,18 +289,17 @@ def _read_raw_chunks(path: Path, name: str, array: Any, start: int, stop: int) -
     if folder is None:
         return None
     out = np.empty((stop - start,) + tuple(array.shape[1:]), np.dtype(array.dtype))
-    tail = "/".join(["0"] * (array.ndim - 1))
     for k, i in enumerate(range(start, stop)):
         view = memoryview(out[k]).cast("B")
+        chunk = _chunk_file(folder, i, array.ndim)
         try:
-            with open(folder / f"{i}/{tail}", "rb", buffering=0) as f:
+            with open(chunk, "rb", buffering=0) as f:
                 got = f.readinto(view)
         except FileNotFoundError:
             out[k] = array.metadata.fill_value
             continue
         if got != view.nbytes:
-            raise CacheIncompleteError(f"{folder / f'{i}/{tail}'}: {got} bytes, expected {view.nbytes}; "
-                                       f"the shard is damaged: delete {path} and run make extract again")
+            raise _damaged(chunk, got, view.nbytes, path)
     return out
 
 
@@ -344,10 +351,6 @@ class RegionCache:
             check_compatible(self.manifest, expect, str(manifest))
 
     # -- location (a local folder or an fsspec URL)
-    @property
-    def name(self) -> str:
-        return self.path.name if isinstance(self.path, Path) else self.path.rsplit("/", 1)[-1]
-
     def _join(self, rel: str):
         return self.path / rel if isinstance(self.path, Path) else f"{self.path}/{rel}"
 
@@ -404,10 +407,10 @@ class RegionCache:
         start, stop = self.rows(shard, split)
         path = self._join(self.manifest["shards"][shard]["file"])
         handle = _open_for_read(path, self.manifest["store"], self.fs)
+        local_zarr = self.manifest["store"] == "zarr" and self.fs is None
         try:
             out = {}
             for name in fields:
-                local_zarr = self.manifest["store"] == "zarr" and self.fs is None
                 fast = None
                 if local_zarr and mmap and name == "regions":
                     fast = _map_raw_chunks(path, name, handle[name], start, stop)
