@@ -260,11 +260,15 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         return ExtractSummary(cache_dir, 0, len(todo), len(bounds), 0, time.perf_counter() - t0, [])
     manifest = finish_manifest(cache_dir, plan)
     (Path(cfg.out_root) / "LATEST").write_text(cache_dir.name + "\n")
-    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
-    summary = ExtractSummary(cache_dir, manifest["n_images"], len(todo), len(bounds), size,
-                             time.perf_counter() - t0, manifest["skipped"])
+    summary = _summary(cache_dir, manifest, len(todo), time.perf_counter() - t0)
     log.debug("extracted %s", summary.line())
     return summary
+
+
+def _summary(cache_dir: Path, manifest: dict[str, Any], written: int, seconds: float) -> ExtractSummary:
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    return ExtractSummary(cache_dir, manifest["n_images"], written, len(manifest["shards"]), size, seconds,
+                          manifest["skipped"])
 
 
 def _rank_main(cfg: ExtractConfig, threads: int) -> None:
@@ -295,11 +299,12 @@ def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
     if failed:
         raise DpnetError(f"extraction ranks {failed} failed (see their errors above); finished shards are kept: "
                          f"run the same command again to resume")
+    # the last rank to finish wrote the manifest (and LATEST); only the summary is left to make
     wall0 = time.time() - (time.perf_counter() - t0)
-    summary = run_extraction(replace(cfg, ranks=1, rank=0, world_size=1))  # all shards there: only gathers
-    summary.seconds = time.perf_counter() - t0
-    summary.shards_written = sum(1 for f in (summary.cache_dir / "shards").iterdir() if f.stat().st_mtime >= wall0)
-    return summary
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    written = sum(1 for f in (cache_dir / "shards").iterdir() if f.stat().st_mtime >= wall0)
+    return _summary(cache_dir, manifest, written, time.perf_counter() - t0)
 
 
 def _crop_boxes(cfg: ExtractConfig, index: DatasetIndex, order: list[ImageRecord]) -> list | None:
