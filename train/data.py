@@ -105,6 +105,7 @@ class ShardSource:
         self.budget_mb = default_budget_mb() if budget_mb is None else budget_mb
         self.hold = bytes_train / 2**20 <= self.budget_mb
         self._held: list[Chunk] | None = None
+        self._index: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # rows, labels, ids
         log.info("training split: %.1f MiB; %s", bytes_train / 2**20,
                  "held in memory" if self.hold else f"streamed (budget {self.budget_mb:.0f} MiB)")
 
@@ -113,18 +114,24 @@ class ShardSource:
         if self._held is not None:
             yield from self._held
             return
-        held = []
-        fields = ("regions", "labels", "image_ids")
+        held, index = [], self._index or {}
+        # After the first pass only the descriptors are read again: the rows, labels and ids of
+        # each shard's fitting images are remembered (a few KB), which spares the reader thread
+        # (it shares the cores with the trainer) two zarr reads and the validation hash per shard.
+        fields = ("regions",) if self._index is not None else ("regions", "labels", "image_ids")
         # streaming maps the shards (no copy); a split that is kept is copied into memory once
         for shard, arrays in self.cache.iter_shards("train", fields, mmap=True):
-            keep = np.flatnonzero(~is_val(arrays["image_ids"], self.val_fraction, self.seed))
-            chunk = Chunk(shard, arrays["regions"], keep, arrays["labels"][keep], arrays["image_ids"][keep])
+            if shard not in index:
+                keep = np.flatnonzero(~is_val(arrays["image_ids"], self.val_fraction, self.seed))
+                index[shard] = keep, arrays["labels"][keep], arrays["image_ids"][keep]
+            chunk = Chunk(shard, arrays["regions"], *index[shard])
             del arrays
             if self.hold:
                 chunk = chunk.compact()
                 held.append(chunk)
             yield chunk
             del chunk  # streaming: only the consumer's reference remains, then the shard is freed
+        self._index = index
         if self.hold:
             self._held = held
 

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train import native
+
 
 class _PoolAndEntropy(torch.autograd.Function):
     """S = X W^T - c, then b_raw = max_r S and the assignment entropy of softmax_p(S * inv_norm).
 
     One op with a hand-written backward, so the (N, R, P) score tensor is walked a dozen
-    times per step instead of the ~25 of the autograd graph. Shapes: x (N, R, D) without grad,
+    times per step instead of the ~25 of the autograd graph; on the CPU in float32 the compiled
+    kernel (train/native.py) walks it twice. Shapes: x (N, R, D) without grad,
     w (P, D), c (P,), inv_norm (P,) -> b_raw (N, P), mean entropy (scalar; 0 when off).
     Checked against the plain autograd composition by a float64 gradcheck.
     """
@@ -30,8 +33,13 @@ class _PoolAndEntropy(torch.autograd.Function):
         else:
             s = x @ w.T  # (N, R, P)
             s = (s.float() if s.dtype in (torch.bfloat16, torch.float16) else s).sub_(c)  # >= float32
-        best, where = s.max(dim=1)  # (N, P)
         ctx.entropy, ctx.shape, ctx.w_dtype = entropy, s.shape, w.dtype
+        ctx.native = x.dtype == torch.float32 and native.usable(s)
+        if ctx.native:  # one pass over s here and one in the backward (train/pool_entropy.c)
+            best, lse, h = native.forward(s, inv_norm, entropy)
+            ctx.save_for_backward(x, s, inv_norm, lse, h, best)
+            return best, (h.mean() if entropy else s.new_zeros(()))
+        best, where = s.max(dim=1)  # (N, P)
         if not entropy:
             ctx.save_for_backward(x, where)
             return best, s.new_zeros(())
@@ -44,6 +52,8 @@ class _PoolAndEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_best, g_entropy):
+        if ctx.native:
+            return _PoolAndEntropy._native_backward(ctx, g_best, g_entropy)
         x, where = ctx.saved_tensors[:2]
         n, r, _ = ctx.shape
         g_inv = None
@@ -61,6 +71,15 @@ class _PoolAndEntropy(torch.autograd.Function):
         g_c = -ds.sum((0, 1))
         g_w = (ds.flatten(0, 1).T.to(x.dtype) @ x.flatten(0, 1)).to(ctx.w_dtype)  # (P, D)
         return None, g_w, g_c, g_inv, None
+
+    @staticmethod
+    def _native_backward(ctx, g_best, g_entropy):
+        x, s, inv_norm, lse, h, best = ctx.saved_tensors
+        n, r, _ = ctx.shape
+        k = float(-g_entropy / (n * r)) if ctx.entropy else 0.0
+        ds, g_inv, g_c = native.backward(s, inv_norm, lse, h, best, g_best, k, ctx.entropy)  # ds overwrites s
+        g_w = ds.flatten(0, 1).T @ x.flatten(0, 1)  # (P, D)
+        return None, g_w, g_c, (g_inv if ctx.entropy else None), None
 
 
 class DPNetModule(nn.Module):
@@ -110,16 +129,25 @@ class DPNetModule(nn.Module):
         b, _ = self.pool(s)
         return b @ self.classifier.T, s
 
-    def forward_train(self, regions: torch.Tensor, entropy: bool,
-                      gemm_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_parts(self) -> "StepParts":
+        """The folded parts of one optimiser step, shared by its micro-batches (see StepParts)."""
+        return StepParts(self)
+
+    def forward_train(self, regions: torch.Tensor, entropy: bool, gemm_dtype: torch.dtype = torch.float32,
+                      parts: "StepParts | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off) for training.
 
         Same numbers as ``forward_scores`` followed by ``assignment_entropy_from_scores``, in one
         fused op that never keeps the autograd graph of the (N, R, P) scores. The two GEMMs run
-        in ``gemm_dtype`` (bfloat16 on CUDA); everything after them in float32.
+        in ``gemm_dtype`` (bfloat16 on CUDA); everything after them in float32. With ``parts``
+        (from ``step_parts``) the folded U is taken from there and its gradient collects there
+        until ``parts.backward()``; without, it is folded here and the gradient reaches U directly.
         """
-        w, c = self.folded_parts()  # (P, D), (P,)
-        inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        if parts is None:
+            w, c = self.folded_parts()  # (P, D), (P,)
+            inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        else:
+            w, c, inv_norm = parts.w, parts.c, parts.inv_norm
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
         best, ent = _PoolAndEntropy.apply(regions.to(gemm_dtype), w, c, inv_norm, entropy)
@@ -128,3 +156,26 @@ class DPNetModule(nn.Module):
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """Raw Tensor[N, R, D] -> logits Tensor[N, C]."""
         return self.forward_scores(regions)[0]
+
+
+class StepParts:
+    """W (P, D), c (P,) and 1/||u_p|| (P,) folded once per optimiser step, as leaves.
+
+    A step's micro-batches all use the same U, so folding it (and back-propagating through the
+    fold) once per step instead of once per micro-batch saves a few (P, D) passes each time:
+    each micro-batch's backward stops at these leaves, and ``backward()`` carries their summed
+    gradients into U at the end of the step.
+    """
+
+    def __init__(self, module: DPNetModule):
+        w, c = module.folded_parts()
+        inv_norm = 1.0 / module.parts.norm(dim=1).clamp_min(1e-12)
+        self._graph = (w, c, inv_norm)
+        self.w, self.c, self.inv_norm = (t.detach().requires_grad_() for t in self._graph)
+
+    def backward(self) -> None:
+        """Add the gradient collected on the leaves to U (a no-op when nothing reached them)."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self._graph, (self.w, self.c, self.inv_norm))
+                 if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
