@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -236,20 +235,6 @@ _LIBC = None
 PROT_READ, MAP_PRIVATE, MAP_POPULATE = 1, 2, 0x8000
 
 
-def _yield_to_compute() -> None:
-    """Lower the calling thread's priority (Linux: nice applies per thread), best effort.
-
-    The read-ahead thread then takes the cores when the trainer leaves them idle rather than
-    pre-empting one of its GEMM threads (a statically split GEMM then waits for the slowed
-    half, so a stolen millisecond costs two); when the trainer does wait for the next shard,
-    the reader has the cores to itself.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
 def _map_file(path: Path, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only array over the first ``nbytes`` of ``path``, mapped without keeping its fd."""
     import ctypes
@@ -450,7 +435,7 @@ class RegionCache:
             for i in order:
                 yield i, self.load_shard(i, split, fields, mmap)
             return
-        with ThreadPoolExecutor(1, initializer=_yield_to_compute) as pool:
+        with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(self.load_shard, order[0], split, fields, mmap) if order else None
             for k, i in enumerate(order):
                 arrays = pending.result()
