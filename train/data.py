@@ -143,7 +143,8 @@ def split_arrays(cache: RegionCache, split: str, val_fraction: float, seed: int,
     Yields dicts of arrays (``image_ids`` always included), or ``(shard, dict)`` with ``with_shard``.
     """
     base = "train" if split in ("val", "fit") else split
-    for shard, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"})):
+    # a subset of the train split maps its shards, so only the rows it keeps are copied
+    for shard, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"}), mmap=base != split):
         if split in ("val", "fit"):
             mask = is_val(arrays["image_ids"], val_fraction, seed)
             arrays = {k: v[mask if split == "val" else ~mask] for k, v in arrays.items()}

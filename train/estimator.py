@@ -267,6 +267,8 @@ class DPNetClassifier:
                              f"Lower LR, or check those images' descriptors in the cache.")
 
     def _val_accuracy(self, module: DPNetModule, cache: RegionCache, dev: torch.device) -> float:
+        if self.val_fraction <= 0:  # no validation images: nothing to read
+            return float("nan")
         scores, labels = self._scores_split(module, cache, "val", dev)
         return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
