@@ -99,6 +99,21 @@ def test_checkpoint_with_other_cache_is_refused(tiny_cache, tmp_path):
         quick(epochs=2, lr=0.5).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
 
 
+def test_checkpoint_from_an_older_version_resumes(tiny_cache, tmp_path):
+    """A checkpoint without an option added since (here micro_batch) resumes when that option is
+    at its default, and is still refused when it is not."""
+    ref = quick(epochs=2).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    del ck["params"]["micro_batch"]
+    torch.save(ck, tmp_path / "ck.pt")
+    est = quick(epochs=2).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")  # both epochs come from it
+    assert [r["loss_ce"] for r in est.history_] == [r["loss_ce"] for r in ref.history_]
+    for k, v in ref.module_.state_dict().items():
+        assert torch.equal(v, est.module_.state_dict()[k]), k
+    with pytest.raises(CacheMismatchError, match="micro_batch"):
+        quick(epochs=2, micro_batch=2).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+
+
 def test_nan_in_cache_names_shard_and_image(tmp_path):
     cfg = tiny_config(tmp_path)
     cache = RegionCache(run_extraction(cfg).cache_dir)

@@ -283,8 +283,10 @@ class DPNetClassifier:
             return None
         ck = torch.load(checkpoint, map_location=module.mean.device, weights_only=False)
         check_compatible(cache.manifest, ck["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
-        if ck["params"] != self.get_params():
-            diff = {k: (ck["params"].get(k), v) for k, v in self.get_params().items() if ck["params"].get(k) != v}
+        # a checkpoint from an older version lacks options added since: they had their defaults
+        saved = {**type(self)().get_params(), **ck["params"]}
+        if saved != self.get_params():
+            diff = {k: (saved.get(k), v) for k, v in self.get_params().items() if saved.get(k) != v}
             raise CacheMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
                                      f"delete it to start over, or pass the same settings to resume")
         module.load_state_dict(ck["module"])
