@@ -30,6 +30,7 @@ import torch
 from extract.backbones import create_backbone
 from extract.cache import RegionCache, open_shard_writer, write_json_atomic
 from extract.pipeline import finish_manifest
+from train import native
 from train.estimator import DPNetClassifier
 
 
@@ -172,7 +173,8 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
     shard_mb = args.shard_images * 500 * 1280 * 2 / 2**20
     model_mb = (args.q * 10 * 1280 + 10 * args.q * 10) * 4 * 3 / 2**20  # params + Adam moments
     end_to_end = args.images * per_image + epoch_s
-    rows = [("images / shards", f"{args.images} / {cache.n_shards}"), ("cache MiB", f"{nbytes / 2**20:.0f}"),
+    kernel = "compiled C" if native.load() is not None else "torch (DPNET_NATIVE=0 or no compiler)"
+    rows = [("pool + entropy kernel", kernel), ("images / shards", f"{args.images} / {cache.n_shards}"), ("cache MiB", f"{nbytes / 2**20:.0f}"),
             ("memory budget MiB", f"{args.budget_mb:.0f}"), ("GEMM rate GFLOP/s", f"{rate / 1e9:.1f}"),
             ("read rate MB/s", f"{rbps / 1e6:.0f}"), ("compute bound s", f"{compute_s:.2f}"),
             ("read bound s", f"{read_s:.2f}"), ("epoch s", f"{epoch_s:.2f}"),
@@ -194,7 +196,8 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
                       "compute_bound_s": round(compute_s, 3), "read_bound_s": round(read_s, 3),
                       "gemm_gflops": round(rate / 1e9, 2), "read_mb_s": round(rbps / 1e6, 1),
                       "speedup_vs_end_to_end": round(end_to_end / epoch_s, 2),
-                      "three_shards_plus_model_mb": round(3 * shard_mb + model_mb, 1)}))
+                      "three_shards_plus_model_mb": round(3 * shard_mb + model_mb, 1),
+                      "kernel": "native" if native.load() is not None else "torch"}))
 
 
 if __name__ == "__main__":
