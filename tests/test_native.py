@@ -138,6 +138,21 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
 
 
 @has_cc
+def test_unwritable_home_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("DPNET_BUILD_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "file" / "home"))  # under a file: mkdir fails
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    native.reset()
+    try:
+        assert native.load() is not None
+        assert [p.suffix for p in (tmp_path / "tmp").glob("dpnet-native-*/*")] == [".so"]
+    finally:
+        native.reset()
+
+
+@has_cc
 def test_fused_op_uses_the_kernel_for_float32_cpu(monkeypatch):
     calls = []
     forward = native.forward

@@ -5,10 +5,11 @@ the forward and once in the backward, where the torch composition in ``train.mod
 about a dozen times; on a 2-core CPU that is most of the training step outside its two GEMMs.
 
 The C file is built on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
-``$DPNET_BUILD_DIR`` (default ``~/.cache/dpnet/native``), under a name keyed by the source,
-the flags, the compiler and this CPU, written to a temporary file and renamed. Without a
-compiler, or with ``DPNET_NATIVE=0``, ``load`` returns None after one warning and the trainer
-uses the torch path, which gives the same numbers to float32 rounding (tested).
+``$DPNET_BUILD_DIR`` (default ``~/.cache/dpnet/native``, or a per-user temporary folder when the
+home folder is read-only), under a name keyed by the source, the flags, the compiler and this
+CPU, written to a temporary file and renamed. Without a compiler, or with ``DPNET_NATIVE=0``,
+``load`` returns None after one warning and the trainer uses the torch path, which gives the
+same numbers to float32 rounding (tested).
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def build_dir() -> Path:
-    """Where compiled kernels live: ``$DPNET_BUILD_DIR`` or ``~/.cache/dpnet/native``."""
+def build_dirs() -> list[Path]:
+    """Where compiled kernels live: ``$DPNET_BUILD_DIR``; else ``~/.cache/dpnet/native``, then a
+    per-user folder in the temporary directory when the home folder cannot be written."""
     env = os.environ.get("DPNET_BUILD_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "dpnet" / "native"
+    if env:
+        return [Path(env)]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return [Path.home() / ".cache" / "dpnet" / "native", Path(tempfile.gettempdir()) / f"dpnet-native-{uid}"]
 
 
 def _compiler() -> str | None:
@@ -62,12 +67,21 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    out = build_dir() / f"pool_entropy-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+    name, tried = f"pool_entropy-{key}.so", []
+    for folder in build_dirs():
+        if (folder / name).exists():
+            return folder / name
+    for folder in build_dirs():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+            break
+        except OSError as err:
+            tried.append(f"{folder}: {err}")
+    else:
+        raise RuntimeError(f"no writable build folder ({'; '.join(tried)}); set DPNET_BUILD_DIR")
     os.close(fd)
+    out = folder / name
     try:
         done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)
