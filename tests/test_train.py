@@ -99,6 +99,19 @@ def test_checkpoint_with_other_cache_is_refused(tiny_cache, tmp_path):
         quick(epochs=2, lr=0.5).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
 
 
+def test_streamed_fit_equals_held_fit(tiny_cache):
+    """Streaming the shards every epoch (budget 0: mapped, read ahead, unmapped in the reader)
+    trains exactly as holding the split in memory."""
+    from train.data import ShardSource
+
+    assert tiny_cache.n_shards > 1 and not ShardSource(tiny_cache, 0.3, 0, budget_mb=0).hold
+    held = quick(val_fraction=0.3).fit(tiny_cache)
+    streamed = quick(val_fraction=0.3, memory_budget_mb=0).fit(tiny_cache)
+    for k, v in held.module_.state_dict().items():
+        assert torch.equal(v, streamed.module_.state_dict()[k]), k
+    assert [r["val_top1"] for r in held.history_] == [r["val_top1"] for r in streamed.history_]
+
+
 def test_checkpoint_from_an_older_version_resumes(tiny_cache, tmp_path):
     """A checkpoint without an option added since (here micro_batch) resumes when that option is
     at its default, and is still refused when it is not."""
