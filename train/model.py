@@ -129,6 +129,11 @@ class DPNetModule(nn.Module):
         b, _ = self.pool(s)
         return b @ self.classifier.T, s
 
+    def training_fold(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W (P, D), c (P,), 1/||u_p|| (P,)): what the fused training op takes from U."""
+        w, c = self.folded_parts()
+        return w, c, 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+
     def step_parts(self) -> "StepParts":
         """The folded parts of one optimiser step, shared by its micro-batches (see StepParts)."""
         return StepParts(self)
@@ -143,11 +148,7 @@ class DPNetModule(nn.Module):
         (from ``step_parts``) the folded U is taken from there and its gradient collects there
         until ``parts.backward()``; without, it is folded here and the gradient reaches U directly.
         """
-        if parts is None:
-            w, c = self.folded_parts()  # (P, D), (P,)
-            inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
-        else:
-            w, c, inv_norm = parts.w, parts.c, parts.inv_norm
+        w, c, inv_norm = self.training_fold() if parts is None else (parts.w, parts.c, parts.inv_norm)
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
         best, ent = _PoolAndEntropy.apply(regions.to(gemm_dtype), w, c, inv_norm, entropy)
@@ -168,9 +169,7 @@ class StepParts:
     """
 
     def __init__(self, module: DPNetModule):
-        w, c = module.folded_parts()
-        inv_norm = 1.0 / module.parts.norm(dim=1).clamp_min(1e-12)
-        self._graph = (w, c, inv_norm)
+        self._graph = module.training_fold()
         self.w, self.c, self.inv_norm = (t.detach().requires_grad_() for t in self._graph)
 
     def backward(self) -> None:

@@ -161,8 +161,6 @@ static void backward_image(float *s, const Lanes *L, const float *lse, const flo
     }
 }
 
-int dpnet_threads(void) { return omp_get_max_threads(); }
-
 /* s (N, R, P), inv (P,) -> best (N, P); lse, h (N, R) when entropy is on. */
 void dpnet_pool_entropy_forward(const float *s, const float *inv, int64_t N, int64_t R, int64_t P, int entropy,
                                 float *best, float *lse, float *h) {
