@@ -1,0 +1,39 @@
+"""Exceptions that tell the user what was expected, what arrived and how to fix it."""
+
+from __future__ import annotations
+
+
+class DpnetError(Exception):
+    """Base class of every user-facing error of dpnet; the command line prints it without a trace."""
+
+
+class DatasetLayoutError(DpnetError):
+    """A dataset folder lacks a file of its layout, or a line of it is malformed."""
+
+
+class UnknownNameError(DpnetError, KeyError):
+    """A registry was asked for a name it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class WeightsNotFoundError(DpnetError):
+    """Pretrained weights are neither at the given path nor in the local torch cache."""
+
+
+class BadImagesError(DpnetError):
+    """Some images could not be decoded; lists every one of them."""
+
+    def __init__(self, bad: list[tuple[str, str]], hint: str):
+        self.bad = bad
+        lines = "\n".join(f"  {path}: {why}" for path, why in bad)
+        super().__init__(f"{len(bad)} image(s) could not be read:\n{lines}\n{hint}")
+
+
+class CacheMismatchError(DpnetError):
+    """A cache does not match what its reader expects (a field of its manifest differs)."""
+
+
+class CacheIncompleteError(DpnetError):
+    """A cache folder has no finished manifest (extraction stopped before the end)."""
