@@ -8,7 +8,6 @@ image view. Glossary: N images, R regions, P parts, C classes, K keypoints.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from dpnet.errors import DpnetError
+from dpnet.files import read_json
 from extract.cache import RegionCache
 from extract.datasets import DatasetIndex
-from extract.errors import DpnetError
 from extract.regions import boxes_to_pixels
+from train.class_parts import pooled_shards
+from train.data import check_finite
 from train.estimator import DPNetClassifier
 
 from .explain import DPNetExplainer, deletion_scores
 from .localize import box_centres, defining_part_hits, landmark_error, part_consistency, pointing_game
-from .stats import PartStats, best_regions, part_stats
+from .stats import PartStats, part_stats
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Analysis:
 
 def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClassifier, RegionCache, dict[str, Any]]:
     """The run's model, its cache (from metrics.json unless given) and metrics."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_json(run_dir / "metrics.json", "run `make train` again to rewrite it", DpnetError)
     cache = cache or RegionCache(metrics["cache"])
     return DPNetClassifier.load(run_dir / "model.pt", cache), cache, metrics
 
@@ -155,10 +157,13 @@ def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith:
     shown: list[TestImage] = []
     faith_left, grid = max_faith, tuple(cache.manifest["grid"])
     fields = ("regions", "boxes", "sizes", "labels", "image_ids")
-    for _, a in cache.iter_shards("test", fields):
+    for shard, a in cache.iter_shards("test", fields):
         for s in range(0, len(a["labels"]), 32):
             sl = slice(s, s + 32)
             scores = expl.scores(a["regions"][sl])  # (n, R, P)
+            if not np.isfinite(scores).all():
+                check_finite(a["regions"][sl], a["image_ids"][sl], cache.shard_location(shard))
+                check_finite(scores, a["image_ids"][sl], cache.shard_location(shard), "part scores")
             b, where = expl.pool(scores)
             logits = expl.contributions(b).sum(-1)  # (n, C)
             preds = logits.argmax(1)
@@ -243,11 +248,9 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
 def _train_centres(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None) -> dict[str, np.ndarray]:
     """Pixel centres (N, P, 2) of every part's best region in each training image."""
     grid, ids, centres = tuple(cache.manifest["grid"]), [], []
-    for _, a in cache.iter_shards("train", ("regions", "boxes", "sizes", "image_ids")):
-        _, _, where = best_regions(est, a["regions"])
+    for _, a, (_, _, where) in pooled_shards(est, cache, "train", ("boxes", "sizes")):
         crops = crop_boxes(cache, index, a["image_ids"], a["sizes"])
         pix = boxes_to_pixels(np.take_along_axis(a["boxes"], where[..., None], 1), grid, a["sizes"], crops)
         centres.append(box_centres(pix).astype(np.float32))
         ids.append(a["image_ids"])
-        del a
     return {"ids": np.concatenate(ids), "centres": np.concatenate(centres)}

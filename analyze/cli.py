@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from extract.cache import cache_name
-from extract.errors import DpnetError
+from dpnet.errors import DpnetError
 from train.cli import pick_cache
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                     progress=not args.no_progress, use_dask=args.dask is not None)
             print(f"report: {page}")
             return 0
-        if not args.image or not Path(args.image).is_file():
+        if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb
             raise DpnetError(f"explain needs an existing image file: IMG={args.image!r} (make explain IMG=path/to/photo.jpg)")
         from .single import explain_image
 

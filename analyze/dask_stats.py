@@ -11,11 +11,13 @@ Glossary: N images, R regions, D descriptor size, P parts, C classes.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from extract.cache import RegionCache
 from train.estimator import DPNetClassifier
+from train.model import DPNetModule
 
-from .stats import PartStats, class_part_weights
+from .stats import PartStats, finish_stats
 
 
 def train_regions(cache: RegionCache, images_per_block: int = 16):
@@ -26,6 +28,7 @@ def train_regions(cache: RegionCache, images_per_block: int = 16):
         raise ValueError(f"{cache.path}: the dask path reads zarr shards; this cache is {cache.manifest['store']}")
     parts = []
     for s in range(cache.n_shards):
+        cache.check_shard(s)
         a, b = cache.rows(s, "train")
         if b > a:
             arr = da.from_zarr(cache.shard_location(s), component="regions")
@@ -33,13 +36,11 @@ def train_regions(cache: RegionCache, images_per_block: int = 16):
     return da.concatenate(parts).rechunk((images_per_block, -1, -1))
 
 
-def _block_scores(block: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+@torch.no_grad()
+def _block_scores(block: np.ndarray, module: DPNetModule) -> np.ndarray:
     """(n, R, D) float16 -> (n, 3, P): b (normalised), best raw score, best region index (as float)."""
-    s = block.astype(np.float32) @ w.T - c  # (n, R, P)
-    where = s.argmax(1)  # (n, P)
-    raw = np.take_along_axis(s, where[:, None, :], 1)[:, 0]
-    b = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
-    return np.stack([b, raw, where.astype(np.float32)], 1)
+    pooled = module.pool(module.scores(torch.from_numpy(np.ascontiguousarray(block))))
+    return np.stack([pooled.b.numpy(), pooled.raw.numpy(), pooled.where.numpy().astype(np.float32)], 1)
 
 
 def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images_per_block: int = 16) -> PartStats:
@@ -47,11 +48,10 @@ def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images
     import dask
     import dask.array as da
 
-    m = est.module_
-    w, c = (t.detach().cpu().numpy().astype(np.float32) for t in m.folded_parts())  # (P, D), (P,)
-    p, n_classes = w.shape[0], len(est.classes_)
+    module = est.module_.cpu().eval()
+    p, n_classes = module.parts.shape[0], len(est.classes_)
     x = train_regions(cache, images_per_block)
-    per = x.map_blocks(_block_scores, w, c, drop_axis=[1, 2], new_axis=[1, 2], chunks=(x.chunks[0], (3,), (p,)),
+    per = x.map_blocks(_block_scores, module, drop_axis=[1, 2], new_axis=[1, 2], chunks=(x.chunks[0], (3,), (p,)),
                        dtype=np.float32)  # (N, 3, P)
     labels = cache.read("labels", "train").astype(np.int64)
     ids = cache.read("image_ids", "train").astype(np.int64)
@@ -68,6 +68,4 @@ def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images
     top_score = np.take_along_axis(top_score, order, 1).astype(np.float32)
     top_region = np.take_along_axis(top_region, order, 1).astype(np.int64)
     count = np.bincount(labels, minlength=n_classes)
-    v = m.classifier.detach().cpu().numpy().astype(np.float64)
-    d, f = class_part_weights(v, class_sum, count, est.parts_per_class)
-    return PartStats(top_score, ids[top_pos], top_region, class_sum, count, d, f)
+    return finish_stats(est, top_score, ids[top_pos], top_region, class_sum, count)

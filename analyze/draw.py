@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """An image file as RGB (same conversions as extraction: alpha over white, CMYK, palette)."""
-    from extract.images import _to_rgb
+    """An image file as RGB (same conversions as extraction: alpha over white, CMYK, palette, deep greys)."""
+    from extract.images import to_rgb
 
     with Image.open(path) as img:
         img.load()
-        return _to_rgb(img)
+        return to_rgb(img)
 
 
 def crop(img: Image.Image, box: np.ndarray, size: int = 96) -> Image.Image:
@@ -22,13 +22,6 @@ def crop(img: Image.Image, box: np.ndarray, size: int = 96) -> Image.Image:
     x0, y0, x1, y1 = (int(round(float(t))) for t in box)
     out = img.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
     out.thumbnail((size, size))
-    return out
-
-
-def with_box(img: Image.Image, box: np.ndarray, colour: str = "#ff3b30", width: int = 3) -> Image.Image:
-    """A copy of ``img`` with a rectangle drawn on it."""
-    out = img.copy()
-    ImageDraw.Draw(out).rectangle([float(t) for t in box], outline=colour, width=width)
     return out
 
 

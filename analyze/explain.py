@@ -1,8 +1,10 @@
 """Explainers: plain arrays of documented shape from a trained model and region descriptors.
 
 In the spirit of pytorch-grad-cam: an explainer computes arrays, drawing is elsewhere
-(``analyze.draw``). Glossary: N images, R regions, D descriptor size, P parts, C classes,
-(H, W) the feature grid; boxes are grid cells ``(x0, y0, x1, y1)``, half-open.
+(``analyze.draw``). The maths (scores, pooling, contributions) is the model's own
+(:class:`train.model.DPNetModule`); these are numpy wrappers around it.
+Glossary: N images, R regions, D descriptor size, P parts, C classes, (H, W) the feature grid;
+boxes are grid cells ``(x0, y0, x1, y1)``, half-open.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ class DPNetExplainer:
 
     Args:
         est: the fitted model.
-        d: optional (C, P) class-level part weights d(p, c) (from ``analyze.stats``), used to
-            pick a class's parts for heatmaps; without it the class's own q parts are used.
+        d: optional (C, P) class-level part weights d(p, c), used to pick a class's parts for
+            heatmaps; by default the ones saved with the model (``est.class_parts_``), else the
+            class's own q parts by v.
     """
 
     def __init__(self, est: DPNetClassifier, d: np.ndarray | None = None):
         est._check_fitted()
-        self.est, self.d = est, d
-        self.v = est.module_.classifier.detach().cpu().numpy()  # (C, P)
+        self.est, self.module = est, est.module_
+        self.d = d if d is not None else getattr(est, "class_parts_", None)
+        self.v = self.module.classifier.detach().cpu().numpy()  # (C, P)
         self.q = est.parts_per_class
 
     @torch.no_grad()
@@ -51,24 +55,22 @@ class DPNetExplainer:
         """S, float32 (N, R, P): raw part scores of every region."""
         return self.est.region_scores(regions).transpose(0, 2, 1)
 
-    @staticmethod
-    def pool(scores: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    @torch.no_grad()
+    def pool(self, scores: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(N, R, P) scores -> b (N, P) L2-normalised, and best region (N, P); ``keep`` (N, R) masks regions out."""
-        s = scores if keep is None else np.where(keep[:, :, None], scores, -np.inf)
-        where = s.argmax(1)  # (N, P)
-        raw = np.take_along_axis(s, where[:, None, :], 1)[:, 0]  # (N, P)
-        raw = np.where(np.isfinite(raw), raw, 0.0)
-        b = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
-        return b.astype(np.float32), where
+        out = self.module.pool(torch.from_numpy(np.ascontiguousarray(scores)),
+                               None if keep is None else torch.from_numpy(np.asarray(keep, bool)))
+        return out.b.numpy(), out.where.numpy()
 
     def contributions(self, b: np.ndarray) -> np.ndarray:
         """v_cp * b_p, float32 (N, C, P); summed over P it gives the logits (N, C)."""
-        return b[:, None, :] * self.v[None, :, :]
+        with torch.no_grad():
+            return self.module.contributions(torch.from_numpy(np.asarray(b, np.float32))).numpy()
 
     def evidence(self, scores: np.ndarray, cls: int) -> Evidence:
         """The evidence table of one image (scores (R, P)) for class ``cls``."""
         b, where = self.pool(scores[None])
-        points = b[0] * self.v[cls]
+        points = self.contributions(b)[0, cls]
         order = np.argsort(-points, kind="stable")
         return Evidence(cls, order, where[0, order], b[0, order], self.v[cls, order], points[order],
                         float(points.sum()))
@@ -154,11 +156,11 @@ def deletion_scores(expl: DPNetExplainer, scores: np.ndarray, cls: np.ndarray, s
         order = np.array(list(dict.fromkeys(int(x) for x in ranked)), np.int64)  # = named_regions(.., steps)
         named_count = [len(set(ranked[:k].tolist())) for k in range(steps + 1)]  # regions named by top-k
         perm = rng.permutation(r)
+        keep = np.ones((2 * (steps + 1), r), bool)  # every step of both curves as one batch of masks
         for k in range(steps + 1):
-            m = named_count[k]
-            for out, drop in ((named, order[:m]), (rand, perm[:m])):
-                keep = np.ones((1, r), bool)
-                keep[0, drop] = False
-                b, _ = expl.pool(scores[i:i + 1], keep)
-                out[i, k] = float(b[0] @ expl.v[c])
+            keep[k, order[:named_count[k]]] = False
+            keep[steps + 1 + k, perm[:named_count[k]]] = False
+        b, _ = expl.pool(np.broadcast_to(scores[i], (len(keep),) + scores[i].shape), keep)
+        logit = b @ expl.v[c]
+        named[i], rand[i] = logit[:steps + 1], logit[steps + 1:]
     return named, rand

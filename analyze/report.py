@@ -1,6 +1,9 @@
 """``make report``: a static, self-contained HTML report (images beside it) and analysis.json.
 
-Rendering only: every number comes from :func:`analyze.analysis.analyse`.
+Every number comes from :func:`analyze.analysis.analyse`; this module renders them and writes
+the report folder. The whole folder is written under a temporary name and renamed into place, so
+a killed report leaves the previous one whole. Every string that comes from the dataset (class
+names, file names) is cut first, then escaped.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from extract.cache import RegionCache, write_json_atomic
+from dpnet.files import FolderLock, remove, remove_stale_temps, temp_path, write_json_atomic, write_text_atomic
+from extract.cache import RegionCache
 from extract.regions import boxes_to_pixels
 
 from . import draw
@@ -37,10 +41,32 @@ th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}.cards{displ
 
 def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k: int = 6, n_show: int = 8,
                  boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False) -> Path:
-    """Analyse the run and write ``<run>/report/index.html``, its images and ``analysis.json``."""
+    """Analyse the run and write ``<run>/report/index.html``, its images and ``analysis.json``.
+
+    Raises:
+        InUseError: another live process works in the run folder (training it, or reporting).
+    """
     run = Path(run_dir)
-    out = run / "report"
-    (out / "img").mkdir(parents=True, exist_ok=True)
+    with FolderLock(run, "report"):
+        remove_stale_temps(run)
+        final = run / "report"
+        out = temp_path(final)
+        (out / "img").mkdir(parents=True)
+        try:
+            _write_report(run, out, cache, k, n_show, boxes_csv, progress, use_dask)
+        except BaseException:
+            remove(out)
+            raise
+        old = temp_path(final, "old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(out, final)
+        remove(old)
+    return final / "index.html"
+
+
+def _write_report(run: Path, out: Path, cache: RegionCache | None, k: int, n_show: int, boxes_csv: str | None,
+                  progress: bool, use_dask: bool) -> None:
     an = analyse(run, cache, k=k, n_show=n_show, boxes_csv=Path(boxes_csv) if boxes_csv else None, progress=progress,
                  use_dask=use_dask)
     pages = _Renderer(an, out)
@@ -51,11 +77,7 @@ def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k
            f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><p>{pages.subtitle()}</p>"
            f"</header><main>{body}</main></body></html>")
     write_json_atomic(out / "analysis.json", _jsonable(an.numbers))
-    np.save(out / "class_parts.npy", an.stats.d)  # d(p, c), reused by `make explain`
-    tmp = out / f"index.html.tmp-{os.getpid()}"
-    tmp.write_text(doc)
-    os.replace(tmp, out / "index.html")
-    return out / "index.html"
+    write_text_atomic(out / "index.html", doc)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -78,10 +100,22 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return html.escape(str(v))
 
 
+def esc(text: Any, limit: int | None = None) -> str:
+    """A dataset-derived string for HTML: cut to ``limit`` characters first, then escaped."""
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 1] + "\u2026"
+    return html.escape(text)
+
+
+class Html(str):
+    """Markup this module made itself: a table cell that is not escaped (every other string is)."""
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>"
-                                    for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Html) else _fmt(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -131,9 +165,9 @@ class _Renderer:
         img.save(self.out / name, quality=85)
         return name
 
-    def tag(self, img, stem: str, title: str = "", height: int | None = None) -> str:
+    def tag(self, img, stem: str, title: str = "", height: int | None = None) -> Html:
         h = f" height='{height}'" if height else ""
-        return f"<img src='{self.save(img, stem)}' title='{html.escape(title)}' alt='{html.escape(title)}'{h}>"
+        return Html(f"<img src='{self.save(img, stem)}' title='{html.escape(title)}' alt='{html.escape(title)}'{h}>")
 
     def region_crop(self, image_id: int, boxes: np.ndarray, region: int, size: int = 96):
         img = self.image(image_id)  # the picture the model saw (the crop, with CROP=1)
@@ -231,7 +265,7 @@ class _Renderer:
         for c, name in enumerate(self.classes):
             parts = np.argsort(-d[c], kind="stable")[:3]
             cells = "".join(f"<div class='part'>{self.tag(self.part_crop(int(p)), f'class{c}', f'part {p}')}"
-                            f"<span>part {p} (of {self.classes[p // self.an.est.parts_per_class][:18]})<br>"
+                            f"<span>part {p} (of {esc(self.classes[p // self.an.est.parts_per_class], 18)})<br>"
                             f"d={d[c, p]:.2f}, f={f[p]}</span></div>" for p in parts)
             blocks.append(f"<div><b>{html.escape(name)}</b><div class='row'>{cells}</div></div>")
         return ("<section><h2>Classes: their top-3 parts</h2><p class='note'>d(p, c) = sum over the training images "
@@ -272,7 +306,7 @@ class _Renderer:
             rows.append([f"part {ev.parts[i]}", here, proto, float(ev.b[i]), float(ev.v[i]), float(ev.points[i])])
         rest = ev.points[top:].sum()
         rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", float(rest)])
-        rows.append(["<b>sum = logit</b>", "", "", "", "", float(ev.logit)])
+        rows.append([Html("<b>sum = logit</b>"), "", "", "", "", float(ev.logit)])
         return (f"<div><p class='note'>class <b>{html.escape(self.classes[cls])}</b>: this looks like that</p>"
                 + _table(["part", "here", "looks like", "b_p", "v_cp", "points"], rows) + "</div>")
 
@@ -281,7 +315,7 @@ class _Renderer:
         for p in range(st.top_image.shape[0]):
             crops = "".join(self.tag(self.part_crop(p, r, 72), f"part{p}", f"score {st.top_score[p, r]:.2f}")
                             for r in range(st.top_image.shape[1]))
-            blocks.append(f"<div class='part'><span>part {p} · {html.escape(self.classes[p // q][:24])}</span>"
+            blocks.append(f"<div class='part'><span>part {p} · {esc(self.classes[p // q], 24)}</span>"
                           f"<div class='row'>{crops}</div></div>")
         return ("<section><h2>Part gallery</h2><p class='note'>Each part shown by the training regions that score "
                 "it highest (one per image, best first), found in one streaming pass over the training set.</p>"

@@ -7,16 +7,17 @@ with boxes drawn for image id 0 and the cache's seed), then through the run's mo
 from __future__ import annotations
 
 import html
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dpnet.errors import CacheMismatchError, DpnetError
+from dpnet.files import read_json, remove, temp_path
 from extract.backbones import create_backbone
 from extract.cache import RegionCache
-from extract.errors import CacheMismatchError
 from extract.images import load_rgb
 from extract.pipeline import FeatureExtractor
 from extract.regions import boxes_to_pixels, crop_box
@@ -60,7 +61,7 @@ def describe_image(path: str | Path, cache: RegionCache
     """
     m = cache.manifest
     weights = m["weights"] if m["weights"] in ("random",) or Path(str(m["weights"])).is_file() else None
-    bb = create_backbone(m["backbone"], weights)
+    bb = create_backbone(m["backbone"], weights, m["image_size"])
     if bb.weights_sha256 != m.get("weights_sha256"):
         raise CacheMismatchError(f"the {m['backbone']} weights found here ({bb.weights}) are not those the cache "
                                  f"{cache.path} was extracted with ({m['weights']}); explain needs the same weights")
@@ -78,13 +79,19 @@ def describe_image(path: str | Path, cache: RegionCache
 
 
 def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | None = None) -> ImageExplanation:
-    """Predict and explain one image with the run's model; write PNG heatmap and an HTML page."""
+    """Predict and explain one image with the run's model; write PNG heatmap and an HTML page.
+
+    The class's parts in the heatmap are its top parts by d(p, c), saved with the model.
+
+    Raises:
+        ImageDecodeError: the file is not a readable image.
+    """
     run = Path(run_dir)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = read_json(run / "metrics.json", "run `make train` again to rewrite it", DpnetError)
     cache = RegionCache(metrics["cache"])
     est = DPNetClassifier.load(run / "model.pt", cache)
     regions, boxes, size_wh, crop = describe_image(path, cache)
-    expl = DPNetExplainer(est, _class_weights(run))
+    expl = DPNetExplainer(est)
     scores = expl.scores(regions)  # (1, R, P)
     b, _ = expl.pool(scores)
     logits = expl.contributions(b).sum(-1)[0]
@@ -92,8 +99,24 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     ev = expl.evidence(scores[0], pred)
     grid = tuple(cache.manifest["grid"])
     heat = expl.heatmaps(scores, boxes, grid, np.array([pred]))[0]
-    out = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
+    out = temp_path(final)  # written whole, then renamed into place
+    out.mkdir(parents=True)
+    try:
+        _write_page(out, path, est.classes_[pred], ev, heat, boxes[0], grid, size_wh, crop)
+    except BaseException:
+        remove(out)
+        raise
+    if final.exists():
+        remove(final)
+    os.replace(out, final)
+    top = [(int(p), float(v)) for p, v in zip(ev.parts[:5], ev.points[:5])]
+    return ImageExplanation(pred, est.classes_[pred], logits, top, heat, final / "index.html")
+
+
+def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, boxes: np.ndarray,
+                grid: tuple[int, int], size_wh: np.ndarray, crop) -> None:
+    """Into ``out``: the heatmap, crops of the top parts' regions (boxes (R, 4)) and index.html."""
     img = draw.open_rgb(path)
     if crop is not None:  # show what the model saw
         img = img.crop(crop)
@@ -101,22 +124,13 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
     rows = []
     for i in range(min(5, len(ev.parts))):
-        pix = boxes_to_pixels(boxes[0, ev.region[i]:ev.region[i] + 1], grid, size_wh)[0]
+        pix = boxes_to_pixels(boxes[ev.region[i]:ev.region[i] + 1], grid, size_wh)[0]
         draw.crop(img, pix, 96).save(out / f"part{ev.parts[i]}.png")
         rows.append(f"<tr><td>part {ev.parts[i]}</td><td><img src='part{ev.parts[i]}.png'></td><td>{ev.b[i]:.3f}</td>"
                     f"<td>{ev.v[i]:.3f}</td><td>{ev.points[i]:.3f}</td></tr>")
-    name = est.classes_[pred]
     (out / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(name)}</title><body style='font-family:sans-serif'>"
         f"<h2>{html.escape(Path(path).name)}: predicted {html.escape(name)}</h2><img src='heatmap.png' height='320'>"
         f"<p>Evidence for {html.escape(name)} (points = b_p x v_cp; all {len(ev.parts)} parts sum to the logit "
         f"{ev.logit:.3f}):</p><table border='1' cellpadding='4'><tr><th>part</th><th>region</th><th>b_p</th>"
         f"<th>v_cp</th><th>points</th></tr>{''.join(rows)}</table></body>")
-    top = [(int(p), float(v)) for p, v in zip(ev.parts[:5], ev.points[:5])]
-    return ImageExplanation(pred, name, logits, top, heat, out / "index.html")
-
-
-def _class_weights(run: Path) -> np.ndarray | None:
-    """d(p, c) from the run's report when it was built (heatmaps then use the class's top parts by d)."""
-    path = run / "report" / "class_parts.npy"
-    return np.load(path) if path.is_file() else None

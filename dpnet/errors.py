@@ -1,4 +1,8 @@
-"""Exceptions that tell the user what was expected, what arrived and how to fix it."""
+"""Exceptions that tell the user what was expected, what arrived and how to fix it.
+
+Every error a user can cause is a :class:`DpnetError`; the command lines print its message
+(no traceback) and exit with status 2.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ class WeightsNotFoundError(DpnetError):
     """Pretrained weights are neither at the given path nor in the local torch cache."""
 
 
+class ImageDecodeError(DpnetError, ValueError):
+    """A file is not a readable image (or is too small); the message names it."""
+
+
 class BadImagesError(DpnetError):
     """Some images could not be decoded; lists every one of them."""
 
@@ -36,4 +44,20 @@ class CacheMismatchError(DpnetError):
 
 
 class CacheIncompleteError(DpnetError):
-    """A cache folder has no finished manifest (extraction stopped before the end)."""
+    """A cache folder has no finished manifest, or a file of it is missing or damaged."""
+
+
+class NonFiniteError(DpnetError):
+    """NaN or inf in the cache or in the loss; names where it appeared."""
+
+
+class UnsafeFileError(DpnetError):
+    """A file would have to run code (a pickle) or be loaded from an unsafe place to be read."""
+
+
+class InUseError(DpnetError):
+    """Another live process holds the folder (a cache being extracted, a run being trained)."""
+
+
+class DiskFullError(DpnetError):
+    """A write failed for lack of space; what was finished before is kept."""

@@ -8,6 +8,7 @@ a record of where its weights came from (for the cache manifest).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UnknownNameError, WeightsNotFoundError
+from dpnet.errors import UnknownNameError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,6 +39,8 @@ class Backbone:
         weights: where the weights came from (``package:...``, a file path, or ``random``).
         weights_sha256: hash of the weights file, or ``None`` for random weights.
         head: the ImageNet classifier on top of ``body`` (pooled), when the model has one.
+        input_size: the square size the model must be fed (fixed-size models such as ViTs,
+            built for the requested size rounded to their patch), or None when any size works.
     """
 
     name: str
@@ -47,6 +52,11 @@ class Backbone:
     weights: str
     weights_sha256: str | None
     head: nn.Module | None = None
+    input_size: int | None = None
+
+    def fit_size(self, requested: int) -> int:
+        """The input side length extraction uses for a requested ``IMAGE_SIZE``."""
+        return self.input_size or requested
 
 
 _REGISTRY: dict[str, Callable[[str | None], Backbone]] = {}
@@ -67,19 +77,22 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, weights: str | None = None) -> Backbone:
+def create_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> Backbone:
     """Build a frozen backbone in eval mode.
 
     Args:
-        name: one of :func:`list_backbones`.
+        name: one of :func:`list_backbones`, or any timm model name.
         weights: ``None`` for the default pretrained weights, a path to a state-dict file,
             or ``"random"`` (tests only: recorded as such in the manifest).
+        image_size: the input size extraction will use. Convolutional nets take any size;
+            fixed-size timm models (ViTs: DINOv2, CLIP, ...) are built for this size, rounded to
+            a multiple of their patch (said in a warning), with their position embeddings resampled.
 
     Raises:
         UnknownNameError: the name is not registered; the message lists those that are.
         WeightsNotFoundError: pretrained weights are not on this machine.
     """
-    builder = _REGISTRY.get(name) or _timm_builder(name)
+    builder = _REGISTRY.get(name) or _timm_builder(name, image_size)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):  # reproducible random init, caller's RNG untouched
             torch.manual_seed(0)
@@ -92,14 +105,14 @@ def create_backbone(name: str, weights: str | None = None) -> Backbone:
     return bb
 
 
-def _timm_builder(name: str) -> Callable[[str | None], Backbone]:
+def _timm_builder(name: str, image_size: int | None) -> Callable[[str | None], Backbone]:
     """Any timm model by name, cut at its last feature map (``features_only``)."""
     import timm
 
     if not timm.is_model(name):
         raise UnknownNameError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}, "
                                f"or any timm model name (timm.list_models())")
-    return lambda weights: _timm_features(name, weights)
+    return lambda weights: _timm_features(name, weights, image_size)
 
 
 class _LastFeature(nn.Module):
@@ -139,10 +152,49 @@ def _timm_cached_file(name: str) -> str | None:
     return None
 
 
-def _timm_features(name: str, weights: str | None) -> Backbone:
+def _patch_size(model: nn.Module) -> int | None:
+    """The patch side of a ViT-like timm model, or None for other models."""
+    embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "model", None), "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    return int(size[0]) if size is not None else None
+
+
+def _timm_size_kwargs(name: str, image_size: int | None) -> dict:
+    """``img_size`` for fixed-size timm models (rounded to their patch, with a warning), else nothing."""
     import timm
 
-    kwargs = {"features_only": True, "out_indices": (-1,)}
+    cfg = timm.models.get_pretrained_cfg(name)
+    if image_size is None or cfg is None or not cfg.fixed_input_size:
+        return {}
+    probe = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0)
+    patch = _patch_size(probe)
+    if patch and image_size % patch:
+        rounded = max(patch, int(round(image_size / patch)) * patch)
+        log.warning("%s takes inputs in whole %d-pixel patches: IMAGE_SIZE=%d is rounded to %d", name, patch,
+                    image_size, rounded)
+        image_size = rounded
+    return {"img_size": image_size}
+
+
+def _resample_position_embeddings(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict whose ``pos_embed`` fits ``model`` (ViT weights saved for another input size)."""
+    from timm.layers import resample_abs_pos_embed
+
+    target = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith("pos_embed") and key in target and value.shape != target[key].shape:
+            inner = getattr(model, "model", model)
+            prefix = 0 if getattr(inner, "no_embed_class", False) else getattr(inner, "num_prefix_tokens", 1)
+            grid = inner.patch_embed.grid_size
+            out[key] = resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=prefix)
+    return out
+
+
+def _timm_features(name: str, weights: str | None, image_size: int | None = None) -> Backbone:
+    import timm
+
+    kwargs = {"features_only": True, "out_indices": (-1,), **_timm_size_kwargs(name, image_size)}
     if weights in (None, "pretrained"):
         path = _timm_cached_file(name)
         if path is None:
@@ -157,15 +209,17 @@ def _timm_features(name: str, weights: str | None) -> Backbone:
         source = "random"
         if weights != "random":
             state = torch.load(_existing(weights, name), map_location="cpu", weights_only=True)
-            missing, _ = model.load_state_dict(state, strict=False)
+            missing, _ = model.load_state_dict(_resample_position_embeddings(model, state), strict=False)
             if missing:
                 raise WeightsNotFoundError(f"{weights} lacks {len(missing)} tensors of {name} (first: {missing[0]})")
             source = str(weights)
     sha = None if source == "random" else state_sha256(model.state_dict())
     cfg = model.pretrained_cfg
     info = model.feature_info
+    # each model's own input normalisation (CLIP's and DINOv2's differ from ImageNet's defaults)
     return Backbone(name, _LastFeature(model), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
-                    int(info.channels()[-1]), f"timm features_only, last map ({info.module_name()[-1]})", source, sha)
+                    int(info.channels()[-1]), f"timm features_only, last map ({info.module_name()[-1]})", source, sha,
+                    input_size=kwargs.get("img_size"))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -9,7 +9,7 @@ import sys
 from .backbones import list_backbones
 from .cache import STORES
 from .datasets import list_datasets
-from .errors import DpnetError
+from dpnet.errors import DpnetError
 from .pipeline import ExtractConfig, run_extraction
 
 

@@ -7,6 +7,7 @@ image. ``synth`` is generated on first use and read through exactly the CUB read
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DatasetLayoutError, UnknownNameError
+from dpnet.errors import DatasetLayoutError, UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,38 @@ def default_root(name: str) -> Path:
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
 
+def checked_relative(rel: str, where: str) -> str:
+    """``rel`` when it is a relative path that stays inside the dataset folder, else a clear error.
+
+    Dataset files are read as ``root / rel``; an absolute path or a ``..`` step would read files
+    outside the dataset, so both are refused, naming the line they came from.
+    """
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith(("/", "\\")) or ".." in parts or (len(rel) > 1 and rel[1] == ":"):
+        raise DatasetLayoutError(f"{where}: image path {rel!r} leaves the dataset folder (absolute, or with a "
+                                 f"'..' step). Paths must be relative to the dataset folder: fix that line.")
+    return rel
+
+
 def _read_table(path: Path, n_fields: int, what: str) -> list[list[str]]:
     """Split each non-empty line of a CUB text file into n_fields (the last keeps its spaces)."""
+    return [parts for _, parts in _read_lines(path, n_fields, what)]
+
+
+def _read_lines(path: Path, n_fields: int, what: str) -> list[tuple[int, list[str]]]:
+    """Like :func:`_read_table`, each row with its line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetLayoutError(f"{path} is not UTF-8 text ({exc}): save it as UTF-8") from exc
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=n_fields - 1)
         if len(parts) != n_fields:
             raise DatasetLayoutError(f"{path}:{lineno}: expected {what}, got {line!r}")
-        rows.append(parts)
+        rows.append((lineno, parts))
     return rows
 
 
@@ -128,7 +151,8 @@ def read_cub(root: str | Path, name: str = "cub") -> DatasetIndex:
         raise DatasetLayoutError(
             f"{root} is not a CUB-200-2011 folder: missing {', '.join(missing)}. Point DATA_DIR at the "
             f"folder that holds images.txt and images/ (for the official archive: CUB_200_2011/).")
-    paths = {int(i): p for i, p in _read_table(root / "images.txt", 2, '"id relative/path.jpg"')}
+    paths = {int(i): checked_relative(p, f"{root / 'images.txt'}:{lineno}")
+             for lineno, (i, p) in _read_lines(root / "images.txt", 2, '"id relative/path.jpg"')}
     labels = {int(i): int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", 2, '"id class"')}
     split = {int(i): t.strip() == "1" for i, t in _read_table(root / "train_test_split.txt", 2, '"id is_train"')}
     for fname, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split)):
@@ -191,6 +215,21 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _refuse_undecodable(paths: list[Path], root: Path) -> None:
+    """File names that are not UTF-8 cannot be listed in a cache's image table: name them all."""
+    bad = []
+    for p in paths:
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(str(os.fsencode(p)))
+    if bad:
+        shown = "\n".join(f"  {b}" for b in bad[:20])
+        raise DatasetLayoutError(f"{len(bad)} file name(s) under {root} are not valid UTF-8:\n{shown}\nrename them "
+                                 f"(for example with `convmv -f latin1 -t utf8 -r --notest {root}`) or move them out, "
+                                 f"then run again.")
+
+
 def hash_fraction(text: str) -> float:
     """A stable number in [0, 1) from a string (crc32), for splits that never reshuffle."""
     return zlib.crc32(text.encode("utf-8")) / 2**32
@@ -211,6 +250,7 @@ def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folde
         raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
     presplit = (root / "train").is_dir() and (root / test_dir).is_dir()
     bases = [root / "train", root / test_dir] if presplit else [root]
+    _refuse_undecodable([d for b in bases for d in b.iterdir()], root)
     classes = sorted({d.name for b in bases for d in b.iterdir() if d.is_dir()})
     if not classes:
         raise DatasetLayoutError(
@@ -219,7 +259,9 @@ def read_folder(root: str | Path, test_fraction: float = 0.5, name: str = "folde
     entries = []
     for base in bases:
         for label, cname in enumerate(classes):
-            for p in _images_in(base / cname):
+            found = _images_in(base / cname)
+            _refuse_undecodable(found, root)
+            for p in found:
                 rel = p.relative_to(root).as_posix()
                 is_train = base.name == "train" if presplit else hash_fraction(p.name) >= test_fraction
                 entries.append((rel, label, is_train))
@@ -257,6 +299,7 @@ def read_mit67(root: str | Path) -> DatasetIndex:
             if not rel:
                 continue
             cname = rel.split("/", 1)[0]
+            checked_relative(rel, f"{root / fname}:{lineno}")
             if cname not in label or "/" not in rel:
                 raise DatasetLayoutError(f"{root / fname}:{lineno}: expected class/file.jpg with a class of Images/, "
                                          f"got {rel!r}")

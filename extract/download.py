@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import DpnetError
+from dpnet.errors import DpnetError
+from dpnet.files import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def fetch(url: str, dest: Path, checksum: str | None, manual_hint: str, progress
 
 def unpack(archive: Path, into: Path) -> Path:
     """Extract a .tar/.tgz/.zip archive into ``into`` (through a temporary sibling; atomic)."""
+    if into.parent.is_dir():
+        remove_stale_temps(into.parent, prefix=into.name + ".")  # what killed unpacks left
     tmp = into.with_name(into.name + f".unpack-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

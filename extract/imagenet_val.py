@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DatasetLayoutError
+from dpnet.errors import DatasetLayoutError
 
 
 def wnids_by_id(meta_mat: Path) -> dict[int, str]:

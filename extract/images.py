@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dpnet.errors import ImageDecodeError
+
 from .regions import crop_box
 
 MIN_SIDE = 8  # smaller images carry no usable region at any grid size
@@ -23,23 +25,26 @@ def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float
     """Decode an image, convert it to RGB, crop it to ``bbox`` (x, y, w, h; optional, see
     :func:`extract.regions.crop_box`), and resize it to ``size x size`` (aspect not kept).
 
-    Grayscale, palette, RGBA (alpha dropped over white) and CMYK images are converted to RGB.
+    Grayscale, palette, RGBA (alpha dropped over white), CMYK and high-bit-depth (16-bit, 32-bit
+    integer, float) images are converted to 8-bit RGB.
 
     Returns:
         uint8 array (size, size, 3) and the original ``(width, height)``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable image, is truncated, or is smaller than MIN_SIDE.
+        ImageDecodeError (a ValueError): the file is not a readable image, is truncated, or is
+            smaller than MIN_SIDE; the message names the file.
     """
     try:
         with Image.open(path) as img:
             orig = img.size
             if min(orig) < MIN_SIDE:
-                raise ValueError(f"image is {orig[0]}x{orig[1]} px; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+                raise ImageDecodeError(f"{path}: image is {orig[0]}x{orig[1]} px; at least {MIN_SIDE}x{MIN_SIDE} "
+                                       f"is needed")
             if bbox is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
                 img.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
-            img = _to_rgb(img)
+            img = to_rgb(img)
             if bbox is not None:
                 img = img.crop(crop_box(bbox, orig))
             img = img.resize((size, size), Image.BILINEAR)
@@ -47,18 +52,40 @@ def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: alpha over white, palette and CMYK converted, deep greys rescaled."""
     if img.mode == "RGB":
         return img.copy() if img.readonly else img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _deep_grey_to_rgb(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.split()[-1])
         return canvas
     return img.convert("RGB")
+
+
+def _deep_grey_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit ("I;16*", or "I" as PNG decodes it), 32-bit integer and float greys to 8-bit RGB.
+
+    PIL's own conversion clips every value above 255, so a 16-bit photo comes out white. Integer
+    images are scaled by their type's range (values up to 65535 read as 16-bit), floats in
+    [0, 1] by 255; anything larger is scaled by its own maximum.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else 255.0 / max(top, 1e-12) if top > 255 else 1.0
+    elif img.mode.startswith("I;16") or 255 < top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0 if top <= 255 else 255.0 / top
+    grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
 
 
 @dataclass
@@ -87,8 +114,8 @@ class ImageFiles(torch.utils.data.Dataset):
             arr, orig = load_rgb(self.paths[i], self.size, self.bboxes[i] if self.bboxes else None)
         except FileNotFoundError:
             return Decoded(i, None, (0, 0), "file not found")
-        except ValueError as exc:
-            return Decoded(i, None, (0, 0), str(exc))
+        except ValueError as exc:  # the caller lists the path beside the reason
+            return Decoded(i, None, (0, 0), str(exc).removeprefix(f"{self.paths[i]}: "))
         return Decoded(i, torch.from_numpy(arr), orig, None)
 
 

@@ -19,11 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpnet.device import resolve_device
+from dpnet.errors import BadImagesError, CacheMismatchError, DatasetLayoutError, DpnetError
+from dpnet.files import FolderLock, disk_full_as_error, read_json, remove, remove_stale_temps, write_json_atomic
+from dpnet.files import write_text_atomic
+
 from . import __version__
 from .backbones import Backbone, create_backbone, grid_size
-from .cache import FORMAT, _ShardFile, open_shard_writer, shard_path, write_json_atomic
+from .cache import FORMAT, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
+from .cache.location import Location
 from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
-from .errors import BadImagesError, CacheMismatchError, DatasetLayoutError, DpnetError
 from .images import DecodedBatch, ImageFiles, collate
 from .regions import global_means, region_means, sample_boxes
 
@@ -32,17 +37,6 @@ log = logging.getLogger(__name__)
 # Settings that may change between a run and its resume without changing the cache.
 RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_root", "name", "ranks", "rank",
                 "world_size")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``device``, or for ``"auto"`` CUDA when present (under torchrun the GPU of LOCAL_RANK), else CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-    return torch.device("cuda")
 
 
 @dataclass
@@ -131,7 +125,7 @@ def make_plan(cfg: ExtractConfig, index: DatasetIndex, bb: Backbone, grid: tuple
         "format": FORMAT, "code_version": __version__, "config": config,
         "dataset": index.name, "dataset_root": str(Path(index.root).resolve()), "classes": index.classes,
         "backbone": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
-        "mean": list(bb.mean), "std": list(bb.std), "image_size": cfg.image_size, "grid": list(grid),
+        "mean": list(bb.mean), "std": list(bb.std), "image_size": bb.fit_size(cfg.image_size), "grid": list(grid),
         "R": cfg.regions, "D": bb.dim, "seed": cfg.seed, "store": cfg.store, "dtype": "float16",
         "shard_size": shard_size, "shard_bounds": bounds, "order": [r.image_id for r in order],
     }
@@ -141,7 +135,7 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
     """Write plan.json and images.tsv, or check that an earlier run used the same plan."""
     plan_file = cache_dir / "plan.json"
     if plan_file.is_file():
-        old = json.loads(plan_file.read_text())
+        old = read_json(plan_file, f"delete {cache_dir} and extract again")
         defaults = asdict(ExtractConfig())
         new_cfg = plan.get("config", {})
         # options added after a cache was started read as their defaults (so old caches still resume)
@@ -152,16 +146,19 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
             shown = "; ".join(f"{k}: {str(old.get(k))[:80]} -> {str(plan.get(k))[:80]}" for k in diffs[:5])
             raise CacheMismatchError(
                 f"{cache_dir} was started with other settings ({shown}). Delete {cache_dir} to start "
-                f"over, or pass NAME=<another name> to keep both.")
+                f"over, or pass --name <another name> (python -m extract) to keep both.")
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "manifest.json").unlink(missing_ok=True)
+    write_text_atomic(cache_dir / "images.tsv", image_table_text(order))
+    write_json_atomic(plan_file, plan)
+
+
+def image_table_text(order: list[ImageRecord]) -> str:
+    """The text of ``images.tsv``: one row per image, in cache order."""
     rows = ["position\timage_id\tlabel\tis_train\tpath"]
     rows += [f"{i}\t{r.image_id}\t{r.label}\t{int(r.is_train)}\t{r.path}" for i, r in enumerate(order)]
-    tmp = cache_dir / f"images.tsv.tmp-{os.getpid()}"
-    tmp.write_text("\n".join(rows) + "\n")
-    os.replace(tmp, cache_dir / "images.tsv")
-    write_json_atomic(plan_file, plan)
+    return "\n".join(rows) + "\n"
 
 
 class FeatureExtractor:
@@ -230,24 +227,37 @@ def _loader(files: ImageFiles, batches: list[list[int]], workers: int, pin: bool
 def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     """Extract (or finish extracting) the cache described by ``cfg``; returns what was done.
 
+    The cache folder is locked for the run (a second extraction of it is refused, naming this
+    one's pid); temporary shards of dead runs are removed; shards left damaged are re-extracted.
+
     Raises:
         BadImagesError: some images could not be read and ``skip_bad`` is off. Shards without
             bad images are kept; run again (with ``skip_bad`` to drop the bad ones) to finish.
+        InUseError: another live process extracts this cache.
+        DiskFullError: the disk filled up; finished shards are kept.
     """
     if cfg.ranks > 1 and cfg.rank < 0:
         return _run_ranks(cfg)
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    rank, world = cfg.resolved_rank()
+    with FolderLock(cache_dir, "extraction", ".lock" if world == 1 else f".lock-rank{rank}"), \
+            disk_full_as_error(cache_dir):
+        return _extract_locked(cfg, cache_dir, rank, world)
+
+
+def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) -> ExtractSummary:
     t0 = time.perf_counter()
     index = load_index(cfg)
-    bb = create_backbone(cfg.backbone, cfg.weights)
-    grid = grid_size(bb, cfg.image_size)
+    bb = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
+    grid = grid_size(bb, bb.fit_size(cfg.image_size))
     plan = make_plan(cfg, index, bb, grid)
     by_id = {r.image_id: r for r in index.records}
     order = [by_id[i] for i in plan["order"]]
-    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    for folder in (cache_dir, cache_dir / "shards"):
+        remove_stale_temps(folder)
     prepare_cache_dir(cache_dir, plan, order)
     bounds = [tuple(b) for b in plan["shard_bounds"]]
-    rank, world = cfg.resolved_rank()
-    todo = [s for s in range(len(bounds)) if s % world == rank and not shard_path(cache_dir, s, cfg.store).exists()]
+    todo = [s for s in range(len(bounds)) if s % world == rank and not _shard_whole(cache_dir, s, plan)]
     device = cfg.resolved_device()
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device)
     bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root), _crop_boxes(cfg, index, order))
@@ -259,10 +269,41 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         # another rank still works: whichever rank finishes last gathers the manifest
         return ExtractSummary(cache_dir, 0, len(todo), len(bounds), 0, time.perf_counter() - t0, [])
     manifest = finish_manifest(cache_dir, plan)
-    (Path(cfg.out_root) / "LATEST").write_text(cache_dir.name + "\n")
+    write_text_atomic(Path(cfg.out_root) / "LATEST", cache_dir.name + "\n")
     summary = _summary(cache_dir, manifest, len(todo), time.perf_counter() - t0)
     log.debug("extracted %s", summary.line())
     return summary
+
+
+def _shard_whole(cache_dir: Path, shard: int, plan: dict[str, Any]) -> bool:
+    """Whether shard ``shard`` is on disk and whole; a damaged one is removed (to be extracted again)."""
+    path = shard_path(cache_dir, shard, plan["store"])
+    if not path.exists():
+        return False
+    a, b = plan["shard_bounds"][shard]
+    n = _rows_written(path, plan["store"], b - a)
+    damage, mismatch = shard_problems(Location(cache_dir), path.relative_to(cache_dir).as_posix(), plan["store"], n,
+                                      plan["R"], plan["D"])
+    if not damage and not mismatch:
+        return True
+    log.warning("%s is damaged (%s): extracting it again", path, "; ".join(damage + mismatch))
+    remove(path)
+    return False
+
+
+def _rows_written(path: Path, store: str, planned: int) -> int:
+    """Rows a finished shard holds: its plan's, less the images skipped as unreadable."""
+    try:
+        handle = Location(path.parent).open_store(path.name, store)
+    except Exception:  # noqa: BLE001 - unreadable: shard_problems says why
+        return planned
+    try:
+        return planned - len(json.loads(handle.attrs.get("skipped", "[]")))
+    except (ValueError, TypeError):
+        return planned
+    finally:
+        if store == "h5":
+            handle.close()
 
 
 def _summary(cache_dir: Path, manifest: dict[str, Any], written: int, seconds: float) -> ExtractSummary:
@@ -271,12 +312,27 @@ def _summary(cache_dir: Path, manifest: dict[str, Any], written: int, seconds: f
                           manifest["skipped"])
 
 
-def _rank_main(cfg: ExtractConfig, threads: int) -> None:
+def _rank_main(cfg: ExtractConfig, threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     # Each rank uses the parent's torch thread count: the CPU kernels' results can depend on
     # it (and a spawned child would otherwise read OMP_NUM_THREADS afresh), and the cache must
     # not depend on how many ranks made it.
     torch.set_num_threads(threads)
     run_extraction(cfg)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux), so a killed ``RANKS=N``
+    run leaves no rank working on; exit at once if the parent is already gone."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("no prctl here: ranks outlive a killed parent")
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
@@ -288,21 +344,25 @@ def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     load_index(cfg)  # generate the synthetic set once, before the ranks read it
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks, progress=cfg.progress and r == 0),
-                                                  torch.get_num_threads()))
-             for r in range(cfg.ranks)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    with FolderLock(cache_dir, "extraction"):
+        for folder in (cache_dir, cache_dir / "shards"):
+            remove_stale_temps(folder)
+        procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks,
+                                                              progress=cfg.progress and r == 0),
+                                                      torch.get_num_threads(), os.getpid()))
+                 for r in range(cfg.ranks)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
     failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
     if failed:
         raise DpnetError(f"extraction ranks {failed} failed (see their errors above); finished shards are kept: "
                          f"run the same command again to resume")
     # the last rank to finish wrote the manifest (and LATEST); only the summary is left to make
     wall0 = time.time() - (time.perf_counter() - t0)
-    cache_dir = Path(cfg.out_root) / cfg.cache_name()
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest = read_json(cache_dir / "manifest.json", "run the same `make extract` again")
     written = sum(1 for f in (cache_dir / "shards").iterdir() if f.stat().st_mtime >= wall0)
     return _summary(cache_dir, manifest, written, time.perf_counter() - t0)
 
@@ -328,11 +388,11 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
     paths = [root / "images" / r.path if (root / "images").is_dir() else root / r.path for r in order]
     shard_of = {p: s for s in todo for p in range(*bounds[s])}
     bad: list[tuple[str, str]] = []
-    writer: _ShardFile | None = None
+    writer: ShardWriter | None = None
     shard_bad: list[dict[str, str]] = []
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not cfg.progress, desc="extract")
     try:
-        files = ImageFiles(paths, cfg.image_size, crops)
+        files = ImageFiles(paths, extractor.bb.fit_size(cfg.image_size), crops)
         for positions, decoded in zip(batches, _loader(files, batches, workers, cuda)):
             s = shard_of[positions[0]]
             if writer is None:
@@ -358,7 +418,7 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
     return bad
 
 
-def _write_batch(writer: _ShardFile, decoded: DecodedBatch, order: list[ImageRecord],
+def _write_batch(writer: ShardWriter, decoded: DecodedBatch, order: list[ImageRecord],
                  extractor: FeatureExtractor) -> None:
     if not decoded.positions:
         return
@@ -372,13 +432,13 @@ def _write_batch(writer: _ShardFile, decoded: DecodedBatch, order: list[ImageRec
 
 
 def finish_manifest(cache_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """Gather the shards' row counts into manifest.json (written atomically, last)."""
-    from .cache import _open_for_read
-
+    """Gather the shards' row counts into manifest.json (written atomically, last), with the
+    cache's identity (a hash of plan.json and images.tsv as written)."""
+    loc = Location(cache_dir)
     shards, skipped = [], []
     for s in range(len(plan["shard_bounds"])):
         path = shard_path(cache_dir, s, plan["store"])
-        handle = _open_for_read(path, plan["store"])
+        handle = loc.open_store(path.relative_to(cache_dir).as_posix(), plan["store"])
         try:
             is_train = np.asarray(handle["is_train"][:])
             skipped += json.loads(handle.attrs.get("skipped", "[]"))
@@ -391,5 +451,8 @@ def finish_manifest(cache_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     manifest.update(shards=shards, skipped=skipped, n_images=sum(s["n"] for s in shards),
                     n_train=sum(s["n_train"] for s in shards), n_classes=len(plan["classes"]))
     manifest["n_test"] = manifest["n_images"] - manifest["n_train"]
+    written_plan = read_json(cache_dir / "plan.json", f"delete {cache_dir} and extract again")
+    tsv = cache_dir / "images.tsv"
+    manifest["cache_id"] = cache_identity(written_plan, tsv.read_text(encoding="utf-8") if tsv.is_file() else "")
     write_json_atomic(cache_dir / "manifest.json", manifest)
     return manifest

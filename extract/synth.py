@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import DatasetLayoutError
+from dpnet.errors import DatasetLayoutError
+from dpnet.files import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def ensure_synth(root: str | Path, spec: SynthSpec) -> Path:
     leaves a half-written set behind.
     """
     root = Path(root)
+    remove_stale_temps(root.parent, prefix=root.name + ".")  # what killed generations left
     stamp = root / "synth.json"
     if stamp.is_file():
         found = json.loads(stamp.read_text())

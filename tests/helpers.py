@@ -29,7 +29,7 @@ def tiny_config(tmp: Path, **overrides) -> ExtractConfig:
 def tiny_run(tmp: Path, **train) -> Path:
     """Extract a tiny synthetic cache (96 px, R = 16, 3 classes) and train a tiny run on it; returns the run."""
     from extract.pipeline import run_extraction
-    from train.run import TrainConfig, train_run
+    from train.run import train_run
 
     cfg = tiny_config(tmp, image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
     cache = run_extraction(cfg).cache_dir
@@ -43,11 +43,9 @@ def tiny_run(tmp: Path, **train) -> Path:
 
 def train_config(**options):
     """A TrainConfig from flat options (run options and estimator hyper-parameters mixed)."""
-    from train.run import TrainConfig
+    from train.config import TrainConfig
 
-    if hasattr(TrainConfig, "from_options"):
-        return TrainConfig.from_options(**options)
-    return TrainConfig(**options)  # the pre-refactor config took them flat
+    return TrainConfig.from_options(**options)
 
 
 def python(code: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300,

@@ -13,10 +13,12 @@ import pytest
 
 from analyze.explain import DPNetExplainer, deletion_scores, named_regions
 from analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
-from analyze.stats import class_part_weights, merge_topk, part_stats
+from analyze.stats import merge_topk, part_stats
+from train.class_parts import class_part_weights
 from extract.pipeline import run_extraction
-from tests.conftest import tiny_config
-from train.run import TrainConfig, train_run
+from tests.helpers import tiny_config
+from train.config import TrainConfig
+from train.run import train_run
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -98,7 +100,7 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp, image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
     cache = run_extraction(cfg).cache_dir
     run = tmp / "run"
-    train_run(TrainConfig(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2,
+    train_run(TrainConfig.from_options(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2,
                           batch_size=4, val_fraction=0.0, baselines=False, progress=False))
     return run
 
@@ -288,7 +290,7 @@ def test_report_and_explain_on_a_cropped_cache(tmp_path):
     cfg = tiny_config(tmp_path, image_size=96, regions=16, crop=True, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
     cache = run_extraction(cfg).cache_dir
     run = tmp_path / "run"
-    train_run(TrainConfig(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=2, inner_epochs=1, lr=1e-2,
+    train_run(TrainConfig.from_options(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=2, inner_epochs=1, lr=1e-2,
                           batch_size=4, val_fraction=0.0, baselines=False, progress=False))
     page = build_report(run, k=2, n_show=2)
     assert all((page.parent / s).is_file() for s in re.findall(r"src='([^']+)'", page.read_text()))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from extract.backbones import create_backbone, grid_size, list_backbones
-from extract.errors import UnknownNameError, WeightsNotFoundError
+from dpnet.errors import UnknownNameError, WeightsNotFoundError
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
 
@@ -52,7 +52,7 @@ def test_unknown_backbone_lists_known():
 
 def test_any_timm_model_by_name_gives_its_last_map(tmp_path):
     from extract.backbones import create_backbone, grid_size, state_sha256
-    from extract.errors import WeightsNotFoundError
+    from dpnet.errors import WeightsNotFoundError
 
     bb = create_backbone("resnet18", "random")
     assert bb.dim == 512 and grid_size(bb, 64) == (2, 2) and bb.weights == "random"

@@ -10,10 +10,10 @@ from PIL import Image
 
 from extract.cache import RegionCache
 from extract.cli import main
-from extract.errors import BadImagesError, DatasetLayoutError
+from dpnet.errors import BadImagesError, DatasetLayoutError
 from extract.images import load_rgb
 from extract.pipeline import run_extraction
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _jpeg_bytes(seed: int) -> bytes:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from extract.datasets import DatasetOptions, load_dataset, read_cub, read_folder
-from extract.errors import DatasetLayoutError, UnknownNameError
+from dpnet.errors import DatasetLayoutError, UnknownNameError
 from extract.synth import HEAD_STYLES, SynthSpec, _HEAD_COLORS, ensure_synth
 
 

@@ -1,15 +1,20 @@
-"""Every loss term against a slow loop reference, and float64 gradcheck."""
+"""DP-Net's maths (train.model, train.losses) against slow references that live here, in the tests.
+
+Loop references (plain Python over lists) check each term's value; a plain-autograd composition
+checks the fused op's hand-written backward, dense and sparse, and float64 gradcheck checks both.
+"""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from train.losses import (assignment_entropy, assignment_entropy_from_scores, class_specific, orthogonality,
-                          total_loss)
+from train.losses import class_specific, orthogonality
 from train.model import DPNetModule
 
 
+# ------------------------------------------------------------------------- loop references
 def ref_orth(u):
     p = len(u)
     un = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in u.tolist()]
@@ -22,6 +27,7 @@ def ref_orth(u):
 
 
 def ref_assign(u, x):
+    """Mean over images and regions of the entropy of softmax over parts of u^_p . x_r."""
     un = [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in u.tolist()]
     total = 0.0
     for img in x.tolist():
@@ -42,8 +48,37 @@ def ref_cs(v, q):
     for ci in range(c):
         for pi in range(p):
             if pi // q != ci:
-                s += abs(float(v[ci, pi]))
+                s += abs(float(v[ci, pi].detach()))
     return s / (p * (c - 1))
+
+
+def ref_logits(m, raw):
+    """Loop reference of the forward: standardise, score, max over regions, normalise, V b."""
+    x = ((raw - m.mean) / m.std).tolist()
+    u, v = m.parts.tolist(), m.classifier.tolist()
+    out = []
+    for img in x:
+        best = [max(sum(a * b for a, b in zip(up, reg)) for reg in img) for up in u]
+        norm = math.sqrt(sum(t * t for t in best))
+        b = [t / norm for t in best]
+        out.append([sum(vc[p] * b[p] for p in range(len(b))) for vc in v])
+    return out
+
+
+def plain_loss(m, raw, y, rows=None):
+    """The whole training loss as plain autograd ops (the fused op's reference)."""
+    s = ((raw - m.mean) / m.std) @ m.parts.T  # (N, R, P)
+    logits = m.logits(F.normalize(s.max(1).values, dim=1))
+    terms = {"ce": F.cross_entropy(logits, y)}
+    if "assign" in m.constraints:
+        s_e = s if rows is None else s.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.shape[2]))
+        logp = (s_e / m.parts.norm(dim=1)).log_softmax(-1)
+        terms["assign"] = -(logp.exp() * logp).sum(-1).mean()
+    if "orth" in m.constraints:
+        terms["orth"] = orthogonality(m.parts)
+    if "cs" in m.constraints:
+        terms["cs"] = class_specific(m.classifier, m.parts_per_class)
+    return terms["ce"] + sum(m.lambdas[k] * v for k, v in terms.items() if k != "ce"), terms
 
 
 @pytest.fixture
@@ -51,20 +86,23 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
+def random_module(gen, d=6, p=4, c=2, q=2, constraints=("orth", "assign", "cs"), dtype=torch.float64):
+    m = DPNetModule(d, p, c, q, constraints, {"orth": 0.3, "assign": 0.7, "cs": 0.2}).to(dtype)
+    with torch.no_grad():
+        m.parts.copy_(torch.randn(p, d, generator=gen))
+        m.classifier.copy_(torch.randn(c, p, generator=gen))
+        m.mean.copy_(torch.randn(d, generator=gen))
+        m.std.copy_(torch.rand(d, generator=gen) + 0.5)
+    return m
+
+
+# ------------------------------------------------------------------------------- the terms
 def test_orthogonality_matches_loop(gen):
     u = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     assert orthogonality(u).item() == pytest.approx(ref_orth(u), rel=1e-10)
     assert orthogonality(torch.eye(4, dtype=torch.float64)).item() == 0.0
     same = torch.ones(3, 4, dtype=torch.float64)
     assert orthogonality(same).item() == pytest.approx(6 / 9)  # plus sign: coinciding parts cost
-
-
-def test_assignment_matches_loop(gen):
-    u = torch.randn(4, 3, generator=gen, dtype=torch.float64)
-    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
-    assert assignment_entropy(u, x).item() == pytest.approx(ref_assign(u, x), rel=1e-10)
-    # a mean over regions, not a sum: repeating regions leaves it unchanged
-    assert assignment_entropy(u, x.repeat(1, 3, 1)).item() == pytest.approx(ref_assign(u, x), rel=1e-10)
 
 
 def test_class_specific_matches_loop(gen):
@@ -76,93 +114,125 @@ def test_class_specific_matches_loop(gen):
     assert class_specific(-v.abs(), 2).item() > 0  # L1: negative weights cost too
 
 
-@pytest.mark.parametrize("term", ["orth", "assign", "cs"])
-def test_gradcheck(term, gen):
+@pytest.mark.parametrize("term", ["orth", "cs"])
+def test_gradcheck_of_the_weight_terms(term, gen):
     u = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
     v = torch.randn(2, 4, generator=gen, dtype=torch.float64).add(0.3).requires_grad_()
     fn = {"orth": lambda: torch.autograd.gradcheck(orthogonality, (u,)),
-          "assign": lambda: torch.autograd.gradcheck(lambda a: assignment_entropy(a, x), (u,)),
           "cs": lambda: torch.autograd.gradcheck(lambda b: class_specific(b, 2), (v,))}[term]
     assert fn()
 
 
-def test_model_contributions_sum_to_logit(gen):
-    m = DPNetModule(dim=3, n_parts=4, n_classes=2).double()
-    with torch.no_grad():
-        m.parts.copy_(torch.randn(4, 3, generator=gen))
-        m.classifier.copy_(torch.randn(2, 4, generator=gen))
-        m.mean.copy_(torch.randn(3, generator=gen))
-        m.std.copy_(torch.rand(3, generator=gen) + 0.5)
+# ------------------------------------------------------------------------------ the module
+def test_forward_and_contributions_match_the_loop(gen):
+    m = random_module(gen, d=3, p=4, c=2)
     raw = torch.randn(5, 7, 3, generator=gen, dtype=torch.float64)
-    x = (raw - m.mean) / m.std  # the loop reference works on standardised descriptors
-    b, where = m.bag(raw)
-    s = m.region_scores(raw)
-    for n in range(5):
-        best = [max(float((m.parts[p] * x[n, r]).sum().detach()) for r in range(7)) for p in range(4)]
-        norm = math.sqrt(sum(r * r for r in best))
-        for p in range(4):
-            assert b[n, p].item() == pytest.approx(best[p] / norm, rel=1e-10)
-            assert s[n, p, where[n, p]].item() == pytest.approx(best[p], rel=1e-10)
-    contributions = m.classifier[None] * b[:, None, :]  # (N, C, P)
-    torch.testing.assert_close(contributions.sum(-1), m(raw))
+    with torch.no_grad():
+        torch.testing.assert_close(m(raw), torch.tensor(ref_logits(m, raw), dtype=torch.float64))
+        pooled = m.pool(m.scores(raw))
+        s = m.scores(raw)
+        for n in range(5):
+            for p in range(4):
+                assert s[n, pooled.where[n, p], p] == pooled.raw[n, p] == s[n, :, p].max()
+        torch.testing.assert_close(m.contributions(pooled.b).sum(-1), m(raw))
 
 
-def test_assignment_from_scores_equals_direct(gen):
-    u = torch.randn(4, 3, generator=gen, dtype=torch.float64)
-    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
-    direct = assignment_entropy(u, x)
-    assert assignment_entropy_from_scores(x @ u.T, u).item() == pytest.approx(direct.item(), rel=1e-12)
+def test_pool_with_a_mask_leaves_regions_out(gen):
+    m = random_module(gen)
+    s = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, s[0].argmax(0)] = False  # drop every part's best region of image 0
+    out = m.pool(s, keep)
+    for p in range(4):
+        want = max(float(s[0, r, p]) for r in range(5) if keep[0, r])
+        assert out.raw[0, p].item() == pytest.approx(want)
+    torch.testing.assert_close(out.raw[1], s[1].max(0).values)
 
 
-def test_total_loss_switches_terms(gen):
-    u = torch.randn(4, 3, generator=gen)
-    v = torch.randn(2, 4, generator=gen)
-    x = torch.randn(2, 5, 3, generator=gen)
-    logits, y = torch.randn(2, 2, generator=gen), torch.tensor([0, 1])
-    lam = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
-    base, terms0 = total_loss(logits, y, u, v, x @ u.T, 2, (), lam)
-    full, terms = total_loss(logits, y, u, v, x @ u.T, 2, ("orth", "assign", "cs"), lam)
-    assert set(terms0) == {"ce"} and set(terms) == {"ce", "orth", "assign", "cs"}
-    expect = terms["ce"] + 1e-2 * terms["orth"] + 1e-3 * terms["assign"] + 1e-3 * terms["cs"]
-    assert full.item() == pytest.approx(expect, rel=1e-5) and base.item() == pytest.approx(terms["ce"], rel=1e-6)
+def test_the_loss_matches_the_loop_references(gen):
+    m = random_module(gen)
+    raw = torch.randn(3, 5, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    loss, terms = m.loss(raw, y, gemm_dtype=torch.float64)
+    x = (raw - m.mean) / m.std
+    ce = F.cross_entropy(torch.tensor(ref_logits(m, raw), dtype=torch.float64), y).item()
+    want = {"ce": ce, "assign": ref_assign(m.parts, x), "orth": ref_orth(m.parts), "cs": ref_cs(m.classifier, 2)}
+    for k, v in want.items():
+        assert terms[k].item() == pytest.approx(v, rel=1e-10)
+    assert loss.item() == pytest.approx(ce + 0.7 * want["assign"] + 0.3 * want["orth"] + 0.2 * want["cs"], rel=1e-10)
+    # a mean over regions, not a sum: repeating every region leaves C_assign unchanged
+    assert m.loss(raw.repeat(1, 3, 1), y, gemm_dtype=torch.float64)[1]["assign"].item() == pytest.approx(
+        want["assign"], rel=1e-10)
 
 
-def _module_with(parts: torch.Tensor, classifier: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> DPNetModule:
-    m = DPNetModule(parts.shape[1], parts.shape[0], classifier.shape[0]).double()
-    m.mean.copy_(mean)
-    m.std.copy_(std)
-    del m.parts, m.classifier
-    m.parts, m.classifier = parts, classifier  # plain tensors, so gradcheck can vary them
-    return m
+@pytest.mark.parametrize("constraints", [(), ("orth", "cs"), ("orth", "assign", "cs")])
+def test_the_loss_switches_its_terms(gen, constraints):
+    m = random_module(gen, constraints=constraints)
+    _, terms = m.loss(torch.randn(2, 5, 6, generator=gen, dtype=torch.float64), torch.tensor([0, 1]),
+                      gemm_dtype=torch.float64)
+    assert set(terms) == {"ce", *constraints}
 
 
-@pytest.mark.parametrize("entropy", [True, False])
-def test_fused_training_forward_equals_plain_composition(gen, entropy):
-    """forward_train (one op, hand-written backward) = forward_scores + assignment_entropy_from_scores."""
-    n, r, d, p, c = 3, 5, 6, 4, 2
-    x = torch.randn(n, r, d, generator=gen, dtype=torch.float64)
-    mean, std = torch.randn(d, generator=gen, dtype=torch.float64), torch.rand(d, generator=gen, dtype=torch.float64) + 0.5
-    u0, v0 = torch.randn(p, d, generator=gen, dtype=torch.float64), torch.randn(c, p, generator=gen, dtype=torch.float64)
-    weight = torch.randn(n, c, generator=gen, dtype=torch.float64)
-
-    def fused(u, v):
-        logits, ent = _module_with(u, v, mean, std).forward_train(x, entropy, torch.float64)
-        return (logits * weight).sum() + 3.0 * ent
-
-    def plain(u, v):
-        m = _module_with(u, v, mean, std)
-        logits, s = m.forward_scores(x)
-        ent = assignment_entropy_from_scores(s, u) if entropy else torch.zeros((), dtype=torch.float64)
-        return (logits * weight).sum() + 3.0 * ent
-
-    args = (u0.clone().requires_grad_(), v0.clone().requires_grad_())
-    assert torch.autograd.gradcheck(fused, args)
-    got = torch.autograd.grad(fused(*args), args)
-    want = torch.autograd.grad(plain(*args), args)
-    assert fused(*args).item() == pytest.approx(plain(*args).item(), rel=1e-12)
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("subset", [False, True])
+def test_the_fused_loss_gradient_equals_plain_autograd(gen, sparse, subset):
+    """The fused op's hand-written backward (dense, or the argmax gather) against plain autograd."""
+    m = random_module(gen)
+    raw = torch.randn(3, 7, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    rows = torch.stack([torch.randperm(7, generator=gen)[:3] for _ in range(3)]) if subset else None
+    got = torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64, rows=rows, sparse=sparse)[0],
+                              (m.parts, m.classifier))
+    want = torch.autograd.grad(plain_loss(m, raw, y, rows)[0], (m.parts, m.classifier))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_argmax_gather_gives_the_dense_gradient_exactly(gen):
+    """No entropy term: the sparse backward is the dense one's sum over its non-zero rows."""
+    m = random_module(gen, constraints=())
+    raw = torch.randn(4, 9, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1])
+    dense = torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64)[0], m.parts)[0]
+    sparse = torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64, sparse=True)[0], m.parts)[0]
+    torch.testing.assert_close(sparse, dense, rtol=1e-13, atol=1e-15)
+
+
+def test_the_subsampled_entropy_gradient_is_unbiased(gen):
+    """Over every draw of k of the R regions (each image independently), the mean gradient is the exact one."""
+    m = random_module(gen, constraints=("assign",))
+    m.lambdas["assign"] = 1.0
+    raw = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    exact = torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64, sparse=True)[0], m.parts)[0]
+    draws = 4000
+    total = torch.zeros_like(exact)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(draws):
+        rows = torch.stack([torch.randperm(6, generator=rng)[:2] for _ in range(2)])
+        total += torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64, rows=rows, sparse=True)[0], m.parts)[0]
+    mean = total / draws
+    # the CE part is identical in every draw; the entropy part averages to the exact one
+    err = (mean - exact).norm() / exact.norm()
+    assert err < 0.02
+    one = torch.autograd.grad(m.loss(raw, y, gemm_dtype=torch.float64, rows=rows, sparse=True)[0], m.parts)[0]
+    assert (one - exact).norm() / exact.norm() > 5 * err  # a single draw is far off: the average did the work
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradcheck_of_the_fused_op(gen, sparse):
+    m = random_module(gen)
+    raw = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    rows = torch.tensor([[0, 3], [4, 1]])
+    u0, v0 = m.parts.detach().clone(), m.classifier.detach().clone()
+
+    def loss(u, v):
+        del m.parts, m.classifier
+        m.parts, m.classifier = u, v  # plain tensors, so gradcheck can vary them
+        return m.loss(raw, y, gemm_dtype=torch.float64, rows=rows, sparse=sparse)[0]
+
+    assert torch.autograd.gradcheck(loss, (u0.requires_grad_(), v0.requires_grad_()))
 
 
 def test_fused_training_forward_runs_its_gemms_in_bfloat16(gen):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train import native
-from train.model import DPNetModule, _PoolAndEntropy
+from train.model import DPNetModule, _TrainOp
 
 has_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler here")
 
@@ -39,9 +39,9 @@ def _module(d: int, p: int, c: int, gen: torch.Generator) -> DPNetModule:
     return m
 
 
-def _step(m: DPNetModule, x: torch.Tensor, weight: torch.Tensor, entropy: bool):
+def _step(m: DPNetModule, x: torch.Tensor, weight: torch.Tensor, entropy: bool, **train):
     m.zero_grad()
-    logits, ent = m.forward_train(x, entropy)
+    logits, ent = m.forward_train(x, entropy, **train)
     ((logits * weight).sum() + 3.0 * ent).backward()
     return logits.detach(), ent.detach(), m.parts.grad.clone(), m.classifier.grad.clone()
 
@@ -49,16 +49,20 @@ def _step(m: DPNetModule, x: torch.Tensor, weight: torch.Tensor, entropy: bool):
 @has_cc
 @pytest.mark.parametrize("p", [7, 16, 200])  # P below, at, and not a multiple of the vector width
 @pytest.mark.parametrize("entropy", [True, False])
-def test_kernel_matches_torch_path(p, entropy, torch_path):
+@pytest.mark.parametrize("mode", ["dense", "sparse", "sparse-subset"])
+def test_kernel_matches_torch_path(p, entropy, mode, torch_path):
     gen = torch.Generator().manual_seed(p)
     n, r, d, c = 5, 37, 24, 3
     m = _module(d, p, c, gen)
     x = torch.randn(n, r, d, generator=gen)
     weight = torch.randn(n, c, generator=gen)
+    train = {"sparse": mode != "dense"}
+    if mode == "sparse-subset":
+        train["rows"] = torch.stack([torch.randperm(r, generator=gen)[:9] for _ in range(n)])
     native.reset()
     assert native.load() is not None, "a compiler is present, so the kernel must build"
-    got = _step(m, x, weight, entropy)
-    want = torch_path(lambda: _step(m, x, weight, entropy))
+    got = _step(m, x, weight, entropy, **train)
+    want = torch_path(lambda: _step(m, x, weight, entropy, **train))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
@@ -69,8 +73,9 @@ def test_kernel_forward_against_definitions():
     n, r, p = 3, 11, 21
     s = torch.randn(n, r, p, generator=gen) * 4
     inv = torch.rand(p, generator=gen) + 0.2
-    best, lse, h = native.forward(s, inv, True)
+    best, where, lse, h = native.forward(s, inv, True)
     torch.testing.assert_close(best, s.max(1).values, rtol=0, atol=0)  # the max is exact
+    assert torch.equal(where, s.argmax(1))
     z = s.double() * inv.double()
     torch.testing.assert_close(lse.double(), z.logsumexp(-1), rtol=1e-6, atol=1e-5)
     q = z.softmax(-1)
@@ -84,9 +89,10 @@ def test_kernel_gives_the_max_gradient_to_one_tied_region():
     s[:, 1] = 5.0
     s[:, 3] = 5.0  # regions 1 and 3 tie for every part
     g = torch.arange(6.0).view(2, 3) + 1
-    best, lse, h = native.forward(s, torch.ones(3), False)
+    best, where, lse, h = native.forward(s, torch.ones(3), False)
     ds, _, g_c = native.backward(s.clone(), torch.ones(3), lse, h, best, g, 0.0, False)
     assert torch.equal(ds[:, 1], g) and not ds[:, [0, 2, 3]].any()
+    assert (where == 1).all()  # the argmax the gather backward uses is the same first region
     torch.testing.assert_close(g_c, -g.sum(0))
 
 
@@ -95,7 +101,7 @@ def test_kernel_gives_the_max_gradient_to_one_tied_region():
 def test_kernel_non_finite_score_poisons_its_image_only(bad):
     s = torch.randn(3, 6, 5)
     s[1, 4, 2] = bad
-    best, _, h = native.forward(s, torch.ones(5), True)
+    best, _, _, h = native.forward(s, torch.ones(5), True)
     assert torch.isnan(best[1]).all() and torch.isnan(h[1, 4])
     assert torch.isfinite(best[[0, 2]]).all() and torch.isfinite(h[[0, 2]]).all()
 
@@ -138,7 +144,7 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
 
 
 @has_cc
-def test_unwritable_home_builds_in_the_temporary_folder(monkeypatch, tmp_path):
+def test_unwritable_home_builds_privately_and_leaves_nothing(monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.delenv("DPNET_BUILD_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "file" / "home"))  # under a file: mkdir fails
@@ -146,8 +152,12 @@ def test_unwritable_home_builds_in_the_temporary_folder(monkeypatch, tmp_path):
     (tmp_path / "tmp").mkdir()
     native.reset()
     try:
-        assert native.load() is not None
-        assert [p.suffix for p in (tmp_path / "tmp").glob("dpnet-native-*/*")] == [".so"]
+        with pytest.warns(RuntimeWarning, match="privately"):
+            assert native.load() is not None
+        assert not list((tmp_path / "tmp").iterdir())  # the private build folder is gone
+        s = torch.randn(2, 3, 4)
+        best, _, _, _ = native.forward(s, torch.ones(4), False)
+        assert torch.equal(best, s.max(1).values)  # and the kernel works
     finally:
         native.reset()
 
@@ -159,6 +169,6 @@ def test_fused_op_uses_the_kernel_for_float32_cpu(monkeypatch):
     monkeypatch.setattr(native, "forward", lambda *a: calls.append(1) or forward(*a))
     native.reset()
     x, w, c, inv = torch.randn(2, 3, 4), torch.randn(5, 4, requires_grad=True), torch.randn(5), torch.rand(5) + 1
-    _PoolAndEntropy.apply(x, w, c, inv, True)
-    _PoolAndEntropy.apply(x.double(), w.double(), c.double(), inv.double(), True)  # float64: torch path
+    _TrainOp.apply(x, w, c, inv, None, True, False)
+    _TrainOp.apply(x.double(), w.double(), c.double(), inv.double(), None, True, False)  # float64: torch path
     assert calls == [1]

@@ -17,9 +17,9 @@ from PIL import Image
 from extract import sources
 from extract.datasets import DatasetOptions, load_dataset
 from extract.download import DownloadError, fetch
-from extract.errors import DatasetLayoutError
+from dpnet.errors import DatasetLayoutError
 from extract.pipeline import run_extraction
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def solid(path: Path, colour: tuple[int, int, int], size: int = 40) -> None:

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from extract.pipeline import ExtractConfig, run_extraction
-from train.run import TrainConfig, train_run
+from train.config import TrainConfig
+from train.run import train_run
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def default_synth(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
-    cfg = TrainConfig(cache=str(default_synth), run_dir=str(tmp_path / "run"), epochs=12, inner_epochs=2,
+    cfg = TrainConfig.from_options(cache=str(default_synth), run_dir=str(tmp_path / "run"), epochs=12, inner_epochs=2,
                       lr=1e-2, lr_step=4, progress=False)
     m = train_run(cfg)
     assert m["dpnet"]["top1"] > m["global_linear"]["top1"] + 5

@@ -1,18 +1,18 @@
 """The trainer: overfitting a tiny cache, resume equivalence, save/load, mismatches, NaN."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from dpnet.errors import CacheMismatchError, NonFiniteError
 from extract.cache import RegionCache
-from extract.errors import CacheMismatchError
 from extract.pipeline import run_extraction
-from tests.conftest import tiny_config
-from train.data import NonFiniteError
+from tests.helpers import tiny_config
+from train.config import TrainConfig
 from train.estimator import DPNetClassifier, NotFittedError
-from train.run import TrainConfig, train_run
+from train.run import train_run
+from train.serialize import load_file, save_file
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_resume_gives_same_weights(tiny_cache, tmp_path):
 
     with pytest.raises(Stop):
         quick(val_fraction=0.3).fit(tiny_cache, checkpoint=tmp_path / "ck.pt", on_epoch=stop_after_two)
-    assert torch.load(tmp_path / "ck.pt", weights_only=False)["epoch"] == 2
+    assert load_file(tmp_path / "ck.pt", ("dpnet-fit",))[1]["epoch"] == 2
     resumed = quick(val_fraction=0.3).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
     for k, v in ref.module_.state_dict().items():
         assert torch.equal(v, resumed.module_.state_dict()[k]), k
@@ -116,9 +116,9 @@ def test_checkpoint_from_an_older_version_resumes(tiny_cache, tmp_path):
     """A checkpoint without an option added since (here micro_batch) resumes when that option is
     at its default, and is still refused when it is not."""
     ref = quick(epochs=2).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
-    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
-    del ck["params"]["micro_batch"]
-    torch.save(ck, tmp_path / "ck.pt")
+    kind, meta, tensors = load_file(tmp_path / "ck.pt", ("dpnet-fit",))
+    del meta["params"]["micro_batch"]
+    save_file(tmp_path / "ck.pt", kind, meta, tensors)
     est = quick(epochs=2).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")  # both epochs come from it
     assert [r["loss_ce"] for r in est.history_] == [r["loss_ce"] for r in ref.history_]
     for k, v in ref.module_.state_dict().items():
@@ -135,7 +135,7 @@ def test_nan_in_cache_names_shard_and_image(tmp_path):
     shard = zarr.open_group(str(cache.path / cache.manifest["shards"][1]["file"]), mode="r+")
     shard["regions"][0, 3, 5] = np.nan
     bad_id = int(shard["image_ids"][0])
-    with pytest.raises(NonFiniteError, match=rf"shard 1: .*first image id {bad_id}"):
+    with pytest.raises(NonFiniteError, match=rf"00001\.zarr: .*first image id {bad_id}"):
         quick(epochs=1).fit(cache)
 
 
@@ -165,7 +165,7 @@ def test_nan_met_on_resume_names_shard_and_image(tmp_path):
     with pytest.raises(Stop):
         quick(epochs=2).fit(cache, checkpoint=tmp_path / "ck.pt", on_epoch=stop)
     bad_id = _poison(cache, split_train=True)
-    with pytest.raises(NonFiniteError, match=rf"shard \d+: .*first image id {bad_id}"):
+    with pytest.raises(NonFiniteError, match=rf"\d{{5}}\.zarr: .*first image id {bad_id}"):
         quick(epochs=2).fit(cache, checkpoint=tmp_path / "ck.pt")
 
 
@@ -173,7 +173,7 @@ def test_nan_in_test_image_named_by_evaluate(tmp_path):
     cache = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
     est = quick(epochs=1).fit(cache)
     bad_id = _poison(cache, split_train=False)
-    with pytest.raises(NonFiniteError, match=rf"shard \d+: .*first image id {bad_id}"):
+    with pytest.raises(NonFiniteError, match=rf"\d{{5}}\.zarr: .*first image id {bad_id}"):
         est.evaluate(cache, "test")
 
 
@@ -182,8 +182,8 @@ def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
 
     forward = DPNetModule.forward_train
 
-    def poisoned(self, x, *args):
-        out, ent = forward(self, x, *args)
+    def poisoned(self, x, *args, **kw):
+        out, ent = forward(self, x, *args, **kw)
         return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]), ent  # the 2nd image of each batch
 
     monkeypatch.setattr(DPNetModule, "forward_train", poisoned)
@@ -193,7 +193,7 @@ def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
 
 
 def test_train_run_writes_run_files(tiny_cache, tmp_path):
-    cfg = TrainConfig(cache=str(tiny_cache.path), run_dir=str(tmp_path / "run"), parts_per_class=2, epochs=2,
+    cfg = TrainConfig.from_options(cache=str(tiny_cache.path), run_dir=str(tmp_path / "run"), parts_per_class=2, epochs=2,
                       inner_epochs=1, batch_size=4, progress=False)
     metrics = train_run(cfg)
     for f in ("metrics.json", "model.pt", "checkpoint.pt", "log.csv", "config.json"):
@@ -206,30 +206,26 @@ def test_train_run_writes_run_files(tiny_cache, tmp_path):
 
 
 @pytest.mark.parametrize("micro", [1, 3])
-def test_micro_batches_give_the_batch_gradient(micro):
+@pytest.mark.parametrize("backward", ["dense", "sparse"])
+def test_micro_batches_give_the_batch_gradient(micro, backward):
     """A step pushed through in micro-batches has the gradient of the whole batch's loss."""
     from train.data import Chunk
-    from train.losses import total_loss
-    from train.model import DPNetModule
 
     torch.manual_seed(0)
     n, r, d, c, q = 8, 5, 6, 3, 2
     regions = np.random.default_rng(0).normal(size=(n, r, d)).astype(np.float16)
     labels = np.arange(n) % c
     chunk = Chunk(0, regions, np.arange(n), labels, np.arange(n) + 1)
-    est = DPNetClassifier(parts_per_class=q, batch_size=n, micro_batch=micro)
+    est = DPNetClassifier(parts_per_class=q, batch_size=n, micro_batch=micro, backward=backward)
     est._buf = None
-    est.cache_path_ = Path("mem")
-    module = DPNetModule(d, c * q, c)
+    module = est.make_module(d, c)
     torch.nn.init.normal_(module.parts)
     torch.nn.init.normal_(module.classifier)
     opt = torch.optim.SGD(module.parameters(), lr=0.0)
     next(est._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
     got = module.parts.grad.clone(), module.classifier.grad.clone()
     module.zero_grad()
-    logits, scores = module.forward_scores(torch.from_numpy(regions))
-    loss, _ = total_loss(logits, torch.from_numpy(labels), module.parts, module.classifier, scores, q,
-                         est.constraints, est._lambdas())
+    loss, _ = module.loss(torch.from_numpy(regions).float(), torch.from_numpy(labels))
     loss.backward()
     torch.testing.assert_close(got[0], module.parts.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], module.classifier.grad, rtol=1e-5, atol=1e-6)

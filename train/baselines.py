@@ -7,8 +7,9 @@ from the training images) and keeps its best validation epoch, as DP-Net does:
   decay chosen on validation.
 - ``global_logreg``: scikit-learn's logistic regression on the standardised descriptor,
   its C chosen on validation.
-The torch baselines use DP-Net's optimiser and schedule: Adam, ``lr`` divided by 10 every
-``lr_step`` epochs, ``epochs x inner_epochs`` passes over the data.
+The torch baselines use DP-Net's schedule (``lr`` divided by 10 every ``lr_step`` epochs,
+``epochs x inner_epochs`` passes over the data) with AdamW, whose decoupled weight decay is the
+regularisation chosen on validation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from extract.cache import RegionCache
 
-from .data import split_arrays
+from .data import check_finite, split_arrays
 from .estimator import accuracy
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,18 @@ class GlobalData:
 
 
 def load_global(cache: RegionCache, val_fraction: float, seed: int) -> GlobalData:
+    """The global descriptors of the fit, val and test splits, standardised with the fit split's statistics.
+
+    Raises:
+        NonFiniteError: a descriptor holds NaN or inf; names its shard and image.
+    """
     x, y = {}, {}
     for split in ("fit", "val", "test"):
-        parts = list(split_arrays(cache, split, val_fraction, seed, ("global", "labels")))
+        parts = []
+        for shard, arrays in split_arrays(cache, split, val_fraction, seed, ("global", "labels"), with_shard=True):
+            if not np.isfinite(arrays["global"]).all():
+                check_finite(arrays["global"], arrays["image_ids"], cache.shard_location(shard), "global descriptors")
+            parts.append(arrays)
         x[split] = np.concatenate([p["global"] for p in parts]).astype(np.float32) if parts else np.zeros((0, cache.dim), np.float32)
         y[split] = np.concatenate([p["labels"] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     mean, std = x["fit"].mean(0), x["fit"].std(0) + 1e-3

@@ -15,15 +15,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dpnet.errors import DpnetError, NonFiniteError
 from extract.cache import RegionCache
 from extract.datasets import hash_fraction
-from extract.errors import DpnetError
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(DpnetError):
-    """NaN or inf in the cache or in the loss; names where it appeared."""
 
 
 def is_val(image_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -78,17 +74,17 @@ class Chunk:
         return Chunk(self.shard, self.regions[self.rows], np.arange(len(self.rows)), self.labels, self.image_ids)
 
 
-def check_finite(regions: np.ndarray, image_ids: np.ndarray, where: str) -> None:
-    """Raise NonFiniteError naming the first image whose descriptors hold NaN or inf.
+def check_finite(values: np.ndarray, image_ids: np.ndarray, where: str, what: str = "region descriptors") -> None:
+    """Raise NonFiniteError naming the first image whose ``values`` (one row per image) hold NaN or inf.
 
-    A full scan; the trainer calls it only once a sum it computes anyway (the statistics, a
-    loss, a logit) turns out non-finite, so finite data costs nothing.
+    A full scan; callers run it only once a sum they compute anyway (the statistics, a loss, a
+    logit, a score) turns out non-finite, so finite data costs nothing. ``where`` names the shard.
     """
-    bad = np.array([not np.isfinite(r).all() for r in regions], bool)
+    bad = np.array([not np.isfinite(np.asarray(r, dtype=np.float32)).all() for r in values], bool)
     if bad.any():
         first = int(image_ids[np.argmax(bad)])
-        raise NonFiniteError(f"{where}: non-finite region descriptors in {int(bad.sum())} image(s), first image id "
-                             f"{first}. Re-extract this cache (delete its shards folder and run make extract).")
+        raise NonFiniteError(f"{where}: non-finite {what} in {int(bad.sum())} image(s), first image id {first}. "
+                             f"Delete that shard and run the same `make extract` again to re-extract it.")
 
 
 class ShardSource:
@@ -168,7 +164,7 @@ def region_stats(source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
             part = x.sum(0).double()  # float32 sums of <= 2R rows, accumulated in float64
             part_sq = x.square_().sum(0).double()
             if not (torch.isfinite(part).all() and torch.isfinite(part_sq).all()):
-                check_finite(chunk.batch(rows), chunk.image_ids[rows], f"{source.cache.path} shard {chunk.shard}")
+                check_finite(chunk.batch(rows), chunk.image_ids[rows], source.cache.shard_location(chunk.shard))
             total = part if total is None else total + part
             sq = part_sq if sq is None else sq + part_sq
             count += len(x)

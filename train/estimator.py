@@ -1,14 +1,16 @@
 """DPNetClassifier: DP-Net as a small estimator in scikit-learn's spirit, fitted from a cache.
 
-``__init__`` stores hyper-parameters; ``fit(cache)`` streams the cache's shards with the
-paper's batch-level epochs (``inner_epochs`` passes over each loaded shard before the next),
-keeps the epoch with the best validation accuracy, and sets the learned attributes ending
-in ``_``. Checkpoints are atomic; a fit interrupted and started again with the same
-checkpoint path resumes and ends with the same weights.
+``__init__`` stores hyper-parameters (its signature is their one definition: ``get_params``, the
+typed config of ``train.config`` and the command line are built from it); ``fit(cache)`` streams
+the cache's shards with the paper's batch-level epochs (``inner_epochs`` passes over each loaded
+shard before the next), keeps the epoch with the best validation accuracy, and sets the learned
+attributes ending in ``_``. Checkpoints are atomic; a fit interrupted and started again with the
+same checkpoint path resumes and ends with the same weights.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -17,31 +19,25 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dpnet.device import resolve_device
+from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
 from extract.cache import RegionCache, check_compatible
-from extract.errors import CacheMismatchError, DpnetError
-from extract.pipeline import resolve_device
 
-from .data import Chunk, NonFiniteError, ShardSource, check_finite, region_stats, split_arrays
-from .losses import CONSTRAINTS, constraint_loss
+from .data import Chunk, ShardSource, check_finite, region_stats, split_arrays
+from .losses import CONSTRAINTS
 from .model import DPNetModule
+from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 log = logging.getLogger(__name__)
 
-MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes")
+MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes", "cache_id")
+BACKWARDS = ("dense", "sparse")
 
 
 class NotFittedError(DpnetError):
     """The estimator was used before ``fit`` or ``load``."""
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary sibling, then rename over ``path``."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class DPNetClassifier:
@@ -52,55 +48,97 @@ class DPNetClassifier:
         epochs: outer epochs; the learning rate is multiplied by ``lr_gamma`` every ``lr_step``.
         inner_epochs: passes over each loaded shard before the next is read (batch-level epochs).
         lr: Adam's initial learning rate.
+        lr_step: epochs between learning-rate drops.
+        lr_gamma: the factor of each drop.
         batch_size: images per optimiser step.
         constraints: subset of ("orth", "assign", "cs").
-        lambda_orth, lambda_assign, lambda_cs: weights of the constraints.
-        init: "random" (default: Gaussian U and V) or "regions" (each part starts at a random
-            training region of its class, V at
-            +1 for its own class and -0.5 elsewhere).
+        lambda_orth: weight of C_orth.
+        lambda_assign: weight of C_assign.
+        lambda_cs: weight of C_cs.
+        init: "random" (Gaussian U and V) or "regions" (each part starts at a random training
+            region of its class, V at +1 for its own class and -0.5 elsewhere).
+        backward: "dense" (dW = dS^T X, a second GEMM) or "sparse" (the max-pool's gradient as a
+            gather of the argmax rows); the same gradient either way.
+        entropy_regions: regions per image the assignment entropy is averaged over at each step,
+            drawn at random (an unbiased estimate); 0 takes every region.
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
             the gradient is the batch's either way, up to float summation order.
-        seed, device: reproducibility and placement ("auto": CUDA when present).
+        seed: seeds the initialisation, the shuffles and the entropy's regions.
+        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     """
 
     def __init__(self, parts_per_class: int = 20, epochs: int = 40, inner_epochs: int = 32, lr: float = 1e-3,
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
-                 lambda_cs: float = 1e-3, init: str = "random", val_fraction: float = 0.15,
-                 memory_budget_mb: float | None = None, micro_batch: int = 0, seed: int = 0, device: str = "auto"):
+                 lambda_cs: float = 1e-3, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
+                 val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
         self.constraints = tuple(constraints)
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
-        self.init, self.val_fraction, self.memory_budget_mb = init, val_fraction, memory_budget_mb
-        self.micro_batch = micro_batch
-        self.seed, self.device = seed, device
+        self.init, self.backward, self.entropy_regions = init, backward, entropy_regions
+        self.val_fraction, self.memory_budget_mb = val_fraction, memory_budget_mb
+        self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
-    def get_params(self) -> dict[str, Any]:
-        names = self.__init__.__code__.co_varnames[1:self.__init__.__code__.co_argcount]
-        return {k: getattr(self, k) for k in names}
+    # ----------------------------------------------------------------------- params
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The hyper-parameters, in signature order."""
+        return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
 
-    # ------------------------------------------------------------------------------ fit
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyper-parameters by name (scikit-learn's contract)."""
+        return {k: getattr(self, k) for k in self.param_names()}
+
+    def set_params(self, **params: Any) -> "DPNetClassifier":
+        unknown = set(params) - set(self.param_names())
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; known: {', '.join(self.param_names())}")
+        for k, v in params.items():
+            setattr(self, k, tuple(v) if k == "constraints" else v)
+        return self
+
+    def _validate(self) -> None:
+        unknown = set(self.constraints) - set(CONSTRAINTS)
+        if unknown:
+            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
+        if self.init not in ("regions", "random"):
+            raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.parts_per_class < 1 or self.epochs < 1 or self.inner_epochs < 1 or self.batch_size < 1:
+            raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
+        if self.entropy_regions < 0:
+            raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
+
+    def make_module(self, dim: int, n_classes: int) -> DPNetModule:
+        """An untrained module of this estimator's shape and loss."""
+        return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
+                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs})
+
+    # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
             on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> "DPNetClassifier":
         """Learn U and V from the training split of ``cache``; resumes from ``checkpoint`` if present."""
         self._validate()
         self._buf: torch.Tensor | None = None
+        self._cache = cache
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
         source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
-        module = DPNetModule(cache.dim, self.parts_per_class * cache.n_classes, cache.n_classes).to(dev)
+        module = self.make_module(cache.dim, cache.n_classes).to(dev)
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
+        self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
+        self.cache_path_ = cache.path
+        self.classes_ = list(cache.manifest["classes"])
         state = self._resume(checkpoint, cache, module, opt)
         if state is None:
             self._initialise(module, source)
             state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
                      "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
-        self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
-        self.cache_path_ = cache.path
-        self.classes_ = list(cache.manifest["classes"])
         for epoch in range(state["epoch"], self.epochs):
             row = self._run_epoch(module, opt, source, epoch, dev, progress)
             row["val_top1"] = self._val_accuracy(module, cache, dev)
@@ -110,25 +148,13 @@ class DPNetClassifier:
             state["history"].append(row)
             state["epoch"] = epoch + 1
             if checkpoint:
-                save_atomic(self._checkpoint(module, opt, state), Path(checkpoint))
+                self._save_checkpoint(Path(checkpoint), module, opt, state)
             if on_epoch:
                 on_epoch(row)
         module.load_state_dict(state["best_state"])
-        del self._buf
+        del self._buf, self._cache
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
-
-    def _validate(self) -> None:
-        unknown = set(self.constraints) - set(CONSTRAINTS)
-        if unknown:
-            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
-        if self.init not in ("regions", "random"):
-            raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
-        if self.parts_per_class < 1 or self.epochs < 1 or self.inner_epochs < 1 or self.batch_size < 1:
-            raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
-
-    def _lambdas(self) -> dict[str, float]:
-        return {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs}
 
     def _initialise(self, module: DPNetModule, source: ShardSource) -> None:
         mean, std = region_stats(source)
@@ -214,20 +240,26 @@ class DPNetClassifier:
             self._buf = torch.empty(need, dtype=torch.float32)
         return chunk.batch_into(idx, self._buf)
 
+    def _entropy_rows(self, rng: np.random.Generator, n: int, n_regions: int, dev: torch.device) -> torch.Tensor | None:
+        """(n, k) random distinct regions per image for the entropy estimate, or None for all."""
+        k = self.entropy_regions
+        if "assign" not in self.constraints or k <= 0 or k >= n_regions:
+            return None
+        return torch.from_numpy(rng.random((n, n_regions)).argsort(1)[:, :k]).to(dev)
+
     def _chunk_steps(self, module: DPNetModule, opt: torch.optim.Optimizer, chunk: Chunk, epoch: int,
                      inner: int, dev: torch.device):
         """Minibatch steps over one chunk, shuffled by (seed, epoch, shard, inner pass).
 
         Each step's batch is pushed through in micro-batches whose gradients add up to the
-        batch's (the CE and assignment terms are means over images; the constraints on U and
-        V are added once), so memory per step stays at a few MB whatever the batch size. The
-        scores, max-pool and assignment entropy run as one fused op (``forward_train``).
+        batch's (the CE and assignment terms are means over images; the terms on U and V alone
+        are added once), so memory per step stays at a few MB whatever the batch size.
         """
         order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk))
+        rows_rng = np.random.default_rng([self.seed, epoch, chunk.shard, inner, 1])
         micro = self._micro(chunk.regions.shape[1:], dev)
-        assign = "assign" in self.constraints
-        global_terms = tuple(k for k in self.constraints if k != "assign")
-        gemm_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        train = {"gemm_dtype": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                 "sparse": self.backward == "sparse"}
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
             opt.zero_grad(set_to_none=True)
@@ -237,33 +269,29 @@ class DPNetClassifier:
                 sub = idx[m:m + micro]
                 x = self._micro_input(chunk, sub, dev)  # (b, R, D)
                 y = torch.from_numpy(chunk.labels[sub].astype(np.int64)).to(dev)
-                logits, entropy = module.forward_train(x, assign, gemm_dtype, parts)
-                ce = F.cross_entropy(logits, y)
-                loss = ce + self.lambda_assign * entropy if assign else ce
+                rows = self._entropy_rows(rows_rng, len(sub), x.shape[1], dev)
+                loss, part_terms, logits = module.data_loss(x, y, parts=parts, rows=rows, **train)
                 if not torch.isfinite(loss):
-                    self._raise_nonfinite(logits, y, chunk, sub, epoch, self.cache_path_)
+                    self._raise_nonfinite(logits, y, chunk, sub, epoch)
                 share = len(sub) / len(idx)
                 (loss * share).backward()
-                terms["ce"] = terms.get("ce", 0.0) + float(ce.detach()) * share
-                if assign:
-                    terms["assign"] = terms.get("assign", 0.0) + float(entropy.detach()) * share
+                for k, v in part_terms.items():
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) * share
                 right += int((logits.argmax(1) == y).sum())
             parts.backward()
-            if global_terms:
-                reg, part = constraint_loss(module.parts, module.classifier, self.parts_per_class, global_terms,
-                                            self._lambdas())
-                reg.backward()
-                terms.update(part)
+            weight, weight_terms = module.weight_loss()
+            if weight_terms:
+                weight.backward()
+                terms.update({k: float(v.detach()) for k, v in weight_terms.items()})
             opt.step()
             yield terms, right, len(idx)
 
-    def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int,
-                         cache_path: Path):
-        check_finite(chunk.batch(idx), chunk.image_ids[idx], f"{cache_path} shard {chunk.shard}")  # the data?
+    def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int):
+        check_finite(chunk.batch(idx), chunk.image_ids[idx], self._cache.shard_location(chunk.shard))  # the data?
         per = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
         bad = (~torch.isfinite(per)).nonzero().flatten().tolist() or [0]
         ids = [int(chunk.image_ids[idx[i]]) for i in bad]
-        raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, shard {chunk.shard}, image id(s) {ids[:10]}. "
+        raise NonFiniteError(f"non-finite loss at epoch {epoch + 1}, shard {chunk.shard:05d}, image id(s) {ids[:10]}. "
                              f"Lower LR, or check those images' descriptors in the cache.")
 
     def _val_accuracy(self, module: DPNetModule, cache: RegionCache, dev: torch.device) -> float:
@@ -273,50 +301,63 @@ class DPNetClassifier:
         return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
     # ------------------------------------------------------------------- checkpoints
-    def _checkpoint(self, module: DPNetModule, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-        return {"kind": "dpnet-fit", "params": self.get_params(), "manifest": self.cache_manifest_,
-                "classes": self.classes_, "module": module.state_dict(), "opt": opt.state_dict(), **state}
+    def _meta(self) -> dict[str, Any]:
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.get_params().items()}
+        return {"params": params, "manifest": self.cache_manifest_, "classes": self.classes_}
+
+    def _save_checkpoint(self, path: Path, module: DPNetModule, opt: torch.optim.Optimizer,
+                         state: dict[str, Any]) -> None:
+        opt_meta, opt_tensors = optimizer_parts(opt)
+        meta = {**self._meta(), "opt": opt_meta, **{k: state[k] for k in ("epoch", "history", "best_val", "best_epoch")}}
+        save_file(path, "dpnet-fit", meta, {**flatten("module", module.state_dict()),
+                                             **flatten("best", state["best_state"]), **opt_tensors})
 
     def _resume(self, checkpoint: str | os.PathLike | None, cache: RegionCache, module: DPNetModule,
                 opt: torch.optim.Optimizer) -> dict[str, Any] | None:
         if not checkpoint or not Path(checkpoint).is_file():
             return None
-        ck = torch.load(checkpoint, map_location=module.mean.device, weights_only=False)
-        check_compatible(cache.manifest, ck["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
+        _, meta, tensors = load_file(Path(checkpoint), ("dpnet-fit",))
+        check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
         # a checkpoint from an older version lacks options added since: they had their defaults
-        saved = {**type(self)().get_params(), **ck["params"]}
+        saved = {**type(self)().get_params(), **meta["params"]}
+        saved["constraints"] = tuple(saved["constraints"])
         if saved != self.get_params():
             diff = {k: (saved.get(k), v) for k, v in self.get_params().items() if saved.get(k) != v}
             raise CacheMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
                                      f"delete it to start over, or pass the same settings to resume")
-        module.load_state_dict(ck["module"])
-        opt.load_state_dict(ck["opt"])
-        log.info("resuming from %s at epoch %d", checkpoint, ck["epoch"])
-        return {k: ck[k] for k in ("epoch", "history", "best_val", "best_epoch", "best_state")}
+        module.load_state_dict(unflatten("module", tensors))
+        opt.load_state_dict(optimizer_state(meta["opt"], tensors))
+        log.info("resuming from %s at epoch %d", checkpoint, meta["epoch"])
+        state = {k: meta[k] for k in ("epoch", "history", "best_val", "best_epoch")}
+        state["best_state"] = unflatten("best", tensors)
+        return state
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted model with its hyper-parameters and the manifest of its cache (atomic)."""
         self._check_fitted()
-        save_atomic({"kind": "dpnet-model", "params": self.get_params(), "manifest": self.cache_manifest_,
-                     "classes": self.classes_, "module": self.module_.state_dict(), "history": self.history_,
-                     "best_epoch": self.best_epoch_}, Path(path))
+        meta = {**self._meta(), "history": self.history_, "best_epoch": self.best_epoch_}
+        tensors = flatten("module", self.module_.state_dict())
+        if getattr(self, "class_parts_", None) is not None:
+            tensors["class_parts"] = torch.from_numpy(self.class_parts_)
+        save_file(Path(path), "dpnet-model", meta, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike, cache: RegionCache | None = None) -> "DPNetClassifier":
-        """Read a saved model; with ``cache``, refuse it unless D, R, C and dataset match."""
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if ck.get("kind") not in ("dpnet-model", "dpnet-fit"):
-            raise DpnetError(f"{path} is not a dpnet model file")
+        """Read a saved model (or a checkpoint's best state); with ``cache``, refuse it unless the
+        cache is the one it was made from (same identity, D, R, C and dataset)."""
+        kind, meta, tensors = load_file(Path(path), ("dpnet-model", "dpnet-fit"))
         if cache is not None:
-            check_compatible(cache.manifest, ck["manifest"], f"cache {cache.path} against model {path}")
-        est = cls(**ck["params"])
-        state = ck["module"] if ck["kind"] == "dpnet-model" else ck["best_state"]
+            check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against model {path}")
+        known = set(cls.param_names())
+        est = cls(**{k: v for k, v in meta["params"].items() if k in known})
+        state = unflatten("module" if kind == "dpnet-model" else "best", tensors)
         p, dim = state["parts"].shape
-        est.module_ = DPNetModule(dim, p, state["classifier"].shape[0])
+        est.module_ = est.make_module(dim, state["classifier"].shape[0])
         est.module_.load_state_dict(state)
         est.module_.eval()
-        est.cache_manifest_, est.classes_ = ck["manifest"], ck["classes"]
-        est.history_, est.best_epoch_ = ck.get("history", []), ck.get("best_epoch", 0)
+        est.cache_manifest_, est.classes_ = meta["manifest"], meta["classes"]
+        est.history_, est.best_epoch_ = meta.get("history", []), meta.get("best_epoch", 0)
+        est.class_parts_ = tensors["class_parts"].numpy() if "class_parts" in tensors else None
         return est
 
     # --------------------------------------------------------------------- inference
@@ -346,11 +387,11 @@ class DPNetClassifier:
 
     def part_scores(self, regions: np.ndarray) -> np.ndarray:
         """b, the L2-normalised bag of parts, float32 (N, P)."""
-        return self._batched(regions, lambda x: self.module_.bag(x)[0])
+        return self._batched(regions, lambda x: self.module_.pool(self.module_.scores(x)).b)
 
     def region_scores(self, regions: np.ndarray) -> np.ndarray:
         """S, float32 (N, P, R): s_pr = u_p . x_r on standardised descriptors."""
-        return self._batched(regions, self.module_.region_scores, batch=8)
+        return self._batched(regions, lambda x: self.module_.scores(x).transpose(1, 2), batch=8)
 
     @torch.no_grad()
     def _scores_split(self, module: DPNetModule, cache: RegionCache, split: str,
@@ -361,7 +402,7 @@ class DPNetClassifier:
             for a in range(0, len(arrays["labels"]), 64):
                 out = module(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).float().cpu().numpy()
                 if not np.isfinite(out).all():
-                    check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], f"{cache.path} shard {shard}")
+                    check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], cache.shard_location(shard))
                 scores.append(out)
             labels.append(arrays["labels"])
         if not labels:

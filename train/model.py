@@ -1,12 +1,21 @@
-"""The DP-Net module: parts U, class layer V, max-pooled bag of parts.
+"""The DP-Net module: the one home of its maths.
 
-Glossary: N images, R regions, D descriptor size, P parts, C classes.
-Inputs are raw region descriptors; the model standardises them with the mean and std it
-was fitted with; S = U X^T, b = max_r S, b <- b / ||b||, logits = V b with no bias, so the
-per-part contributions v_cp * b_p sum exactly to each logit.
+Glossary: N images, R regions, D descriptor size, P parts, C classes, q parts per class.
+Inputs are raw region descriptors; the module standardises them with the training statistics
+it holds, folded into the parts so that the scores stay one GEMM::
+
+    s_pr = u_p . (x_r - mean) / std                scores S (N, R, P)
+    b_p = max_r s_pr,  b <- b / ||b||               the bag of parts (N, P)
+    logits = V b                                    (N, C): v_cp b_p are exact per-part contributions
+    loss = CE + l_orth C_orth + l_assign C_assign + l_cs C_cs          (docs: method.md)
+
+Every stage computes these through this module: training (:meth:`DPNetModule.loss`, backed by
+one fused op), prediction, and the analysis (thin numpy wrappers in ``analyze.explain``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,121 +23,178 @@ from torch import nn
 
 from train import native
 
+from .losses import CONSTRAINTS, class_specific, orthogonality
 
-class _PoolAndEntropy(torch.autograd.Function):
-    """S = X W^T - c, then b_raw = max_r S and the assignment entropy of softmax_p(S * inv_norm).
+LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
 
-    One op with a hand-written backward, so the (N, R, P) score tensor is walked a dozen
-    times per step instead of the ~25 of the autograd graph; on the CPU in float32 the compiled
-    kernel (train/native.py) walks it twice. Shapes: x (N, R, D) without grad,
-    w (P, D), c (P,), inv_norm (P,) -> b_raw (N, P), mean entropy (scalar; 0 when off).
-    Checked against the plain autograd composition by a float64 gradcheck.
+
+class Pooled(NamedTuple):
+    """The max-pool of scores (N, R, P) over regions."""
+
+    b: torch.Tensor  # (N, P) L2-normalised bag of parts
+    raw: torch.Tensor  # (N, P) each part's best score, before normalisation
+    where: torch.Tensor  # (N, P) int64, each part's best region
+
+
+class _TrainOp(torch.autograd.Function):
+    """S = X W^T - c, b_raw = max_r S, and the mean assignment entropy of softmax_p(S_r * inv_norm)
+    over the regions ``rows`` (all when None), in one op that never keeps an autograd graph of S.
+
+    Backward, two ways to the same gradient:
+      - dense (``sparse=False``): dS (N, R, P) holds the max's gradient at each argmax and the
+        entropy's on its rows, and dW = dS^T X is a second GEMM as large as the forward's.
+      - sparse: the max's part of dW is a gather of the N P argmax rows, sum_n g_np x_{n r*(n, p)};
+        the entropy's part runs over its rows only, dS_e^T X_e. With a few entropy rows per
+        image the backward costs a small fraction of the forward GEMM.
+    On the CPU in float32 the pool and the entropy run in the compiled kernel (train/native.py).
+    Shapes: x (N, R, D) without grad, w (P, D), c (P,), inv_norm (P,), rows (N, R') int64 or None
+    -> b_raw (N, P), where (N, P), mean entropy (scalar; 0 when off).
     """
 
     @staticmethod
-    def forward(ctx, x, w, c, inv_norm, entropy: bool):
+    def forward(ctx, x, w, c, inv_norm, rows, entropy: bool, sparse: bool):
         n, r, d = x.shape
         if x.dtype == w.dtype == c.dtype:  # the bias rides in the GEMM (beta * c): one pass fewer
             s = torch.addmm(c, x.reshape(n * r, d), w.T, alpha=1.0, beta=-1.0).view(n, r, -1)
         else:
             s = x @ w.T  # (N, R, P)
             s = (s.float() if s.dtype in (torch.bfloat16, torch.float16) else s).sub_(c)  # >= float32
-        ctx.entropy, ctx.shape, ctx.w_dtype = entropy, s.shape, w.dtype
-        ctx.native = x.dtype == torch.float32 and native.usable(s)
-        if ctx.native:  # one pass over s here and one in the backward (train/pool_entropy.c)
-            best, lse, h = native.forward(s, inv_norm, entropy)
-            ctx.save_for_backward(x, s, inv_norm, lse, h, best)
-            return best, (h.mean() if entropy else s.new_zeros(()))
-        best, where = s.max(dim=1)  # (N, P)
-        if not entropy:
-            ctx.save_for_backward(x, where)
-            return best, s.new_zeros(())
-        logp = (s * inv_norm).log_softmax(dim=-1)
-        p = logp.exp()
-        plogp = p * logp  # kept: the backward reuses it
-        h = plogp.sum(-1).neg_()  # (N, R)
-        ctx.save_for_backward(x, where, s, p, plogp, h, inv_norm)
-        return best, h.mean()
-
-    @staticmethod
-    def backward(ctx, g_best, g_entropy):
-        if ctx.native:
-            return _PoolAndEntropy._native_backward(ctx, g_best, g_entropy)
-        x, where = ctx.saved_tensors[:2]
-        n, r, _ = ctx.shape
-        g_inv = None
-        if ctx.entropy:
-            s, p, plogp, h, inv_norm = ctx.saved_tensors[2:]
-            # d mean(H) / dz = k (p log p + p H), k = -g / (N R); z = s * inv_norm. k is folded
-            # into the (P,) factors, so the (N, R, P) tensor is walked three times in all.
-            k = -g_entropy / (n * r)
-            dz = torch.addcmul(plogp, p, h.unsqueeze(-1))  # dz / k
-            g_inv = (dz * s).sum((0, 1)).mul_(k)
-            ds = dz.mul_(inv_norm * k)
+        use_native = native.usable(s)
+        whole = entropy and rows is None  # entropy on every region: one kernel pass gives all
+        if use_native:
+            best, where, lse, h = native.forward(s, inv_norm, whole)
         else:
-            ds = g_best.new_zeros(ctx.shape)
-        ds.scatter_add_(1, where.unsqueeze(1), g_best.unsqueeze(1))  # max: gradient to the argmax row
-        g_c = -ds.sum((0, 1))
-        g_w = (ds.flatten(0, 1).T.to(x.dtype) @ x.flatten(0, 1)).to(ctx.w_dtype)  # (P, D)
-        return None, g_w, g_c, g_inv, None
+            best, where = s.max(dim=1)
+            lse = h = None
+        s_e = (s if rows is None else s.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.shape[2]))) if entropy else None
+        if entropy and not whole and use_native:
+            _, _, lse, h = native.forward(s_e, inv_norm, True)
+        plogp = p = None
+        if entropy and not use_native:
+            logp = (s_e * inv_norm).log_softmax(dim=-1)
+            p = logp.exp()
+            plogp = p * logp  # kept: the backward reuses it
+            h = plogp.sum(-1).neg_()  # (N, R')
+        ctx.entropy, ctx.sparse, ctx.native, ctx.whole = entropy, sparse, use_native, whole
+        ctx.shape, ctx.w_dtype = s.shape, w.dtype
+        ctx.save_for_backward(x, s, s_e, rows, inv_norm, best, where, lse, h, p, plogp)
+        ctx.mark_non_differentiable(where)
+        return best, where, (h.mean() if entropy else s.new_zeros(()))
 
     @staticmethod
-    def _native_backward(ctx, g_best, g_entropy):
-        x, s, inv_norm, lse, h, best = ctx.saved_tensors
+    def backward(ctx, g_best, _g_where, g_entropy):
+        x, s, s_e, rows, inv_norm, best, where, lse, h, p, plogp = ctx.saved_tensors
         n, r, _ = ctx.shape
-        k = float(-g_entropy / (n * r)) if ctx.entropy else 0.0
-        ds, g_inv, g_c = native.backward(s, inv_norm, lse, h, best, g_best, k, ctx.entropy)  # ds overwrites s
-        g_w = ds.flatten(0, 1).T @ x.flatten(0, 1)  # (P, D)
-        return None, g_w, g_c, (g_inv if ctx.entropy else None), None
+        g_best = g_best.to(s.dtype).contiguous()
+        if ctx.native and ctx.whole and not ctx.sparse:  # the old single pass: max and entropy together
+            k = float(-g_entropy / (n * r))
+            ds, g_inv, g_c = native.backward(s, inv_norm, lse, h, best, g_best, k, True)  # overwrites s
+            return None, _gemm_grad(ds, x, ctx.w_dtype), g_c, g_inv, None, None, None
+        ds_e, g_inv, g_c_e = _entropy_grad(ctx, s_e, inv_norm, lse, h, best, p, plogp, g_entropy)
+        if ctx.sparse:
+            g_w = _argmax_grad(x, where, g_best)
+            if ds_e is not None:
+                x_e = x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+                g_w += _gemm_grad(ds_e, x_e, g_w.dtype)
+            g_c = -g_best.sum(0) + (g_c_e if ds_e is not None else 0.0)
+            return None, g_w.to(ctx.w_dtype), g_c, g_inv, None, None, None
+        if ds_e is not None and rows is None:
+            ds = ds_e  # the entropy's dS covers every region already
+        else:
+            ds = s.zero_() if ctx.native else torch.zeros_like(s)  # the kernel's path reuses S's buffer
+            if ds_e is not None:
+                ds.scatter_add_(1, rows.unsqueeze(-1).expand(-1, -1, ds.shape[2]), ds_e)
+        ds.scatter_add_(1, where.unsqueeze(1), g_best.unsqueeze(1))  # max: gradient to the argmax row
+        return None, _gemm_grad(ds, x, ctx.w_dtype), -ds.sum((0, 1)), g_inv, None, None, None
+
+
+def _entropy_grad(ctx, s_e, inv_norm, lse, h, best, p, plogp, g_entropy):
+    """dL/dS_e (N, R', P) of the mean entropy (in S_e's buffer), dL/d inv_norm (P,), dL/dc (P,)."""
+    if not ctx.entropy:
+        return None, None, None
+    n, r_e, _ = s_e.shape
+    k = -g_entropy / (n * r_e)
+    if ctx.native:  # g = 0: the kernel's max term vanishes, only the entropy's gradient is written
+        zeros = torch.zeros_like(best)
+        return native.backward(s_e, inv_norm, lse, h, best, zeros, float(k), True)
+    # d mean(H) / dz = k (p log p + p H), z = s * inv_norm; k is folded into the (P,) factors
+    dz = torch.addcmul(plogp, p, h.unsqueeze(-1))  # dz / k
+    g_inv = (dz * s_e).sum((0, 1)).mul_(k)
+    ds_e = dz.mul_(inv_norm * k)
+    return ds_e, g_inv, -ds_e.sum((0, 1))
+
+
+def _gemm_grad(ds: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """dW = dS^T X: (N, R, P) and (N, R, D) -> (P, D)."""
+    return (ds.flatten(0, 1).T.to(x.dtype) @ x.flatten(0, 1)).to(out_dtype)
+
+
+def _argmax_grad(x: torch.Tensor, where: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_n g_np x_{n, where_np}: the max-pool's dW as a gather of N P rows. -> float32 (P, D)."""
+    out = torch.zeros(where.shape[1], x.shape[2], dtype=g.dtype, device=x.device)
+    for i in range(x.shape[0]):
+        out.addcmul_(g[i].unsqueeze(1), x[i].index_select(0, where[i]).to(g.dtype))
+    return out
 
 
 class DPNetModule(nn.Module):
-    """U (P, D), V (C, P), and the input standardisation (D,) buffers."""
+    """U (P, D), V (C, P), the input standardisation (D,) buffers, and the loss's settings.
 
-    def __init__(self, dim: int, n_parts: int, n_classes: int):
+    Args:
+        dim: D. n_parts: P. n_classes: C.
+        parts_per_class: q; part p belongs to class p // q (for C_cs).
+        constraints: subset of ("orth", "assign", "cs") in the loss.
+        lambdas: weight of each constraint (defaults: method.md's).
+    """
+
+    def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
+                 constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, dim))  # U
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
+        self.lambdas = {**LAMBDAS, **(lambdas or {})}
 
+    # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
         """(N, R, D) any float dtype -> float32 (N, R, D), (x - mean) / std."""
         return (regions.float() - self.mean) / self.std
 
     def folded_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W (P, D), c (P,)) with u_p . (x - mean) / std = W_p . x - c_p.
-
-        The standardisation is folded into the parts, so the standardised descriptors are never
-        materialised: one GEMM per batch.
-        """
+        """(W (P, D), c (P,)) with u_p . (x - mean) / std = W_p . x - c_p."""
         return self.parts / self.std, (self.mean / self.std) @ self.parts.T
 
     def scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """Raw Tensor[N, R, D] -> Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std."""
+        """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std."""
         w, c = self.folded_parts()
-        return regions.to(w.dtype) @ w.T - c  # (N, R, P)
-
-    def region_scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """S: raw Tensor[N, R, D] -> Tensor[N, P, R]."""
-        return self.scores(regions).transpose(1, 2)
+        return regions.to(w.dtype) @ w.T - c
 
     @staticmethod
-    def pool(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (N, R, P) -> b, L2-normalised (N, P), and each part's argmax region (N, P)."""
-        best, where = scores.max(dim=1)
-        return F.normalize(best, dim=1), where
+    def pool(scores: torch.Tensor, keep: torch.Tensor | None = None) -> Pooled:
+        """Scores (N, R, P) -> :class:`Pooled`. ``keep`` (N, R) bool leaves regions out of the max
+        (a part with no region left scores 0)."""
+        if keep is not None:
+            scores = scores.masked_fill(~keep.unsqueeze(-1), float("-inf"))
+        raw, where = scores.max(dim=1)
+        if keep is not None:
+            raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+        return Pooled(F.normalize(raw, dim=1), raw, where)
 
-    def bag(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """b (N, P) and the argmax region of each part (N, P), from raw (N, R, D)."""
-        return self.pool(self.scores(regions))
+    def logits(self, b: torch.Tensor) -> torch.Tensor:
+        """Bag of parts (N, P) -> logits (N, C) = V b."""
+        return b @ self.classifier.T
 
-    def forward_scores(self, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, C) and the scores (N, R, P) they came from (reused by the assignment term)."""
-        s = self.scores(regions)
-        b, _ = self.pool(s)
-        return b @ self.classifier.T, s
+    def contributions(self, b: torch.Tensor) -> torch.Tensor:
+        """v_cp * b_p, (N, C, P); summed over P it gives the logits."""
+        return b.unsqueeze(1) * self.classifier.unsqueeze(0)
 
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        """Raw Tensor[N, R, D] -> logits Tensor[N, C]."""
+        return self.logits(self.pool(self.scores(regions)).b)
+
+    # ------------------------------------------------------------------- the loss
     def training_fold(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W (P, D), c (P,), 1/||u_p|| (P,)): what the fused training op takes from U."""
         w, c = self.folded_parts()
@@ -139,24 +205,52 @@ class DPNetModule(nn.Module):
         return StepParts(self)
 
     def forward_train(self, regions: torch.Tensor, entropy: bool, gemm_dtype: torch.dtype = torch.float32,
-                      parts: "StepParts | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off) for training.
+                      parts: "StepParts | None" = None, rows: torch.Tensor | None = None,
+                      sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off), for training.
 
-        Same numbers as ``forward_scores`` followed by ``assignment_entropy_from_scores``, in one
-        fused op that never keeps the autograd graph of the (N, R, P) scores. The two GEMMs run
-        in ``gemm_dtype`` (bfloat16 on CUDA); everything after them in float32. With ``parts``
-        (from ``step_parts``) the folded U is taken from there and its gradient collects there
-        until ``parts.backward()``; without, it is folded here and the gradient reaches U directly.
+        The same numbers as :meth:`forward` and the entropy of softmax_p(S / ||u_p||), from one fused
+        op. The GEMMs run in ``gemm_dtype`` (bfloat16 on CUDA), everything after them in float32.
+        ``rows`` (N, R') picks the regions the entropy is averaged over (all when None): a random
+        subset gives an unbiased estimate of the mean and of its gradient. ``sparse`` takes the
+        gather backward (see _TrainOp). With ``parts`` (from :meth:`step_parts`) the folded U is
+        taken from there and its gradient collects there until ``parts.backward()``.
         """
         w, c, inv_norm = self.training_fold() if parts is None else (parts.w, parts.c, parts.inv_norm)
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
-        best, ent = _PoolAndEntropy.apply(regions.to(gemm_dtype), w, c, inv_norm, entropy)
-        return F.normalize(best, dim=1) @ self.classifier.T, ent
+        best, _, ent = _TrainOp.apply(regions.to(gemm_dtype), w, c, inv_norm, rows, entropy, sparse)
+        return self.logits(F.normalize(best, dim=1)), ent
 
-    def forward(self, regions: torch.Tensor) -> torch.Tensor:
-        """Raw Tensor[N, R, D] -> logits Tensor[N, C]."""
-        return self.forward_scores(regions)[0]
+    def data_loss(self, regions: torch.Tensor, labels: torch.Tensor, **train) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """CE + l_assign C_assign on one batch: (loss, terms, logits). ``train``: see forward_train."""
+        assign = "assign" in self.constraints
+        logits, entropy = self.forward_train(regions, assign, **train)
+        ce = F.cross_entropy(logits, labels)
+        terms = {"ce": ce}
+        if assign:
+            terms["assign"] = entropy
+        return ce + self.lambdas["assign"] * entropy if assign else ce, terms, logits
+
+    def weight_loss(self) -> tuple[torch.Tensor, dict]:
+        """The terms on U and V alone (C_orth, C_cs), weighted and summed: (loss, terms)."""
+        terms = {}
+        if "orth" in self.constraints:
+            terms["orth"] = orthogonality(self.parts)
+        if "cs" in self.constraints:
+            terms["cs"] = class_specific(self.classifier, self.parts_per_class)
+        loss = sum((self.lambdas[k] * v for k, v in terms.items()), self.parts.new_zeros(()))
+        return loss, terms
+
+    def loss(self, regions: torch.Tensor, labels: torch.Tensor, **train) -> tuple[torch.Tensor, dict]:
+        """The training loss of one batch, every switched-on term: (loss, terms).
+
+        The trainer splits a step's batch into micro-batches: it sums their :meth:`data_loss`,
+        weighted by their share of the batch, and adds :meth:`weight_loss` once; that equals this.
+        """
+        data, terms, _ = self.data_loss(regions, labels, **train)
+        weight, more = self.weight_loss()
+        return data + weight, {**terms, **more}
 
 
 class StepParts:

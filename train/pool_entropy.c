@@ -4,7 +4,7 @@
    The torch composition this replaces is train/model.py's _PoolAndEntropy (the reference the
    tests compare against); here each (N, R, P) score is read once forward and once backward.
 
-   Forward, per image n:   best[n, p] = max_r s[n, r, p]
+   Forward, per image n:   best[n, p] = max_r s[n, r, p], where[n, p] its first argmax r
             per region:    z_p = s_p inv_p,  lse = logsumexp_p z,
                            h = -sum_p q_p log q_p with q = softmax(z) (the assignment entropy).
    Backward, with k = -dL/d mean(h) / (N R) and g = dL/d best, writes ds = dL/ds over s:
@@ -47,14 +47,15 @@ static inline float exp_f32(float x) {
 
 typedef struct {
     int64_t P, PW, full, tail; /* parts, padded parts, whole blocks, lanes in the partial block */
-    float *inv, *keep, *neg, *best, *g, *taken, *acc_inv, *acc_c, *pad;
+    float *inv, *keep, *neg, *best, *g, *taken, *acc_inv, *acc_c, *pad, *arg;
 } Lanes;
 
 static Lanes lanes_new(const float *inv, int64_t P) {
     Lanes L = {P, (P + W - 1) / W * W, P / W, P % W};
-    float *buf = calloc((size_t)L.PW * 8 + W, sizeof(float));
+    float *buf = calloc((size_t)L.PW * 9 + W, sizeof(float));
     L.inv = buf, L.keep = buf + L.PW, L.neg = buf + 2 * L.PW, L.best = buf + 3 * L.PW, L.g = buf + 4 * L.PW;
-    L.taken = buf + 5 * L.PW, L.acc_inv = buf + 6 * L.PW, L.acc_c = buf + 7 * L.PW, L.pad = buf + 8 * L.PW;
+    L.taken = buf + 5 * L.PW, L.acc_inv = buf + 6 * L.PW, L.acc_c = buf + 7 * L.PW, L.arg = buf + 8 * L.PW;
+    L.pad = buf + 9 * L.PW;
     for (int64_t p = 0; p < L.PW; ++p) {
         L.inv[p] = p < P ? inv[p] : 0.0f;
         L.keep[p] = p < P ? 1.0f : 0.0f;
@@ -70,24 +71,27 @@ static void load_tail(const float *row, const Lanes *L) {
     for (int q = 0; q < W; ++q) L->pad[q] = q < L->tail ? row[L->full * W + q] : 0.0f;
 }
 
-/* One image: best (P,), and lse, h (R,) when entropy is on. */
-static void forward_image(const float *s, const Lanes *L, int64_t R, int entropy, float *best, float *lse,
-                          float *h) {
+/* One image: best and its region (P,); lse, h (R,) when entropy is on. Region indices ride in a
+   float lane (exact below 2^24), so the max loop stays one vectorised select. */
+static void forward_image(const float *s, const Lanes *L, int64_t R, int entropy, float *best, int64_t *where,
+                          float *lse, float *h) {
     const int64_t P = L->P, nb = L->PW / W;
     float bad = 0.0f;
-    for (int64_t p = 0; p < L->PW; ++p) L->best[p] = -INFINITY;
+    for (int64_t p = 0; p < L->PW; ++p) L->best[p] = -INFINITY, L->arg[p] = 0.0f;
     for (int64_t r = 0; r < R; ++r) {
         float *row = (float *)(s + r * P); /* only read */
         if (L->tail) load_tail(row, L);
         float mv[W], nf[W];
         for (int q = 0; q < W; ++q) mv[q] = -INFINITY, nf[q] = 0.0f;
+        const float fr = (float)r;
         for (int64_t b = 0; b < nb; ++b) {
             const float *restrict v = block(row, L, b), *restrict iv = L->inv + b * W, *restrict ng = L->neg + b * W;
-            float *restrict bs = L->best + b * W;
+            float *restrict bs = L->best + b * W, *restrict ar = L->arg + b * W;
 #pragma omp simd
             for (int q = 0; q < W; ++q) {
                 float x = v[q], z = x * iv[q] + ng[q];
                 nf[q] += x * 0.0f; /* NaN for inf or NaN, 0 otherwise */
+                ar[q] = x > bs[q] ? fr : ar[q];
                 bs[q] = x > bs[q] ? x : bs[q];
                 mv[q] = z > mv[q] ? z : mv[q];
             }
@@ -113,7 +117,10 @@ static void forward_image(const float *s, const Lanes *L, int64_t R, int entropy
         lse[r] = m + log_se;
         h[r] = nonfinite == 0.0f ? log_se - sey_sum / se_sum : NAN;
     }
-    for (int64_t p = 0; p < P; ++p) best[p] = bad != 0.0f ? NAN : L->best[p];
+    for (int64_t p = 0; p < P; ++p) {
+        best[p] = bad != 0.0f ? NAN : L->best[p];
+        where[p] = (int64_t)L->arg[p];
+    }
 }
 
 /* One image: overwrites s with ds and adds into L->acc_inv, L->acc_c. */
@@ -161,15 +168,15 @@ static void backward_image(float *s, const Lanes *L, const float *lse, const flo
     }
 }
 
-/* s (N, R, P), inv (P,) -> best (N, P); lse, h (N, R) when entropy is on. */
+/* s (N, R, P), inv (P,) -> best, where (N, P); lse, h (N, R) when entropy is on. */
 void dpnet_pool_entropy_forward(const float *s, const float *inv, int64_t N, int64_t R, int64_t P, int entropy,
-                                float *best, float *lse, float *h) {
+                                float *best, int64_t *where, float *lse, float *h) {
 #pragma omp parallel
     {
         Lanes L = lanes_new(inv, P);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n)
-            forward_image(s + n * R * P, &L, R, entropy, best + n * P, lse + n * R, h + n * R);
+            forward_image(s + n * R * P, &L, R, entropy, best + n * P, where + n * P, lse + n * R, h + n * R);
         free(L.inv);
     }
 }

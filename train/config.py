@@ -1,0 +1,136 @@
+"""Stage 2's typed config: the estimator's hyper-parameters, the run's options, and named presets.
+
+The hyper-parameters are defined once, by :class:`~train.estimator.DPNetClassifier`'s signature
+(names, types, defaults) and docstring (help). :data:`FitParams` is a frozen dataclass made
+from that signature; the command line (:func:`add_fit_arguments`) is made from it too, and the
+resolved :class:`FitParams` is passed whole to the estimator and saved with the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .estimator import DPNetClassifier
+
+
+def _fit_params_class() -> type:
+    fields = [(name, p.annotation, field(default=p.default))
+              for name, p in inspect.signature(DPNetClassifier.__init__, eval_str=True).parameters.items()
+              if name != "self"]
+    cls = dataclasses.make_dataclass("FitParams", fields, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "DPNetClassifier's hyper-parameters, typed (made from its signature; see its docstring)."
+    return cls
+
+
+FitParams = _fit_params_class()
+
+# Named settings. "paper": the paper's model and schedule (Table 1, section 4); "default": the
+# estimator's own defaults, chosen by measurement (see the README). Per-dataset differences below.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"parts_per_class": 20, "epochs": 40, "inner_epochs": 32, "lr": 1e-3, "lr_step": 10, "lr_gamma": 0.1,
+              "batch_size": 32, "constraints": ("orth", "assign", "cs"), "lambda_orth": 1e-2,
+              "lambda_assign": 1e-3, "lambda_cs": 1e-3, "init": "random", "backward": "dense", "entropy_regions": 0},
+    "default": {},
+}
+DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "imagenet": {"paper": {"parts_per_class": 10, "epochs": 4, "inner_epochs": 10}, "default": {"parts_per_class": 10}},
+}
+
+
+def preset(name: str, dataset: str) -> dict[str, Any]:
+    """The hyper-parameters a preset sets for a dataset (the rest are the estimator's defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **DATASET_PRESETS.get(dataset, {}).get(name, {})}
+
+
+@dataclass
+class TrainConfig:
+    """Everything stage 2 needs.
+
+    Attributes:
+        cache: the cache folder or URL.
+        run_dir: where the run's files go.
+        options: hyper-parameters given explicitly; the others come from ``preset``, then from
+            the estimator's defaults (see :meth:`fit_params`).
+        preset: a name of :data:`PRESETS`.
+        baselines: also fit the global baselines.
+        progress: show progress bars.
+    """
+
+    cache: str
+    run_dir: str
+    options: dict[str, Any] = field(default_factory=dict)
+    preset: str = "default"
+    baselines: bool = True
+    progress: bool = True
+
+    def fit_params(self, dataset: str) -> FitParams:
+        """The resolved hyper-parameters for a cache of ``dataset``."""
+        unknown = set(self.options) - {f.name for f in dataclasses.fields(FitParams)}
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; known: {', '.join(DPNetClassifier.param_names())}")
+        return FitParams(**{**preset(self.preset, dataset), **self.options})
+
+    @classmethod
+    def from_options(cls, cache: str, run_dir: str, preset: str = "default", baselines: bool = True,
+                     progress: bool = True, **options: Any) -> "TrainConfig":
+        """A config from flat keyword options (hyper-parameters mixed with the run's own)."""
+        return cls(cache, run_dir, options, preset, baselines, progress)
+
+
+# ------------------------------------------------------------------------- command line
+ALIASES = {"parts_per_class": ["--q"]}
+
+
+def _param_help() -> dict[str, str]:
+    """Each hyper-parameter's help, from the "Args:" section of the estimator's docstring."""
+    doc = inspect.getdoc(DPNetClassifier) or ""
+    section = doc.split("Args:", 1)[-1]
+    out, name = {}, None
+    for line in section.splitlines():
+        found = re.match(r"\s{4}(\w+(?:, \w+)*): (.*)", line)
+        if found:
+            names, text = found.group(1).split(", "), found.group(2)
+            for name in names:
+                out[name] = text
+        elif name and line.strip():
+            for key in [k for k, v in out.items() if v and k == name]:
+                out[key] += " " + line.strip()
+    return out
+
+
+def _converter(tp: Any):
+    """A string -> value function for an annotation (int, float, str, bool, X | None, tuple[str, ...])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _converter(next(a for a in typing.get_args(tp) if a is not type(None)))
+        return lambda s: None if s.lower() in ("none", "") else inner(s)
+    if origin is tuple:
+        return lambda s: () if s.lower() in ("", "none") else tuple(x.strip() for x in s.split(",") if x.strip())
+    if tp is bool:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    return tp
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--name-with-dashes`` option per hyper-parameter (default: unset, so the preset applies)."""
+    helps = _param_help()
+    group = parser.add_argument_group("hyper-parameters (unset: the preset's value, then the default)")
+    for f in dataclasses.fields(FitParams):
+        flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
+        group.add_argument(*flags, dest=f.name, type=_converter(f.type), default=None, metavar=f.name.upper(),
+                           help=f"{helps.get(f.name, '')} (default {f.default!r})")
+
+
+def fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyper-parameters given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(FitParams) if getattr(args, f.name) is not None}
