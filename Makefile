@@ -23,19 +23,21 @@ EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--reg
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
 	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),--crop)
 
-# Training: empty values take the dataset's preset (the paper's: Q=20, EPOCHS=40, INNER_EPOCHS=32).
+# Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=
+PRESET ?= default
 Q ?=
 EPOCHS ?=
 INNER_EPOCHS ?=
-LR ?= 1e-3
-LR_STEP ?= 10
-MINIBATCH ?= 32
-CONSTRAINTS ?= orth,assign,cs
-DEVICE ?= auto
-TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) \
+LR ?=
+LR_STEP ?=
+MINIBATCH ?=
+CONSTRAINTS ?=
+DEVICE ?=
+TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) --preset $(PRESET) \
 	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
-	--lr $(LR) --lr-step $(LR_STEP) --batch-size $(MINIBATCH) --constraints $(CONSTRAINTS) --seed $(SEED) --device $(DEVICE)
+	$(if $(LR),--lr $(LR)) $(if $(LR_STEP),--lr-step $(LR_STEP)) $(if $(MINIBATCH),--batch-size $(MINIBATCH)) \
+	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(DEVICE),--device $(DEVICE)) --seed $(SEED)
 # The demo trains for fewer epochs than the paper (CPU minutes), with lr 1e-2 to make up the updates.
 DEMO_TRAIN = --epochs 12 --inner-epochs 2 --lr 1e-2 --lr-step 4
 
@@ -55,6 +57,10 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# the report's browser test renders in chromium; install it where apt-get can (else the test says how)
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+		echo "setup: chromium not installed (the browser test will skip); install it with: sudo apt-get install -y chromium"
 	touch $(STAMP)
 
 extract: setup

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from extract.backbones import create_backbone
-from extract.cache import RegionCache, open_shard_writer, write_json_atomic
+from dpnet.files import write_json_atomic
+from extract.cache import RegionCache, open_shard_writer
 from extract.pipeline import finish_manifest
 from train import native
 from train.estimator import DPNetClassifier

@@ -50,7 +50,7 @@ def test_unknown_backbone_lists_known():
         assert name in str(err.value)
 
 
-def test_any_timm_model_by_name_gives_its_last_map(tmp_path):
+def test_any_timm_model_by_name_gives_its_last_map(tmp_path, monkeypatch):
     from extract.backbones import create_backbone, grid_size, state_sha256
     from dpnet.errors import WeightsNotFoundError
 
@@ -62,7 +62,34 @@ def test_any_timm_model_by_name_gives_its_last_map(tmp_path):
     torch.save(bb.body.model.state_dict(), path)
     loaded = create_backbone("resnet18", str(path))
     assert loaded.weights == str(path) and loaded.weights_sha256 == state_sha256(bb.body.model.state_dict())
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     with pytest.raises(WeightsNotFoundError, match=r"(?s)not in the local Hugging Face cache.*WEIGHTS="):
-        create_backbone("resnet18")  # no network, no cache: a clear error, not a download attempt
+        create_backbone("resnet18")  # no network, an empty cache: a clear error, not a download attempt
     with pytest.raises(UnknownNameError, match="any timm model name"):
         create_backbone("no_such_net_123")
+
+
+def test_a_vit_extracts_at_a_size_other_than_its_native_one(tmp_path, caplog):
+    """DINOv2 is made for 518 px; at IMAGE_SIZE=64 it is built for 70 (5 patches of 14), and says so."""
+    import logging
+
+    from extract.cache import RegionCache
+    from extract.pipeline import run_extraction
+    from tests.helpers import tiny_config
+
+    with caplog.at_level(logging.WARNING):
+        summary = run_extraction(tiny_config(tmp_path, backbone="vit_small_patch14_dinov2", regions=6))
+    cache = RegionCache(summary.cache_dir)
+    assert cache.manifest["image_size"] == 70 and cache.manifest["grid"] == [5, 5] and cache.dim == 384
+    assert "rounded to 70" in caplog.text
+    assert tuple(cache.manifest["mean"]) == (0.485, 0.456, 0.406)  # DINOv2's own normalisation
+    assert cache.load_shard(0)["regions"].shape[1:] == (6, 384)
+
+
+def test_a_clip_vit_keeps_its_own_normalisation():
+    bb = create_backbone("vit_base_patch16_clip_224.openai", "random", image_size=48)
+    assert bb.input_size == 48 and bb.mean == pytest.approx((0.4815, 0.4578, 0.4082), abs=1e-3)
+    with torch.no_grad():
+        assert bb.body(torch.zeros(1, 3, 48, 48)).shape == (1, 768, 3, 3)

@@ -229,3 +229,36 @@ def test_micro_batches_give_the_batch_gradient(micro, backward):
     loss.backward()
     torch.testing.assert_close(got[0], module.parts.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], module.classifier.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_hyper_parameters_have_one_definition():
+    """get_params, the typed config and the command line all come from the estimator's signature."""
+    import dataclasses
+    import inspect
+
+    from train.cli import build_parser
+    from train.config import FitParams, fit_options
+
+    names = [n for n in inspect.signature(DPNetClassifier.__init__).parameters if n != "self"]
+    assert list(DPNetClassifier().get_params()) == names
+    assert [f.name for f in dataclasses.fields(FitParams)] == names
+    assert FitParams() == FitParams(**DPNetClassifier().get_params())
+    parser = build_parser()
+    options = {a.dest for a in parser._actions}
+    assert set(names) <= options
+    args = parser.parse_args(["--q", "3", "--constraints", "orth,cs", "--memory-budget-mb", "none", "--lr", "0.5"])
+    assert fit_options(args) == {"parts_per_class": 3, "constraints": ("orth", "cs"), "lr": 0.5}
+    assert "passes over each loaded shard" in parser.format_help()  # help from the docstring
+    est = DPNetClassifier(**dataclasses.asdict(TrainConfig.from_options("c", "r", lr=0.5).fit_params("cub")))
+    assert est.lr == 0.5 and est.epochs == DPNetClassifier().epochs
+
+
+def test_the_paper_preset_is_one_word_away():
+    from train.config import TrainConfig
+
+    paper = TrainConfig.from_options("c", "r", preset="paper").fit_params("cub")
+    assert (paper.parts_per_class, paper.epochs, paper.inner_epochs, paper.lr, paper.lr_step) == (20, 40, 32, 1e-3, 10)
+    assert TrainConfig.from_options("c", "r", preset="paper").fit_params("imagenet").parts_per_class == 10
+    assert TrainConfig.from_options("c", "r", preset="paper", epochs=2).fit_params("cub").epochs == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig.from_options("c", "r", preset="nope").fit_params("cub")
