@@ -18,10 +18,11 @@ SKIP_BAD ?=
 TEST_FRACTION ?= 0.5
 RANKS ?= 1
 CROP ?=
+RUNTIME ?= auto
 
 EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
-	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),--crop)
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),--crop) --runtime $(RUNTIME)
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=

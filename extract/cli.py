@@ -10,7 +10,7 @@ from .backbones import list_backbones
 from .cache import STORES
 from .datasets import list_datasets
 from dpnet.errors import DpnetError
-from .pipeline import ExtractConfig, run_extraction
+from .pipeline import RUNTIMES, ExtractConfig, run_extraction
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
     p.add_argument("--crop", action="store_true", help="crop each image to its object box first (CUB protocol)")
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES,
+                   help="CPU backbone: frozen TorchScript with oneDNN fusion (1.5x faster), eager, or auto "
+                        "(frozen for caches of 64+ images)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="folder datasets without train/ and test/")
     p.add_argument("--synth-classes", type=int, default=10)
     p.add_argument("--synth-per-class", type=int, default=60)
@@ -48,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, regions, args.image_size,
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
                          args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
-                         ranks=args.ranks, crop=args.crop)
+                         ranks=args.ranks, crop=args.crop, runtime=args.runtime)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from dpnet.device import resolve_device
 from dpnet.errors import BadImagesError, CacheMismatchError, DatasetLayoutError, DpnetError
 from dpnet.files import FolderLock, disk_full_as_error, read_json, remove, remove_stale_temps, write_json_atomic
 from dpnet.files import write_text_atomic
+from dpnet.memory import large_buffers_reused
 
 from . import __version__
 from .backbones import Backbone, create_backbone, grid_size
@@ -65,6 +66,7 @@ class ExtractConfig:
     rank: int = -1  # this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1
     world_size: int = 0
     crop: bool = False  # cut each image to its object box first (CUB protocol); needs boxes
+    runtime: str = "auto"  # the CPU backbone: "eager", "frozen" (TorchScript + oneDNN fusion), "auto"
 
     def cache_name(self) -> str:
         """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
@@ -121,6 +123,7 @@ def make_plan(cfg: ExtractConfig, index: DatasetIndex, bb: Backbone, grid: tuple
     shard_size = max(1, int(cfg.shard_mb * 2**20 // per_image))
     bounds = [[a, min(a + shard_size, len(order))] for a in range(0, len(order), shard_size)]
     config = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    config["runtime"] = resolve_runtime(cfg.runtime, cfg.resolved_device(), len(order))
     return {
         "format": FORMAT, "code_version": __version__, "config": config,
         "dataset": index.name, "dataset_root": str(Path(index.root).resolve()), "classes": index.classes,
@@ -136,6 +139,8 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
     plan_file = cache_dir / "plan.json"
     if plan_file.is_file():
         old = read_json(plan_file, f"delete {cache_dir} and extract again")
+        # a resume runs the backbone as the cache was started (caches from before runtimes: eager)
+        plan["config"]["runtime"] = old.setdefault("config", {}).setdefault("runtime", "eager")
         defaults = asdict(ExtractConfig())
         new_cfg = plan.get("config", {})
         # options added after a cache was started read as their defaults (so old caches still resume)
@@ -162,16 +167,26 @@ def image_table_text(order: list[ImageRecord]) -> str:
 
 
 class FeatureExtractor:
-    """Backbone + region pooling for decoded uint8 batches, on one device."""
+    """Backbone + region pooling for decoded uint8 batches, on one device.
 
-    def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device):
+    ``runtime="frozen"`` (CPU) runs the backbone as a frozen TorchScript graph with oneDNN's
+    operator fusion: EfficientNet-Lite0 at 544 px ran 1.5x faster than eager on the 2-core
+    reference machine, its maps within 2e-5 of eager's (relative), far inside float16's
+    precision. It is made on the first batch (a few seconds); a backbone that cannot be traced
+    runs eager, with a warning.
+    """
+
+    def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device,
+                 runtime: str = "eager"):
         self.bb, self.grid, self.n_regions, self.seed, self.device = bb, grid, n_regions, seed, device
         self.cuda = device.type == "cuda"
         # channels_last on both devices: measured 1.7x faster on CPU (oneDNN) for Lite0 at 544 px.
         self.body = bb.body.to(device).to(memory_format=torch.channels_last)
+        self.runtime = "eager" if self.cuda else runtime
+        self._frozen = None
         std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std = x * scale - shift
-        self.shift = torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
+        self.neg_shift = -torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
 
     def boxes(self, image_ids: list[int]) -> np.ndarray:
         """int16 (N, R, 4) boxes of these images."""
@@ -181,17 +196,65 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
-        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        x = x.float().mul_(self.scale).sub_(self.shift)
+        x = self.normalise(pixels)
         if self.cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 fmap = self.body(x)
         else:
-            fmap = self.body(x)
+            fmap = self._cpu_body(x)
         fmap = fmap.float()  # (N, D, H, W)
         regions = region_means(fmap, torch.from_numpy(boxes).to(self.device))  # (N, R, D)
         glob = global_means(fmap)  # (N, D)
         return regions.half().cpu().numpy(), glob.half().cpu().numpy()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, S, S) -> float32 (x / 255 - mean) / std on the device, in two passes.
+
+        Laid out channels_last for eager convolutions (1.7x faster on CPU for Lite0); the frozen
+        graph takes planar input (oneDNN reorders it once itself: 1.1 ms per image less at 544 px).
+        """
+        layout = torch.contiguous_format if self.runtime == "frozen" else torch.channels_last
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=layout)
+        return torch.addcmul(self.neg_shift, x.float(), self.scale)
+
+    def _cpu_body(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runtime == "frozen" and self._frozen is None:
+            self._frozen = frozen_body(self.body, x) or self.body
+        return (self._frozen if self._frozen is not None else self.body)(x)
+
+
+def frozen_body(body: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module | None:
+    """``body`` traced on ``example``, frozen, with oneDNN fusion on; None (with a warning) when it cannot be."""
+    import warnings
+
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is deprecated for torch.compile, which ran Lite0 slower here (25-30 img/s
+            # against 35 at 544 px, 2 cores): keep it while that holds
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+.* is deprecated")
+            return torch.jit.freeze(torch.jit.trace(body.eval(), example[:1], check_trace=False))
+    except Exception as exc:  # noqa: BLE001 - any model TorchScript cannot trace runs eager instead
+        log.warning("the backbone cannot be frozen for the CPU (%s: %s); it runs eager (slower)",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
+
+
+def resolve_runtime(runtime: str, device: torch.device, n_images: int) -> str:
+    """"eager" or "frozen" for ``runtime`` = "auto" | "eager" | "frozen".
+
+    auto: frozen on the CPU for caches of at least FROZEN_MIN_IMAGES images (its few seconds of
+    set-up pay for themselves), eager otherwise and on CUDA (which runs bfloat16 autocast).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime != "auto":
+        return runtime
+    return "frozen" if device.type == "cpu" and n_images >= FROZEN_MIN_IMAGES else "eager"
+
+
+RUNTIMES = ("auto", "eager", "frozen")
+FROZEN_MIN_IMAGES = 64
 
 
 def default_workers(cuda: bool, cores: int) -> int:
@@ -259,8 +322,10 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     bounds = [tuple(b) for b in plan["shard_bounds"]]
     todo = [s for s in range(len(bounds)) if s % world == rank and not _shard_whole(cache_dir, s, plan)]
     device = cfg.resolved_device()
-    extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device)
-    bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root), _crop_boxes(cfg, index, order))
+    extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"])
+    with large_buffers_reused():
+        bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root),
+                              _crop_boxes(cfg, index, order))
     if bad and not cfg.skip_bad:
         raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
                                   f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "

@@ -263,21 +263,17 @@ def test_explain_cli_errors_name_the_fix(tiny_run, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ dask path
 @pytest.fixture
-def thread_env():
-    """Put back the thread-count variables that distributed's LocalCluster sets in our own os.environ
-    (children started later would inherit them, and compute with one thread)."""
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in names}
+def own_environ():
+    """Put os.environ back as it was: distributed's LocalCluster sets OMP_NUM_THREADS=1 and
+    MALLOC_TRIM_THRESHOLD_ in our own environment, which every later child would inherit."""
+    saved = dict(os.environ)
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "distributed"])
-def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler, thread_env):
+def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler, own_environ):
     from analyze.analysis import load_run
     from analyze.dask_stats import part_stats_dask
 

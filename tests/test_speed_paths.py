@@ -1,0 +1,76 @@
+"""The fast paths keep the numbers: the allocator setting, the frozen CPU backbone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from extract.cache import RegionCache
+from extract.pipeline import run_extraction
+from tests.helpers import python, tiny_config
+
+CHURN = """
+import json, resource, torch
+from dpnet.memory import large_buffers_reused
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def churn():  # an 80 MB tensor made and freed ten times, as a forward pass does with its activations
+    a = faults()
+    for _ in range(10):
+        torch.ones(20_000_000)
+    return faults() - a
+
+churn()
+plain = churn()
+with large_buffers_reused() as applied:
+    churn()
+    tuned = churn()
+after = churn()
+print(json.dumps({"applied": applied, "plain": plain, "tuned": tuned, "after": after}))
+"""
+
+
+def test_large_buffers_are_reused_without_page_faults_while_a_job_runs():
+    out = json.loads(python(CHURN, check=True).stdout)
+    assert out["applied"]
+    assert out["plain"] > 100_000  # each fresh 80 MB mapping faults in ~20,000 pages
+    assert out["tuned"] < out["plain"] / 50
+    assert out["after"] > out["plain"] / 10  # large blocks are mapped (and given back) again after the job
+
+
+def test_a_users_malloc_settings_win():
+    out = json.loads(python(CHURN, env={"MALLOC_TOP_PAD_": "131072"}, check=True).stdout)
+    assert not out["applied"]
+
+
+def test_the_frozen_cpu_backbone_gives_the_eager_descriptors(tmp_path):
+    """TorchScript + oneDNN fusion against eager: the same float16 descriptors, to float16's precision."""
+    caches = {}
+    for runtime in ("eager", "frozen"):
+        cfg = tiny_config(tmp_path / runtime, weights=None, runtime=runtime, image_size=96)
+        caches[runtime] = RegionCache(run_extraction(cfg).cache_dir)
+        assert caches[runtime].manifest["config"]["runtime"] == runtime
+    for s in range(caches["eager"].n_shards):
+        for field in ("regions", "global"):
+            a = caches["eager"].load_shard(s)[field].astype(np.float32)
+            b = caches["frozen"].load_shard(s)[field].astype(np.float32)
+            scale = np.abs(a).max()
+            assert np.abs(a - b).max() <= 2e-3 * scale  # a float16 step is 1e-3 of the value
+            assert np.abs(a - b).mean() <= 1e-4 * scale  # and most values are equal
+
+
+def test_auto_runtime_is_frozen_on_the_cpu_for_caches_that_repay_it(tmp_path):
+    import torch
+
+    from extract.pipeline import FROZEN_MIN_IMAGES, resolve_runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_runtime("auto", cpu, FROZEN_MIN_IMAGES) == "frozen"
+    assert resolve_runtime("auto", cpu, FROZEN_MIN_IMAGES - 1) == "eager"
+    assert resolve_runtime("auto", cuda, 10_000) == "eager"
+    assert resolve_runtime("eager", cpu, 10_000) == "eager"
+    cache = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+    assert cache.manifest["config"]["runtime"] == "eager"  # 18 images
