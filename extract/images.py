@@ -47,7 +47,7 @@ def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float
             img = to_rgb(img)
             if bbox is not None:
                 img = img.crop(crop_box(bbox, orig))
-            return resize_square(np.asarray(img, dtype=np.uint8), size), orig
+            return resize_square(np.array(img, dtype=np.uint8), size), orig  # writable: torch wraps it
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
