@@ -262,3 +262,39 @@ def test_the_paper_preset_is_one_word_away():
     assert TrainConfig.from_options("c", "r", preset="paper", epochs=2).fit_params("cub").epochs == 2
     with pytest.raises(ValueError, match="unknown preset"):
         TrainConfig.from_options("c", "r", preset="nope").fit_params("cub")
+
+
+def test_parts_learnt_in_a_pca_subspace_score_raw_descriptors_exactly(tiny_cache, tmp_path):
+    """pca_dim: the trainer works on projected descriptors; the model scores raw ones the same way."""
+    est = quick(pca_dim=8, epochs=2).fit(tiny_cache)
+    m = est.module_
+    assert m.parts.shape == (6, 8) and m.basis.shape == (1280, 8)
+    torch.testing.assert_close(m.basis.T @ m.basis, torch.eye(8), atol=1e-5, rtol=0)  # orthonormal
+    x, y = train_arrays(tiny_cache)
+    raw = torch.from_numpy(x[:3])
+    with torch.no_grad():
+        s_raw = m.scores(raw)  # folded back to descriptor space
+        s_proj = m.project(raw) @ m.parts.T  # what the trainer computed
+    torch.testing.assert_close(s_raw, s_proj, rtol=1e-4, atol=1e-4)
+    est.save(tmp_path / "m.pt")
+    again = DPNetClassifier.load(tmp_path / "m.pt", tiny_cache)
+    assert np.array_equal(again.decision_function(x), est.decision_function(x))
+    fitted = quick(pca_dim=32, epochs=6, inner_epochs=5).fit(tiny_cache)  # learns as the full-D fit does
+    assert (fitted.predict(x) == y).mean() == 1.0
+
+
+def test_a_pca_fit_resumes_to_the_same_weights(tiny_cache, tmp_path):
+    ref = quick(pca_dim=8).fit(tiny_cache)
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        quick(pca_dim=8).fit(tiny_cache, checkpoint=tmp_path / "ck.pt", on_epoch=stop)
+    resumed = quick(pca_dim=8).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
+    for k, v in ref.module_.state_dict().items():
+        assert torch.equal(v, resumed.module_.state_dict()[k]), k

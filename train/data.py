@@ -148,19 +148,30 @@ def split_arrays(cache: RegionCache, split: str, val_fraction: float, seed: int,
             yield (shard, arrays) if with_shard else arrays
 
 
-def region_stats(source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (D,) of every training region descriptor, in float64 accumulators.
+def region_stats(source: ShardSource, moment_regions: int = 0, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Mean and std (D,) of every training region descriptor, in float64 accumulators; and, with
+    ``moment_regions``, the correlation matrix (D, D) of the standardised descriptors, estimated
+    from that many random regions per image (for the PCA basis), else None.
 
     Raises:
         NonFiniteError: a descriptor is NaN or inf; names the shard and the first image.
     """
-    total = sq = None
-    count = 0
-    buf = torch.empty(2 * source.cache.n_regions * source.cache.dim)
+    total = sq = moment = None
+    count = sampled = 0
+    r, d = source.cache.n_regions, source.cache.dim
+    buf = torch.empty(2 * r * d)
     for chunk in source.chunks():
         for a in range(0, len(chunk), 2):  # 2 images at a time, in one reused float32 buffer
             rows = np.arange(a, min(a + 2, len(chunk)))
-            x = chunk.batch_into(rows, buf).flatten(0, 1)  # (n R, D)
+            x = chunk.batch_into(rows, buf)  # (n, R, D)
+            if moment_regions:
+                picks = np.stack([np.random.default_rng([seed, int(i)]).permutation(r)[:moment_regions]
+                                  for i in chunk.image_ids[rows]])  # (n, k): by image id, whatever the order
+                xs = x.gather(1, torch.from_numpy(picks).unsqueeze(-1).expand(-1, -1, d)).flatten(0, 1).double()
+                moment = xs.T @ xs if moment is None else moment + xs.T @ xs
+                sampled += len(xs)
+            x = x.flatten(0, 1)  # (n R, D)
             part = x.sum(0).double()  # float32 sums of <= 2R rows, accumulated in float64
             part_sq = x.square_().sum(0).double()
             if not (torch.isfinite(part).all() and torch.isfinite(part_sq).all()):
@@ -173,5 +184,52 @@ def region_stats(source: ShardSource) -> tuple[np.ndarray, np.ndarray]:
         raise DpnetError(f"{source.cache.path}: no training images left after the validation split")
     total, sq = total.numpy(), sq.numpy()
     mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
-    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+    std = np.maximum(np.sqrt(np.maximum(sq / count - mean**2, 0.0)), 1e-3)
+    corr = None
+    if moment is not None:  # E[(x - m)(x - m)^T] / (s s^T), from the sampled second moment
+        corr = (moment.numpy() / sampled - np.outer(mean, mean)) / np.outer(std, std)
+    return mean.astype(np.float32), std.astype(np.float32), corr
+
+
+def pca_basis(corr: np.ndarray, dim: int) -> np.ndarray:
+    """The ``dim`` leading eigenvectors (D, dim) of a correlation matrix, largest first, signs fixed."""
+    values, vectors = np.linalg.eigh(corr)  # ascending
+    basis = vectors[:, ::-1][:, :dim]
+    basis *= np.where(basis[np.abs(basis).argmax(0), np.arange(dim)] < 0, -1.0, 1.0)  # deterministic signs
+    return np.ascontiguousarray(basis, dtype=np.float32)
+
+
+class ProjectedChunks:
+    """The fitting chunks projected once onto the module's PCA basis: (n, R, D') float32 each.
+
+    Held in memory when they fit in ``budget_mb`` (projected, they are D / D' times smaller than
+    the cache); otherwise each pass projects each shard again as it streams by.
+    """
+
+    def __init__(self, source: ShardSource, project, width: int, budget_mb: float | None = None):
+        self.source, self.project = source, project
+        need = source.cache.count("train") * source.cache.n_regions * width * 4 / 2**20
+        self.hold = need <= (default_budget_mb() if budget_mb is None else budget_mb)
+        self._held: list[Chunk] | None = None
+        log.info("projected training split: %.1f MiB, %s", need, "held in memory" if self.hold else "re-projected")
+
+    def chunks(self) -> Iterator[Chunk]:
+        if self._held is not None:
+            yield from self._held
+            return
+        held = []
+        buf = None
+        for chunk in self.source.chunks():
+            out = []
+            for a in range(0, len(chunk), 16):
+                rows = np.arange(a, min(a + 16, len(chunk)))
+                if buf is None:
+                    buf = torch.empty(16 * chunk.regions.shape[1] * chunk.regions.shape[2])
+                out.append(self.project(chunk.batch_into(rows, buf)).numpy())
+            projected = Chunk(chunk.shard, np.concatenate(out), np.arange(len(chunk)), chunk.labels, chunk.image_ids)
+            del chunk
+            if self.hold:
+                held.append(projected)
+            yield projected
+        if self.hold:
+            self._held = held

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
 from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
+from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
-from .data import Chunk, ShardSource, check_finite, region_stats, split_arrays
+from .data import Chunk, ProjectedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import CONSTRAINTS
 from .model import DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
@@ -33,6 +34,7 @@ from .serialize import flatten, load_file, optimizer_parts, optimizer_state, sav
 log = logging.getLogger(__name__)
 
 MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes", "cache_id")
+PCA_REGIONS = 64  # random regions per training image behind the PCA basis
 BACKWARDS = ("dense", "sparse")
 
 
@@ -61,6 +63,9 @@ class DPNetClassifier:
             gather of the argmax rows); the same gradient either way.
         entropy_regions: regions per image the assignment entropy is averaged over at each step,
             drawn at random (an unbiased estimate); 0 takes every region.
+        pca_dim: D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised
+            training descriptors and trains on descriptors projected once (D / D' times less work
+            per pass); the parts are still scored in descriptor space. 0: no projection.
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
@@ -73,13 +78,13 @@ class DPNetClassifier:
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
-                 val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 pca_dim: int = 0, val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
         self.constraints = tuple(constraints)
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
-        self.init, self.backward, self.entropy_regions = init, backward, entropy_regions
+        self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
         self.val_fraction, self.memory_budget_mb = val_fraction, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
@@ -113,11 +118,14 @@ class DPNetClassifier:
             raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
         if self.entropy_regions < 0:
             raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
+        if self.pca_dim < 0:
+            raise ValueError(f"pca_dim must be >= 0 (0: no projection), got {self.pca_dim}")
 
     def make_module(self, dim: int, n_classes: int) -> DPNetModule:
         """An untrained module of this estimator's shape and loss."""
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
-                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs})
+                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs},
+                           basis_dim=self.pca_dim)
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
@@ -128,6 +136,8 @@ class DPNetClassifier:
         self._cache = cache
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
+        if self.pca_dim >= cache.dim:
+            raise ValueError(f"pca_dim must be below the descriptors' D={cache.dim}, got {self.pca_dim}")
         source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
         module = self.make_module(cache.dim, cache.n_classes).to(dev)
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
@@ -139,27 +149,39 @@ class DPNetClassifier:
             self._initialise(module, source)
             state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
                      "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
-        for epoch in range(state["epoch"], self.epochs):
-            row = self._run_epoch(module, opt, source, epoch, dev, progress)
-            row["val_top1"] = self._val_accuracy(module, cache, dev)
-            if np.isnan(row["val_top1"]) or row["val_top1"] > state["best_val"]:  # no val split: keep the last
-                state.update(best_val=row["val_top1"], best_epoch=epoch + 1,
-                             best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
-            state["history"].append(row)
-            state["epoch"] = epoch + 1
-            if checkpoint:
-                self._save_checkpoint(Path(checkpoint), module, opt, state)
-            if on_epoch:
-                on_epoch(row)
+        data = source
+        if self.pca_dim:  # project once (with the statistics and basis of the fit, or of the checkpoint)
+            data = ProjectedChunks(source, lambda x: module.project(x.to(dev)).cpu(), self.pca_dim,
+                                   self.memory_budget_mb)
+        with large_buffers_reused():
+            for epoch in range(state["epoch"], self.epochs):
+                self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
         module.load_state_dict(state["best_state"])
         del self._buf, self._cache
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
 
+    def _epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, data, cache: RegionCache, epoch: int,
+               dev: torch.device, progress: bool, state: dict[str, Any], checkpoint, on_epoch) -> None:
+        """One epoch, then validation, the best state, the checkpoint and the callback."""
+        row = self._run_epoch(module, opt, data, epoch, dev, progress)
+        row["val_top1"] = self._val_accuracy(module, cache, dev)
+        if np.isnan(row["val_top1"]) or row["val_top1"] > state["best_val"]:  # no val split: keep the last
+            state.update(best_val=row["val_top1"], best_epoch=epoch + 1,
+                         best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if checkpoint:
+            self._save_checkpoint(Path(checkpoint), module, opt, state)
+        if on_epoch:
+            on_epoch(row)
+
     def _initialise(self, module: DPNetModule, source: ShardSource) -> None:
-        mean, std = region_stats(source)
+        mean, std, corr = region_stats(source, PCA_REGIONS if self.pca_dim else 0, self.seed)
         module.mean.copy_(torch.from_numpy(mean))
         module.std.copy_(torch.from_numpy(std))
+        if self.pca_dim:
+            module.basis.copy_(torch.from_numpy(pca_basis(corr, self.pca_dim)))
         p, c, q = module.parts.shape[0], module.classifier.shape[0], self.parts_per_class
         gen = torch.Generator().manual_seed(self.seed)
         if self.init == "random":
@@ -172,7 +194,7 @@ class DPNetClassifier:
 
     def _region_prototypes(self, module: DPNetModule, source: ShardSource, gen: torch.Generator) -> torch.Tensor:
         """Each part starts at a random standardised region of a random training image of its class."""
-        c, q, dim = module.classifier.shape[0], self.parts_per_class, module.parts.shape[1]
+        c, q, width = module.classifier.shape[0], self.parts_per_class, module.parts.shape[1]
         rng = np.random.default_rng(self.seed)
         picks: list[list[np.ndarray]] = [[] for _ in range(c)]
         for chunk in source.chunks():
@@ -182,15 +204,16 @@ class DPNetClassifier:
                     take = rng.choice(rows, size=min(len(rows), 4 * q - len(picks[cls])), replace=True)
                     regions = rng.integers(0, chunk.regions.shape[1], len(take))
                     picks[cls] += list(chunk.regions[chunk.rows[take], regions].astype(np.float32))
-        out = torch.randn(c * q, dim, generator=gen) / dim**0.5
+        out = torch.randn(c * q, width, generator=gen) / width**0.5
         for cls in range(c):
             if picks[cls]:
                 chosen = rng.choice(len(picks[cls]), size=q, replace=len(picks[cls]) < q)
-                x = module.standardise(torch.from_numpy(np.stack([picks[cls][i] for i in chosen])).to(module.mean.device))
+                x = torch.from_numpy(np.stack([picks[cls][i] for i in chosen])).to(module.mean.device)
+                x = module.standardise(x) if module.basis is None else module.project(x)
                 out[cls * q:(cls + 1) * q] = torch.nn.functional.normalize(x, dim=1).cpu()
         return out
 
-    def _run_epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, source: ShardSource, epoch: int,
+    def _run_epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, source, epoch: int,
                    dev: torch.device, progress: bool) -> dict[str, Any]:
         lr = self.lr * self.lr_gamma ** (epoch // self.lr_step)
         for group in opt.param_groups:
@@ -258,13 +281,14 @@ class DPNetClassifier:
         order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk))
         rows_rng = np.random.default_rng([self.seed, epoch, chunk.shard, inner, 1])
         micro = self._micro(chunk.regions.shape[1:], dev)
+        projected = self.pca_dim > 0
         train = {"gemm_dtype": torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                 "sparse": self.backward == "sparse"}
+                 "sparse": self.backward == "sparse", "projected": projected}
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
             opt.zero_grad(set_to_none=True)
             terms, right = {}, 0
-            parts = module.step_parts()  # U folded once per step; its gradient is carried back below
+            parts = module.step_parts(projected)  # U folded once per step; its gradient is carried back below
             for m in range(0, len(idx), micro):
                 sub = idx[m:m + micro]
                 x = self._micro_input(chunk, sub, dev)  # (b, R, D)
@@ -351,8 +375,7 @@ class DPNetClassifier:
         known = set(cls.param_names())
         est = cls(**{k: v for k, v in meta["params"].items() if k in known})
         state = unflatten("module" if kind == "dpnet-model" else "best", tensors)
-        p, dim = state["parts"].shape
-        est.module_ = est.make_module(dim, state["classifier"].shape[0])
+        est.module_ = est.make_module(state["mean"].shape[0], state["classifier"].shape[0])
         est.module_.load_state_dict(state)
         est.module_.eval()
         est.cache_manifest_, est.classes_ = meta["manifest"], meta["classes"]
@@ -369,8 +392,9 @@ class DPNetClassifier:
     def _batched(self, regions: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor], batch: int = 64) -> np.ndarray:
         self._check_fitted()
         regions = np.asarray(regions)
-        if regions.ndim != 3 or regions.shape[2] != self.module_.parts.shape[1]:
-            raise ValueError(f"regions must be (N, R, D={self.module_.parts.shape[1]}), got {regions.shape}")
+        dim = self.module_.mean.shape[0]
+        if regions.ndim != 3 or regions.shape[2] != dim:
+            raise ValueError(f"regions must be (N, R, D={dim}), got {regions.shape}")
         dev = self.module_.mean.device
         outs = [fn(torch.from_numpy(regions[a:a + batch]).to(dev)).float().cpu().numpy()
                 for a in range(0, len(regions), batch)]

@@ -140,20 +140,31 @@ def _argmax_grad(x: torch.Tensor, where: torch.Tensor, g: torch.Tensor) -> torch
 class DPNetModule(nn.Module):
     """U (P, D), V (C, P), the input standardisation (D,) buffers, and the loss's settings.
 
+    With ``basis_dim`` = D' > 0 the parts live in a D'-dimensional subspace of the standardised
+    descriptors, spanned by the orthonormal columns of ``basis`` (D, D'): ``parts`` is then
+    (P, D') and the parts in descriptor space are ``parts @ basis.T``. Scores, norms and inner
+    products of parts are the same in both spaces (u . x = u' . x' for u in the subspace), so
+    the trainer can work on projected descriptors x' = basis^T (x - mean) / std, D / D' times
+    cheaper, while everything that scores raw descriptors (prediction, the analysis) does not
+    see the difference.
+
     Args:
         dim: D. n_parts: P. n_classes: C.
         parts_per_class: q; part p belongs to class p // q (for C_cs).
         constraints: subset of ("orth", "assign", "cs") in the loss.
         lambdas: weight of each constraint (defaults: method.md's).
+        basis_dim: D' of the parts' subspace; 0: the parts live in descriptor space.
     """
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
-                 constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None):
+                 constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
+                 basis_dim: int = 0):
         super().__init__()
-        self.parts = nn.Parameter(torch.zeros(n_parts, dim))  # U
+        self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("basis", torch.zeros(dim, basis_dim) if basis_dim else None)
         self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
         self.lambdas = {**LAMBDAS, **(lambdas or {})}
 
@@ -162,9 +173,18 @@ class DPNetModule(nn.Module):
         """(N, R, D) any float dtype -> float32 (N, R, D), (x - mean) / std."""
         return (regions.float() - self.mean) / self.std
 
+    def descriptor_parts(self) -> torch.Tensor:
+        """U in descriptor space, (P, D)."""
+        return self.parts if self.basis is None else self.parts @ self.basis.T
+
     def folded_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (P, D), c (P,)) with u_p . (x - mean) / std = W_p . x - c_p."""
-        return self.parts / self.std, (self.mean / self.std) @ self.parts.T
+        u = self.descriptor_parts()
+        return u / self.std, (self.mean / self.std) @ u.T
+
+    def project(self, regions: torch.Tensor) -> torch.Tensor:
+        """Raw (N, R, D) -> the standardised descriptors in the parts' subspace, float32 (N, R, D')."""
+        return self.standardise(regions) @ self.basis
 
     def scores(self, regions: torch.Tensor) -> torch.Tensor:
         """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std."""
@@ -195,28 +215,33 @@ class DPNetModule(nn.Module):
         return self.logits(self.pool(self.scores(regions)).b)
 
     # ------------------------------------------------------------------- the loss
-    def training_fold(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W (P, D), c (P,), 1/||u_p|| (P,)): what the fused training op takes from U."""
+    def training_fold(self, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, c (P,), 1/||u_p|| (P,)): what the fused training op takes from U. W is (P, D) for raw
+        descriptors, or the parts themselves (P, D') for ``projected`` ones (then c = 0)."""
+        inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        if projected:
+            return self.parts, self.parts.new_zeros(self.parts.shape[0]), inv_norm
         w, c = self.folded_parts()
-        return w, c, 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        return w, c, inv_norm
 
-    def step_parts(self) -> "StepParts":
+    def step_parts(self, projected: bool = False) -> "StepParts":
         """The folded parts of one optimiser step, shared by its micro-batches (see StepParts)."""
-        return StepParts(self)
+        return StepParts(self, projected)
 
     def forward_train(self, regions: torch.Tensor, entropy: bool, gemm_dtype: torch.dtype = torch.float32,
                       parts: "StepParts | None" = None, rows: torch.Tensor | None = None,
-                      sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      sparse: bool = False, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off), for training.
 
         The same numbers as :meth:`forward` and the entropy of softmax_p(S / ||u_p||), from one fused
         op. The GEMMs run in ``gemm_dtype`` (bfloat16 on CUDA), everything after them in float32.
         ``rows`` (N, R') picks the regions the entropy is averaged over (all when None): a random
         subset gives an unbiased estimate of the mean and of its gradient. ``sparse`` takes the
-        gather backward (see _TrainOp). With ``parts`` (from :meth:`step_parts`) the folded U is
-        taken from there and its gradient collects there until ``parts.backward()``.
+        gather backward (see _TrainOp). ``projected``: ``regions`` are already :meth:`project`-ed.
+        With ``parts`` (from :meth:`step_parts`) the folded U is taken from there and its gradient
+        collects there until ``parts.backward()``.
         """
-        w, c, inv_norm = self.training_fold() if parts is None else (parts.w, parts.c, parts.inv_norm)
+        w, c, inv_norm = self.training_fold(projected) if parts is None else (parts.w, parts.c, parts.inv_norm)
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
         best, _, ent = _TrainOp.apply(regions.to(gemm_dtype), w, c, inv_norm, rows, entropy, sparse)
@@ -262,13 +287,13 @@ class StepParts:
     gradients into U at the end of the step.
     """
 
-    def __init__(self, module: DPNetModule):
-        self._graph = module.training_fold()
+    def __init__(self, module: DPNetModule, projected: bool = False):
+        self._graph = module.training_fold(projected)
         self.w, self.c, self.inv_norm = (t.detach().requires_grad_() for t in self._graph)
 
     def backward(self) -> None:
         """Add the gradient collected on the leaves to U (a no-op when nothing reached them)."""
         pairs = [(t, leaf.grad) for t, leaf in zip(self._graph, (self.w, self.c, self.inv_norm))
-                 if leaf.grad is not None]
+                 if leaf.grad is not None and t.requires_grad]  # projected input: c is a constant 0
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
