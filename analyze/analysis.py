@@ -19,18 +19,25 @@ from dpnet.errors import DpnetError
 from dpnet.files import read_json
 from extract.cache import RegionCache
 from extract.datasets import DatasetIndex
-from extract.regions import boxes_to_pixels
+from extract.regions import boxes_to_pixels, crop_box
 from train.class_parts import pooled_shards
 from train.data import check_finite
+from train.baselines import LINEAR_KIND
 from train.estimator import DPNetClassifier
+from train.serialize import load_file
 
 from .explain import DPNetExplainer, deletion_scores
-from .localize import box_centres, defining_part_hits, landmark_error, part_consistency, pointing_game
+from .localize import (box_centres, defining_part_hits, keypoint_hits, landmark_error, on_object_share,
+                       part_consistency, part_purity, part_stability, peak_boxes, pointing_game)
+from .ownership import own_evidence_share, own_top3_share, owned_parts
+from .pixels import PixelProbe, auc, deletion_curves, sample_test_images, stability_hits
 from .stats import PartStats, part_stats
 
 log = logging.getLogger(__name__)
 
 FAITH_K = (1, 3, 5)
+EVIDENCE_TOP = 5  # the evidence regions on-object counts: the best regions of the top-5 parts
+PURITY_K = 10  # PIP-Net's purity looks at each part's top-10 training regions
 
 
 @dataclass
@@ -84,8 +91,6 @@ def crop_boxes(cache: RegionCache, index: DatasetIndex | None, ids: np.ndarray, 
         return None
     if index is None:
         raise DpnetError(f"{cache.path} was extracted with CROP=1 but its dataset (and so its boxes) cannot be read")
-    from extract.regions import crop_box
-
     return np.array([crop_box(index.bboxes[int(i)], tuple(wh)) for i, wh in zip(ids, sizes)], np.float32)
 
 
@@ -103,18 +108,22 @@ def read_boxes_csv(path: Path, table: list[dict[str, Any]]) -> dict[int, tuple[f
 
 
 def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show: int = 8, max_faith: int = 500,
-            boxes_csv: Path | None = None, progress: bool = False, use_dask: bool = False) -> Analysis:
+            boxes_csv: Path | None = None, progress: bool = False, use_dask: bool = False, pixel_images: int = 200,
+            pixel_steps: int = 8, seed: int = 0) -> Analysis:
     """Compute the report's numbers for the run in ``run_dir`` (see the module docstring).
 
     With ``use_dask`` the training-set pass runs as a dask graph (on the active client, if any).
+    ``pixel_images`` test images (a seeded sample; 0: none) go through the backbone again for
+    the stability and pixel-space deletion / insertion measures.
     """
     est, cache, metrics = load_run(run_dir, cache)
+    top_k = max(k, PURITY_K)
     if use_dask:
         from .dask_stats import part_stats_dask
 
-        stats = part_stats_dask(est, cache, k)
+        stats = part_stats_dask(est, cache, top_k)
     else:
-        stats = part_stats(est, cache, k, progress)
+        stats = part_stats(est, cache, top_k, progress)
     expl = DPNetExplainer(est, stats.d)
     index = dataset_index(cache)
     table = cache.image_table()
@@ -124,16 +133,21 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     test = _test_pass(expl, cache, n_show, max_faith)
     test["crops"] = crop_boxes(cache, index, test["ids"], test["sizes"])
     numbers = {"accuracy": metrics, "faithfulness": _faithfulness(test["named"], test["random"]),
+               "ownership": _ownership(est, stats, test),
                "parts": {"P": int(est.module_.parts.shape[0]), "q": est.parts_per_class,
                          "f_mean": float(stats.f.mean()), "f_max": int(stats.f.max()),
                          "parts_in_no_top_q": int((stats.f == 0).sum())},
                "test_images": int(len(test["labels"])),
                "test_top1_recomputed": float(100 * (test["preds"] == test["labels"]).mean())}
-    numbers["localisation"] = _localisation(est, expl, cache, index, obj, test)
+    numbers["localisation"] = _localisation(est, expl, cache, index, obj, test, stats)
+    pixel = _pixel_measures(est, cache, index, obj, run_dir, pixel_images, pixel_steps, seed, progress)
+    numbers["localisation"].update(pixel.pop("localisation", {}))
+    numbers["faithfulness"].update(pixel.pop("faithfulness", {}))
     numbers["ablation"] = _read_csv(run_dir / "ablation.csv")
     numbers["history"] = _read_csv(run_dir / "log.csv")
     return Analysis(est, cache, stats, expl, numbers, test["shown"],
-                    {"named": test["named"].mean(0), "random": test["random"].mean(0)}, index)
+                    {"named": test["named"].mean(0), "random": test["random"].mean(0), **pixel.get("curves", {})},
+                    index)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -153,7 +167,7 @@ def _num(v: str) -> Any:
 def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith: int) -> dict[str, Any]:
     """Stream the test split: predictions, deletion curves, per-image best regions, shown images."""
     out: dict[str, list] = {k: [] for k in ("ids", "labels", "preds", "named", "random", "where", "raw", "boxes", "sizes",
-                                            "heat_true")}
+                                            "heat_true", "points", "evidence")}
     shown: list[TestImage] = []
     faith_left, grid = max_faith, tuple(cache.manifest["grid"])
     fields = ("regions", "boxes", "sizes", "labels", "image_ids")
@@ -165,8 +179,13 @@ def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith:
                 check_finite(a["regions"][sl], a["image_ids"][sl], cache.shard_location(shard))
                 check_finite(scores, a["image_ids"][sl], cache.shard_location(shard), "part scores")
             b, where = expl.pool(scores)
-            logits = expl.contributions(b).sum(-1)  # (n, C)
+            contributions = expl.contributions(b)  # (n, C, P)
+            logits = contributions.sum(-1)  # (n, C)
             preds = logits.argmax(1)
+            points = contributions[np.arange(len(preds)), preds]  # (n, P): the prediction's evidence
+            top = np.argsort(-points, axis=1, kind="stable")[:, :EVIDENCE_TOP]  # its top parts
+            out["points"].append(points)
+            out["evidence"].append(np.take_along_axis(where, top, 1))  # (n, 5) their best regions
             m = min(faith_left, len(scores))
             if m:
                 named, rand = deletion_scores(expl, scores[:m], preds[:m], steps=max(FAITH_K) * 2)
@@ -199,33 +218,59 @@ def _pick_shown(shown: list[TestImage], n_show: int, scores: np.ndarray, logits:
 
 
 def _faithfulness(named: np.ndarray, rand: np.ndarray) -> dict[str, Any]:
-    """Mean class-score drop when the top-k parts' regions are removed, against as many random ones."""
+    """Mean class-score drop when the top-k parts' regions are removed, against as many random ones.
+
+    Drops are also given in percent of the mean logit. A max over hundreds of overlapping regions
+    barely notices a few random ones gone, so the random drop is often ~0: the ratio divides by
+    at least 0.1% of the logit, and says so (``ratio_is_lower_bound``), rather than reading infinity.
+    """
     if not len(named):
         return {}
     rows = {}
-    tol = 1e-3 * float(np.abs(named[:, 0]).mean())  # a random drop below 0.1% of the score counts as none
+    scale = float(np.abs(named[:, 0]).mean())
+    floor = 1e-3 * scale
     for k in FAITH_K:
         dn, dr = float((named[:, 0] - named[:, k]).mean()), float((rand[:, 0] - rand[:, k]).mean())
-        # random removal often leaves the score unchanged or raises it a little: no finite ratio then
-        rows[f"k{k}"] = {"drop_named": dn, "drop_random": dr, "ratio": dn / dr if dr > tol else float("inf")}
+        rows[f"k{k}"] = {"drop_named": dn, "drop_random": dr, "drop_named_pct": 100 * dn / scale,
+                         "drop_random_pct": 100 * dr / scale, "ratio": dn / max(dr, floor),
+                         "ratio_is_lower_bound": dr < floor}
     rows["images"] = int(len(named))
     return rows
 
 
+def _ownership(est: DPNetClassifier, stats: PartStats, test: dict[str, Any]) -> dict[str, Any]:
+    """Whether V lets each class speak through its own parts (see analyze.ownership)."""
+    q = est.parts_per_class
+    out = {"own_top3_share": own_top3_share(stats.d, q), "owned_parts": int(owned_parts(stats.d, q).sum()),
+           "parts": int(stats.d.shape[1])}
+    if len(test["labels"]):
+        out["own_evidence_share"] = own_evidence_share(test["points"], test["preds"], q)
+    return out
+
+
 def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | None,
-                  obj: dict[int, tuple], test: dict[str, Any]) -> dict[str, Any]:
-    """Landmark error, part consistency, pointing game and (synth) defining-part hits, where annotated."""
+                  obj: dict[int, tuple], test: dict[str, Any], stats: PartStats) -> dict[str, Any]:
+    """Landmark error, consistency (EvalProtoPNet's and the region-box variant), purity, on-object
+    evidence, pointing game and (synth) defining-part hits, where the dataset is annotated."""
     grid, out = tuple(cache.manifest["grid"]), {}
     ids = test["ids"]
     pix = boxes_to_pixels(test["boxes"], grid, test["sizes"], test["crops"])  # (N, R, 4)
     best_pix = np.take_along_axis(pix, test["where"][..., None], 1)  # (N, P, 4)
-    if obj and all(int(i) in obj for i in ids):
+    has_boxes = bool(obj) and all(int(i) in obj for i in ids)
+    if has_boxes:
         box = np.array([obj[int(i)] for i in ids], np.float64)
         out["pointing_game"] = pointing_game(test["heat_true"], grid, test["sizes"], box, test["crops"])
+        evidence = np.take_along_axis(pix, test["evidence"][..., None], 1)  # (N, 5, 4)
+        out["on_object_share"] = on_object_share(box_centres(evidence), box)
     if index is None or not index.part_locs or not all(int(i) in index.part_locs for i in ids):
         return out
     kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)  # (N, K, 3)
-    out["consistency"], _ = part_consistency(best_pix, kp, test["labels"], est.parts_per_class)
+    q = est.parts_per_class
+    frames = _frames(ids, test["sizes"], test["crops"], obj)
+    out["consistency_evalprotopnet"], _ = part_consistency(peak_boxes(box_centres(best_pix), frames), kp,
+                                                           test["labels"], q)
+    out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], q)
+    out["purity"] = _purity(cache, index, obj, stats)
     out["keypoints"] = list(index.part_names)
     if index.bboxes:
         train = _train_centres(est, cache, index)
@@ -242,6 +287,77 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
         hit, chance = defining_part_hits(top_boxes, best_pix, kp, defining)
         out["top_part_on_defining_part"] = hit
         out["chance_region_on_defining_part"] = chance
+    return out
+
+
+def _frames(ids: np.ndarray, sizes: np.ndarray, crops: np.ndarray | None, obj: dict[int, tuple]) -> np.ndarray:
+    """(N, 2) the width and height a peak box is a share of: the image the model saw when it was cut
+    to the object box (CROP=1), else the object box when known (EvalProtoPNet's images are such
+    crops), else the whole image."""
+    if crops is not None:
+        return (crops[:, 2:] - crops[:, :2]).astype(np.float64)
+    if obj and all(int(i) in obj for i in ids):
+        return np.array([obj[int(i)][2:] for i in ids], np.float64)
+    return np.asarray(sizes, np.float64)
+
+
+def _purity(cache: RegionCache, index: DatasetIndex, obj: dict[int, tuple], stats: PartStats) -> float:
+    """PIP-Net's purity of the parts' top training regions, with the same peak boxes as consistency."""
+    top_image, top_region = stats.top_image[:, :PURITY_K], stats.top_region[:, :PURITY_K]
+    want = set(int(i) for i in top_image.ravel())
+    rows = {}
+    for _, a in cache.iter_shards("train", ("boxes", "sizes", "image_ids"), prefetch=False):
+        for r, iid in enumerate(a["image_ids"]):
+            if int(iid) in want:
+                rows[int(iid)] = (a["boxes"][r], a["sizes"][r])
+    if not all(i in index.part_locs for i in want):
+        return float("nan")
+    ids = top_image.ravel()
+    boxes = np.stack([rows[int(i)][0][r] for i, r in zip(ids, top_region.ravel())])[:, None, :]  # (P k, 1, 4)
+    sizes = np.stack([rows[int(i)][1] for i in ids])
+    crops = crop_boxes(cache, index, ids, sizes)
+    pix = boxes_to_pixels(boxes, tuple(cache.manifest["grid"]), sizes, crops)  # (P k, 1, 4)
+    frames = _frames(ids, sizes, crops, obj)
+    kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)
+    hits = keypoint_hits(peak_boxes(box_centres(pix), frames), kp)  # (P k, 1, K)
+    return part_purity(hits.reshape(top_image.shape + (kp.shape[1],)))
+
+
+def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
+                    run_dir: Path, n: int, steps: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Stability and pixel-space deletion / insertion on a seeded sample of test images (analyze.pixels)."""
+    if n <= 0 or index is None:
+        return {}
+    sample = sample_test_images(cache, n, seed, index.bboxes)
+    if not len(sample.ids) or not all(p.is_file() for p in sample.paths):
+        log.warning("the test images of %s are not all readable: the pixel-space measures are skipped", cache.path)
+        return {}
+    probe = PixelProbe(est, cache)
+    out: dict[str, Any] = {"localisation": {}, "faithfulness": {"pixel_images": int(len(sample.ids)),
+                                                                "pixel_steps": steps}}
+    if index.part_locs and all(int(i) in index.part_locs for i in sample.ids):
+        kp = np.stack([index.part_locs[int(i)] for i in sample.ids]).astype(np.float64)
+        crops = crop_boxes(cache, index, sample.ids, sample.sizes)
+        clean, noisy = stability_hits(probe, sample, kp, _frames(sample.ids, sample.sizes, crops, obj), seed,
+                                      progress=progress)
+        out["localisation"]["stability_evalprotopnet"] = part_stability(
+            *(_all_parts(h, sample.labels, est) for h in (clean, noisy)), sample.labels, est.parts_per_class)
+    linear_file = run_dir / "global_linear.pt"
+    linear = load_file(linear_file, (LINEAR_KIND,))[2] if linear_file.is_file() else None
+    curves = deletion_curves(probe, sample, linear, steps, seed, progress=progress)
+    for name, c in curves.items():
+        kind, order = name.split("_")
+        out["faithfulness"][f"{kind}_auc" + ("" if order == "dpnet" else f"_{order}")] = auc(c)
+    out["curves"] = {name: c.mean(0) for name, c in curves.items()}
+    return out
+
+
+def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np.ndarray:
+    """(N, q, K) hits of each image's class parts -> (N, P, K), the other parts empty."""
+    q, p = est.parts_per_class, est.module_.parts.shape[0]
+    out = np.zeros((len(hits), p, hits.shape[-1]), bool)
+    for i, c in enumerate(labels):
+        out[i, c * q:(c + 1) * q] = hits[i]
     return out
 
 

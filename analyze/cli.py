@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
     p.add_argument("--dask", default=None, help="run the training-set pass on dask: 'local' (a local cluster) "
                                                 "or a distributed scheduler address (tcp://host:8786)")
+    p.add_argument("--pixel-images", type=int, default=200,
+                   help="report: test images (a seeded sample) described again for stability and pixel-space "
+                        "deletion / insertion; 0 skips them, a large number takes every test image")
+    p.add_argument("--pixel-steps", type=int, default=8, help="report: steps of the deletion / insertion curves")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
             with _dask_client(args.dask):
                 page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
-                                    progress=not args.no_progress, use_dask=args.dask is not None)
+                                    progress=not args.no_progress, use_dask=args.dask is not None,
+                                    pixel_images=args.pixel_images, pixel_steps=args.pixel_steps)
             print(f"report: {page}")
             return 0
         if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb

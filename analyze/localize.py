@@ -1,6 +1,12 @@
 """Localisation checks where the dataset has keypoints or object boxes (CUB layout, synth).
 
-All positions are in original-image pixels. Glossary: N images, P parts, K keypoints.
+All positions are in original-image pixels. Glossary: N images, P parts, K keypoints, k top regions.
+
+EvalProtoPNet (Huang et al., ICCV 2023) and PIP-Net (Nauta et al., CVPR 2023) judge a part by the
+keypoints inside a fixed-size box around its peak: 72 px in their 224 px crops of the bird, i.e.
+0.32 of the bird box's side (:data:`EVAL_BOX`). :func:`peak_boxes` draws that box around the
+centre of a part's best region, sized by the object box when there is one (as their crops are),
+else by the image.
 """
 
 from __future__ import annotations
@@ -50,28 +56,81 @@ def landmark_error(train_parts: np.ndarray, train_kp: np.ndarray, train_box: np.
     return float(100 * np.concatenate(errors).mean()) if errors else float("nan")
 
 
-def part_consistency(best_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int,
-                     threshold: float = 0.8) -> tuple[float, np.ndarray]:
-    """EvalProtoPNet's consistency: a part is consistent when its best region covers the same
-    keypoint in >= ``threshold`` of the test images of its class (where that keypoint is visible).
+EVAL_BOX = 0.32  # EvalProtoPNet's 72 px box at 224 px, as a share of the (bird's) side
+
+
+def peak_boxes(centres: np.ndarray, frame_wh: np.ndarray, share: float = EVAL_BOX) -> np.ndarray:
+    """Boxes (..., 4) x0, y0, x1, y1 of ``share`` of the frame's width and height around ``centres`` (..., 2).
 
     Args:
-        best_boxes: (N, P, 4) pixel boxes of each part's best region. kp: (N, K, 3). labels: (N,).
+        centres: (N, ..., 2) pixel points (a part's peak: the centre of its best region).
+        frame_wh: (N, 2) the width and height the box is a share of: the object box, or the image.
+    """
+    half = (share / 2) * np.asarray(frame_wh, np.float64).reshape((len(centres),) + (1,) * (centres.ndim - 2) + (2,))
+    return np.concatenate([centres - half, centres + half], -1)
+
+
+def keypoint_hits(boxes: np.ndarray, kp: np.ndarray) -> np.ndarray:
+    """Which visible keypoints lie in each box: boxes (N, P, 4), kp (N, K, 3) -> bool (N, P, K)."""
+    return inside(kp[:, None, :, :2], boxes[:, :, None, :]) & (kp[:, None, :, 2] > 0)
+
+
+def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int,
+                     threshold: float = 0.8) -> tuple[float, np.ndarray]:
+    """EvalProtoPNet's consistency: a part is consistent when its box covers the same keypoint in
+    >= ``threshold`` of the test images of its class where that keypoint is visible.
+
+    Args:
+        part_boxes: (N, P, 4) pixel boxes of each part: its best region (the region-box variant),
+            or :func:`peak_boxes` around its best region's centre (EvalProtoPNet's protocol).
+        kp: (N, K, 3). labels: (N,).
 
     Returns:
         The share of consistent parts (percent, higher is better) and each part's best hit rate (P,).
     """
-    n, p, _ = best_boxes.shape
+    n, p, _ = part_boxes.shape
     rate = np.zeros(p)
     for part in range(p):
         mine = labels == part // parts_per_class
         if not mine.any():
             continue
-        hit = inside(kp[mine, :, :2], best_boxes[mine, part][:, None, :])  # (n_c, K)
+        hit = inside(kp[mine, :, :2], part_boxes[mine, part][:, None, :])  # (n_c, K)
         vis = kp[mine, :, 2] > 0
         per_kp = (hit & vis).sum(0) / np.maximum(vis.sum(0), 1)
         rate[part] = per_kp.max()
     return float(100 * (rate >= threshold).mean()), rate
+
+
+def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray, parts_per_class: int) -> float:
+    """EvalProtoPNet's stability: for each part, the share of its class's test images whose set of
+    keypoints in its box is the same with the input perturbed; the mean over parts, percent.
+
+    Args:
+        hits, noisy_hits: (N, P, K) bool, from :func:`keypoint_hits` on clean and perturbed images.
+        labels: (N,). Parts whose class has no image here are left out.
+    """
+    same = (hits == noisy_hits).all(-1)  # (N, P)
+    owner = np.arange(hits.shape[1]) // parts_per_class
+    rates = [same[labels == owner[p], p].mean() for p in range(hits.shape[1]) if (labels == owner[p]).any()]
+    return float(100 * np.mean(rates)) if rates else float("nan")
+
+
+def part_purity(hits: np.ndarray) -> float:
+    """PIP-Net's purity: for each part, the share of its top-k training regions holding the keypoint
+    most of them hold; the mean over parts, in [0, 1].
+
+    Args:
+        hits: (P, k, K) bool, which visible keypoints lie in the box of each of a part's top-k regions.
+    """
+    if not hits.size:
+        return float("nan")
+    return float((hits.sum(1).max(-1) / hits.shape[1]).mean())
+
+
+def on_object_share(centres: np.ndarray, obj: np.ndarray) -> float:
+    """Percent of region centres (N, M, 2) inside their image's object box (N, 4 as x, y, w, h)."""
+    box = np.concatenate([obj[:, :2], obj[:, :2] + obj[:, 2:]], -1)[:, None, :]  # (N, 1, 4)
+    return float(100 * inside(centres, box).mean()) if centres.size else float("nan")
 
 
 def pointing_game(heat: np.ndarray, grid: tuple[int, int], sizes_wh: np.ndarray, obj: np.ndarray,

@@ -23,8 +23,46 @@ from extract.regions import boxes_to_pixels
 
 from . import draw
 from .analysis import FAITH_K, Analysis, TestImage, analyse
+from .ownership import owned_parts
 
 log = logging.getLogger(__name__)
+
+# Every interpretability measure the report shows: where it is in analysis.json, its name, which way
+# is better, the published figures to read it against, and its protocol in a sentence.
+MEASURES = [
+    ("localisation", "consistency_evalprotopnet", "consistency (EvalProtoPNet), %", "higher",
+     "ProtoPNet 53.3 (ResNet-50) to 81.7 (VGG-19); cosine-similarity prototypes near 100",
+     "A part's peak is the centre of its best region; on each test image of the part's class a box of 0.32 of "
+     "the bird's side (their 72 px at 224 px) is drawn around it, and the part is consistent when one keypoint "
+     "lies in that box in at least 80% of the images where it is visible. The score is the share of consistent parts."),
+    ("localisation", "consistency_region_box", "consistency, region-box variant, %", "higher",
+     "ours: not comparable to published figures",
+     "The same 80% rule with the part's best region itself as the box (regions vary in size)."),
+    ("localisation", "stability_evalprotopnet", "stability (EvalProtoPNet), %", "higher",
+     "ProtoPNet-like 31.7-46.4; cosine variants up to 66.2",
+     "Gaussian noise (sigma 0.2, clipped to +-0.25) is added to each normalised image of a seeded sample of test "
+     "images, which is described again with the same backbone and boxes; the score is the share of (part, image "
+     "of its class) pairs whose keypoints in the peak box are unchanged."),
+    ("localisation", "purity", "purity (PIP-Net), 0-1", "higher", "ProtoPNet 0.46; PIP-Net about 0.9",
+     "For each part's top-10 training regions (one per image), the keypoints in the peak box around each region's "
+     "centre; purity is the share of the ten holding the keypoint most of them hold, averaged over parts."),
+    ("ownership", "own_top3_share", "classes whose top-3 parts are their own, %", "higher", "by chance about 0",
+     "Part p belongs to class p // q; a class counts when its three parts of highest d(p, c) are all its own."),
+    ("ownership", "own_evidence_share", "predicted class's evidence from its own parts, %", "higher",
+     "by chance about 1/C",
+     "The share of the predicted class's positive points (v_cp b_p > 0) carried by its own q parts, averaged "
+     "over test images."),
+    ("localisation", "on_object_share", "evidence on the object, %", "higher", "",
+     "The share of the top-5 evidence regions (the best regions of the predicted class's five highest-scoring "
+     "parts) whose centre lies in the object box."),
+    ("localisation", "landmark_error_x100", "landmark error x100", "lower",
+     "region grouping 11.51 (ResNet-101, fine-tuned)",
+     "The centres of every part's best region, normalised by the bird box, regress each keypoint (one ridge "
+     "regression per keypoint, fitted on the training images where it is visible); the mean L2 error on the "
+     "visible test keypoints, in units of the box, times 100."),
+    ("localisation", "pointing_game", "pointing game, %", "higher", "",
+     "The share of test images whose heatmap peak (the centre of the hottest grid cell) lies in the object box."),
+]
 
 CSS = """body{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
@@ -40,7 +78,8 @@ th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}.cards{displ
 
 
 def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k: int = 6, n_show: int = 8,
-                 boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False) -> Path:
+                 boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False,
+                 pixel_images: int = 200, pixel_steps: int = 8) -> Path:
     """Analyse the run and write ``<run>/report/index.html``, its images and ``analysis.json``.
 
     Raises:
@@ -53,7 +92,7 @@ def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k
         out = temp_path(final)
         (out / "img").mkdir(parents=True)
         try:
-            _write_report(run, out, cache, k, n_show, boxes_csv, progress, use_dask)
+            _write_report(run, out, cache, k, n_show, boxes_csv, progress, use_dask, pixel_images, pixel_steps)
         except BaseException:
             remove(out)
             raise
@@ -66,10 +105,10 @@ def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k
 
 
 def _write_report(run: Path, out: Path, cache: RegionCache | None, k: int, n_show: int, boxes_csv: str | None,
-                  progress: bool, use_dask: bool) -> None:
+                  progress: bool, use_dask: bool, pixel_images: int, pixel_steps: int) -> None:
     an = analyse(run, cache, k=k, n_show=n_show, boxes_csv=Path(boxes_csv) if boxes_csv else None, progress=progress,
-                 use_dask=use_dask)
-    pages = _Renderer(an, out)
+                 use_dask=use_dask, pixel_images=pixel_images, pixel_steps=pixel_steps)
+    pages = _Renderer(an, out, k)
     body = "\n".join([pages.summary(), pages.accuracy(), pages.faithfulness(), pages.localisation(),
                       pages.class_view(), pages.image_view(), pages.gallery()])
     title = f"DP-Net report: {run.name}"
@@ -100,6 +139,10 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return html.escape(str(v))
 
 
+def _pct(v: float) -> str:
+    return f"{v:.1f}%"
+
+
 def esc(text: Any, limit: int | None = None) -> str:
     """A dataset-derived string for HTML: cut to ``limit`` characters first, then escaped."""
     text = str(text)
@@ -122,8 +165,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 class _Renderer:
     """Turns an Analysis into HTML sections, saving the images each one needs."""
 
-    def __init__(self, an: Analysis, out: Path):
-        self.an, self.out, self.n_img = an, out, 0
+    def __init__(self, an: Analysis, out: Path, k: int):
+        self.an, self.out, self.n_img, self.k = an, out, 0, k
         self.cache = an.cache
         self.grid = tuple(self.cache.manifest["grid"])
         self.classes = an.est.classes_
@@ -133,6 +176,7 @@ class _Renderer:
         self._images: dict[int, Any] = {}
         # with CROP=1, show what the model saw: the crops (boxes from the analysis's dataset index)
         self.crop_index = an.index if self.cache.manifest.get("config", {}).get("crop") else None
+        self.owned = owned_parts(an.stats.d, an.est.parts_per_class)
 
     # ------------------------------------------------------------------ helpers
     def _small_fields(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -187,18 +231,23 @@ class _Renderer:
                            f"(q={self.an.est.parts_per_class} per class) · {len(self.classes)} classes")
 
     def summary(self) -> str:
-        acc = self.an.numbers["accuracy"]
+        n = self.an.numbers
+        acc, loc, own, f = n["accuracy"], n["localisation"], n.get("ownership", {}), n["faithfulness"]
         cards = [("DP-Net top-1", acc["dpnet"]["top1"], "% of test images, higher is better")]
-        if "global_linear" in acc:
-            cards.append(("global linear top-1", acc["global_linear"]["top1"], "same features, averaged globally"))
-        f = self.an.numbers["faithfulness"].get("k3", {})
-        if f:
-            cards.append(("faithfulness ratio (k=3)", f["ratio"], "named / random score drop; >1 is faithful"))
-        loc = self.an.numbers["localisation"]
-        if "pointing_game" in loc:
-            cards.append(("pointing game", loc["pointing_game"], "% of heatmap peaks inside the object"))
-        html_cards = "".join(f"<div class='card'>{html.escape(t)}<b>{_fmt(v, 1)}</b><span class='note'>{html.escape(n)}</span></div>"
-                             for t, v, n in cards)
+        best = max((k for k in ("global_linear", "global_mlp", "global_logreg") if k in acc),
+                   key=lambda k: acc[k]["top1"], default=None)
+        if best:
+            cards.append((f"best global baseline ({best[7:]})", acc[best]["top1"], "same features, averaged globally"))
+        for group, key, title, note in (
+                (loc, "consistency_evalprotopnet", "consistency", "% of parts (EvalProtoPNet)"),
+                (loc, "purity", "purity", "0-1, PIP-Net's measure"), (own, "own_top3_share", "own top-3 parts",
+                                                                       "% of classes"),
+                (loc, "on_object_share", "evidence on the object", "% of top-5 regions"),
+                (f, "deletion_auc", "deletion AUC", f"lower is better; random {_fmt(f.get('deletion_auc_random'), 3)}")):
+            if key in group:
+                cards.append((title, group[key], note))
+        html_cards = "".join(f"<div class='card'>{html.escape(t)}<b>{_fmt(v, 3 if isinstance(v, float) and abs(v) < 1 else 1)}"
+                             f"</b><span class='note'>{html.escape(n)}</span></div>" for t, v, n in cards)
         return f"<section><h2>At a glance</h2><div class='cards'>{html_cards}</div></section>"
 
     def accuracy(self) -> str:
@@ -230,34 +279,77 @@ class _Renderer:
         f = self.an.numbers["faithfulness"]
         if not f:
             return ""
-        rows = [[f"top-{k} parts", f[f"k{k}"]["drop_named"], f[f"k{k}"]["drop_random"], f[f"k{k}"]["ratio"]] for k in FAITH_K]
+        parts = ["<section><h2>Faithfulness</h2>"]
+        if "deletion_auc" in f:
+            parts.append(self._pixel_faithfulness(f))
+        rows = [[f"top-{k} parts", f[f"k{k}"]["drop_named"], _pct(f[f"k{k}"]["drop_named_pct"]),
+                 f[f"k{k}"]["drop_random"], _pct(f[f"k{k}"]["drop_random_pct"]),
+                 ("at least " if f[f"k{k}"]["ratio_is_lower_bound"] else "") + f"{f[f'k{k}']['ratio']:.1f}"]
+                for k in FAITH_K]
         steps = np.arange(len(self.an.deletion["named"]))
-        name = "img/deletion.png"
+        name = "img/deletion-regions.png"
         draw.line_plot(self.out / name, {"regions the explanation names": (steps, self.an.deletion["named"]),
                                          "as many random regions": (steps, self.an.deletion["random"])},
-                       "top-k contributing parts removed", "mean predicted-class logit", "deletion curves")
-        return ("<section><h2>Faithfulness</h2><p class='note'>For each of "
-                f"{f['images']} test images, the best regions of the top-k parts behind the predicted class are "
-                "removed from X (exactly, in region space) and the class score recomputed; the same number of "
-                "random regions is removed for comparison. A faithful explanation drops the score far more than "
-                "random removal: ratio above 1 is better.</p>"
-                + _table(["removed", "mean drop (named)", "mean drop (random)", "ratio"], rows)
-                + f"<p class='note'>Deletion curves: the lower the named curve sits under the random one, the more "
-                  f"the named regions carry the decision.</p><img src='{name}' alt='deletion curves'></section>")
+                       "top-k contributing parts removed", "mean predicted-class logit", "deletion in region space")
+        parts.append(
+            f"<p class='note'>In region space: for each of {f['images']} test images the best regions of the top-k "
+            "parts behind the predicted class are removed from X (exactly: they leave the max-pool) and the class "
+            "logit recomputed; as many random regions are removed for comparison. With hundreds of overlapping "
+            "regions a few random ones are rarely missed, so the ratio divides by at least 0.1% of the logit.</p>"
+            + _table(["removed", "drop (named)", "% of logit", "drop (random)", "% of logit", "named / random"], rows)
+            + f"<img src='{name}' alt='deletion curves in region space'></section>")
+        return "".join(parts)
+
+    def _pixel_faithfulness(self, f: dict) -> str:
+        orders = [o for o in ("dpnet", "random", "cam") if f"deletion_auc{'' if o == 'dpnet' else '_' + o}" in f]
+        label = {"dpnet": "DP-Net's evidence", "random": "random cells", "cam": "CAM of the global linear baseline"}
+
+        def key(kind, o):
+            return f"{kind}_auc" + ("" if o == "dpnet" else f"_{o}")
+
+        rows = [[label[o], f[key("deletion", o)], f[key("insertion", o)]] for o in orders]
+        x = np.linspace(0, 1, f["pixel_steps"] + 1)
+        pics = []
+        for kind in ("deletion", "insertion"):
+            name = f"img/{kind}-pixels.png"
+            draw.line_plot(self.out / name, {label[o]: (x, self.an.deletion[f"{kind}_{o}"]) for o in orders},
+                           f"share of grid cells {'blanked' if kind == 'deletion' else 'revealed'}",
+                           "mean class probability", f"{kind} in pixel space")
+            pics.append(f"<img src='{name}' alt='{kind} curves'>")
+        return (f"<p class='note'>In pixel space (RISE), on {f['pixel_images']} test images drawn with a fixed seed: "
+                "the image's grid cells are blanked to the mean colour (deletion) or revealed on a blank image "
+                f"(insertion) in {f['pixel_steps']} steps, in the order an explanation ranks them, and the image goes "
+                "through the backbone and the model again; the area under the predicted class's probability. "
+                "Deletion: lower is better; insertion: higher is better. All orders are judged on DP-Net's own "
+                "probability; DP-Net's order spreads each part's positive points over its best region.</p>"
+                + _table(["cells ordered by", "deletion AUC", "insertion AUC"], rows)
+                + f"<div class='row'>{''.join(pics)}</div>")
 
     def localisation(self) -> str:
-        loc = self.an.numbers["localisation"]
-        if not loc:
-            return ("<section><h2>Localisation</h2><p class='note'>This dataset has no keypoints or object boxes "
-                    "(pass BOXES=file.csv for boxes), so localisation is not measured.</p></section>")
-        lines = {"landmark_error_x100": "landmark regression error x100 (part centres -> keypoints, lower is better)",
-                 "consistency": "consistent parts, % (best region on the same keypoint in >= 80% of its class's "
-                                "test images; higher is better)",
-                 "pointing_game": "pointing game, % (heatmap peak inside the object box; higher is better)",
-                 "top_part_on_defining_part": "top part's best region covers a class-defining part, % (higher is better)",
-                 "chance_region_on_defining_part": "the same for a random part's best region (chance level), %"}
-        rows = [[lines[k], loc[k]] for k in lines if k in loc]
-        return "<section><h2>Localisation</h2>" + _table(["measure", "value"], rows) + "</section>"
+        n = self.an.numbers
+        present = [m for m in MEASURES if m[1] in n.get(m[0], {})]
+        if not present:
+            return ("<section><h2>Parts: localisation and ownership</h2><p class='note'>This dataset has no keypoints "
+                    "or object boxes (pass BOXES=file.csv for boxes), so localisation is not measured.</p></section>")
+        rows = [[title, n[group][key], better, anchor] for group, key, title, better, anchor, _ in present]
+        protocols = "".join(f"<li><b>{html.escape(title)}</b>: {html.escape(text)}</li>"
+                            for _, _, title, _, _, text in present)
+        loc = n["localisation"]
+        synth = ""
+        if "top_part_on_defining_part" in loc:
+            synth = _table(["synthetic set", "%"], [
+                ["top part's best region covers a class-defining part", loc["top_part_on_defining_part"]],
+                ["a random part's best region does (chance)", loc["chance_region_on_defining_part"]]])
+        return ("<section><h2>Parts: localisation and ownership</h2><p class='note'>Measured as the field measures "
+                "them (EvalProtoPNet, PIP-Net, region grouping), on this run's test images.</p>"
+                + _table(["measure", "value", "better", "published figures (CUB)"], rows) + synth
+                + f"<p class='note'>How each is measured:</p><ul class='note'>{protocols}</ul></section>")
+
+    def part_label(self, p: int, limit: int = 18) -> str:
+        """"part p (of <owner>)" where ownership holds (see analyze.ownership), else "part p (not owned)"."""
+        if self.owned[p]:
+            return f"part {p} (of {esc(self.classes[p // self.an.est.parts_per_class], limit)})"
+        return f"part {p} (not owned)"
 
     def class_view(self) -> str:
         d, f = self.an.stats.d, self.an.stats.f
@@ -265,14 +357,14 @@ class _Renderer:
         for c, name in enumerate(self.classes):
             parts = np.argsort(-d[c], kind="stable")[:3]
             cells = "".join(f"<div class='part'>{self.tag(self.part_crop(int(p)), f'class{c}', f'part {p}')}"
-                            f"<span>part {p} (of {esc(self.classes[p // self.an.est.parts_per_class], 18)})<br>"
-                            f"d={d[c, p]:.2f}, f={f[p]}</span></div>" for p in parts)
+                            f"<span>{self.part_label(int(p))}<br>d={d[c, p]:.2f}, f={f[p]}</span></div>" for p in parts)
             blocks.append(f"<div><b>{html.escape(name)}</b><div class='row'>{cells}</div></div>")
         return ("<section><h2>Classes: their top-3 parts</h2><p class='note'>d(p, c) = sum over the training images "
                 "of class c of v_cp b_p, divided by log(1 + f(p)), where f(p) counts the classes having part p "
                 "among their top-q parts (the paper divides by log f(p), which is zero at f = 1). Higher d means "
-                "the part speaks for this class more than for others. Each crop is the part's best training "
-                "region.</p>" + "".join(blocks) + "</section>")
+                "the part speaks for this class more than for others. A part is named after the class it was made "
+                "for only when that class gives it the highest d of all (ownership holds); otherwise it is marked "
+                "not owned. Each crop is the part's best training region.</p>" + "".join(blocks) + "</section>")
 
     def image_view(self) -> str:
         blocks = [self._one_image(t) for t in self.an.shown]
@@ -311,11 +403,11 @@ class _Renderer:
                 + _table(["part", "here", "looks like", "b_p", "v_cp", "points"], rows) + "</div>")
 
     def gallery(self) -> str:
-        st, q, blocks = self.an.stats, self.an.est.parts_per_class, []
+        st, blocks = self.an.stats, []
         for p in range(st.top_image.shape[0]):
             crops = "".join(self.tag(self.part_crop(p, r, 72), f"part{p}", f"score {st.top_score[p, r]:.2f}")
-                            for r in range(st.top_image.shape[1]))
-            blocks.append(f"<div class='part'><span>part {p} · {esc(self.classes[p // q], 24)}</span>"
+                            for r in range(min(self.k, st.top_image.shape[1])))
+            blocks.append(f"<div class='part'><span>{self.part_label(p, 24)}</span>"
                           f"<div class='row'>{crops}</div></div>")
         return ("<section><h2>Part gallery</h2><p class='note'>Each part shown by the training regions that score "
                 "it highest (one per image, best first), found in one streaming pass over the training set.</p>"

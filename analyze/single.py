@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpnet.errors import CacheMismatchError, DpnetError
+from dpnet.errors import DpnetError
 from dpnet.files import read_json, remove, temp_path
-from extract.backbones import create_backbone
 from extract.cache import RegionCache
 from extract.images import load_rgb
-from extract.pipeline import FeatureExtractor
+from extract.pipeline import extractor_for
 from extract.regions import boxes_to_pixels, crop_box
 from train.estimator import DPNetClassifier
 
@@ -60,12 +59,7 @@ def describe_image(path: str | Path, cache: RegionCache
     has no box and is described whole.
     """
     m = cache.manifest
-    weights = m["weights"] if m["weights"] in ("random",) or Path(str(m["weights"])).is_file() else None
-    bb = create_backbone(m["backbone"], weights, m["image_size"])
-    if bb.weights_sha256 != m.get("weights_sha256"):
-        raise CacheMismatchError(f"the {m['backbone']} weights found here ({bb.weights}) are not those the cache "
-                                 f"{cache.path} was extracted with ({m['weights']}); explain needs the same weights")
-    fx = FeatureExtractor(bb, tuple(m["grid"]), m["R"], m["seed"], torch.device("cpu"))
+    fx = extractor_for(m, str(cache.path))
     iid = dataset_image_id(path, cache)
     bbox = None
     if m.get("config", {}).get("crop") and iid is not None:  # a dataset image of a CROP=1 cache: same crop

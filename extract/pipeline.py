@@ -196,16 +196,21 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
-        x = self.normalise(pixels)
+        regions, glob = self.pool(self.features(self.normalise(pixels)), boxes)
+        return regions.half().cpu().numpy(), glob.half().cpu().numpy()
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float (N, 3, S, S) -> the backbone's map, float32 (N, D, H, W)."""
         if self.cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                fmap = self.body(x)
-        else:
-            fmap = self._cpu_body(x)
-        fmap = fmap.float()  # (N, D, H, W)
-        regions = region_means(fmap, torch.from_numpy(boxes).to(self.device))  # (N, R, D)
-        glob = global_means(fmap)  # (N, D)
-        return regions.half().cpu().numpy(), glob.half().cpu().numpy()
+                return self.body(x).float()
+        return self._cpu_body(x).float()
+
+    @torch.no_grad()
+    def pool(self, fmap: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map (N, D, H, W) and grid boxes (N, R, 4) -> float32 region means (N, R, D) and global means (N, D)."""
+        return region_means(fmap, torch.from_numpy(boxes).to(self.device)), global_means(fmap)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, S, S) -> float32 (x / 255 - mean) / std on the device, in two passes.
@@ -221,6 +226,23 @@ class FeatureExtractor:
         if self.runtime == "frozen" and self._frozen is None:
             self._frozen = frozen_body(self.body, x) or self.body
         return (self._frozen if self._frozen is not None else self.body)(x)
+
+
+def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | None = None,
+                  runtime: str = "eager") -> FeatureExtractor:
+    """The extraction stage of a cache, again: its backbone (with the same weights, or an error),
+    input size, grid, R and seed, so images described now match the cached ones.
+
+    Raises:
+        CacheMismatchError: the backbone weights found here are not those the cache was made with.
+    """
+    weights = manifest["weights"] if manifest["weights"] == "random" or Path(str(manifest["weights"])).is_file() else None
+    bb = create_backbone(manifest["backbone"], weights, manifest["image_size"])
+    if bb.weights_sha256 != manifest.get("weights_sha256"):
+        raise CacheMismatchError(f"the {manifest['backbone']} weights found here ({bb.weights}) are not those the cache "
+                                 f"{where} was extracted with ({manifest['weights']}): the same weights are needed")
+    return FeatureExtractor(bb, tuple(manifest["grid"]), manifest["R"], manifest["seed"],
+                            device or torch.device("cpu"), runtime)
 
 
 def frozen_body(body: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module | None:

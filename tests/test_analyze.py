@@ -190,11 +190,19 @@ def test_report_builds_and_every_image_exists(tiny_run):
     numbers = json.loads((page.parent / "analysis.json").read_text())
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert numbers["test_top1_recomputed"] == pytest.approx(metrics["dpnet"]["top1"])
-    for key in ("pointing_game", "consistency", "landmark_error_x100", "top_part_on_defining_part"):
-        assert key in numbers["localisation"]
-    assert set(numbers["faithfulness"]) >= {"k1", "k3", "k5", "images"}
-    for section in ("Accuracy", "Faithfulness", "Localisation", "Classes", "Test images explained", "Part gallery"):
-        assert section in text
+    loc, own, faith = numbers["localisation"], numbers["ownership"], numbers["faithfulness"]
+    for key in ("pointing_game", "consistency_evalprotopnet", "consistency_region_box", "stability_evalprotopnet",
+                "on_object_share", "landmark_error_x100", "top_part_on_defining_part"):
+        assert 0 <= loc[key] <= 100, key
+    assert 0 <= loc["purity"] <= 1
+    assert 0 <= own["own_top3_share"] <= 100 and 0 <= own["own_evidence_share"] <= 100
+    assert set(faith) >= {"k1", "k3", "k5", "images", "deletion_auc", "deletion_auc_random", "insertion_auc",
+                          "insertion_auc_random"}
+    assert all(0 <= faith[k] <= 1 for k in faith if k.endswith(("auc", "random")))
+    assert all(np.isfinite(faith[f"k{k}"]["ratio"]) for k in (1, 3, 5))  # never "infinity"
+    for section in ("Accuracy", "Faithfulness", "localisation and ownership", "Classes", "Test images explained",
+                    "Part gallery", "How each is measured", "EvalProtoPNet", "PIP-Net", "RISE"):
+        assert section in text, section
 
 
 CHROMIUM_INSTALL = "sudo apt-get install -y chromium  (make setup does this where apt-get is available)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,20 +26,25 @@ from extract.cache import RegionCache
 
 from .data import check_finite, split_arrays
 from .estimator import accuracy
+from .serialize import save_file
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+LINEAR_KIND = "dpnet-global-linear"
 LOGREG_CS = (0.01, 0.1, 1.0, 10.0)
 
 
 @dataclass
 class GlobalData:
-    """Standardised global descriptors: fit (train minus val), val and test splits."""
+    """Standardised global descriptors: fit (train minus val), val and test splits, and the
+    fit split's mean and std (D,) they were standardised with."""
 
     x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     n_classes: int
+    mean: np.ndarray
+    std: np.ndarray
 
 
 def load_global(cache: RegionCache, val_fraction: float, seed: int) -> GlobalData:
@@ -57,7 +63,7 @@ def load_global(cache: RegionCache, val_fraction: float, seed: int) -> GlobalDat
         x[split] = np.concatenate([p["global"] for p in parts]).astype(np.float32) if parts else np.zeros((0, cache.dim), np.float32)
         y[split] = np.concatenate([p["labels"] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     mean, std = x["fit"].mean(0), x["fit"].std(0) + 1e-3
-    return GlobalData({k: (v - mean) / std for k, v in x.items()}, y, cache.n_classes)
+    return GlobalData({k: (v - mean) / std for k, v in x.items()}, y, cache.n_classes, mean, std)
 
 
 def mlp_hidden(dim: int, n_classes: int, dpnet_params: int) -> int:
@@ -101,8 +107,8 @@ def _train_torch(data: GlobalData, kind: str, hidden: int, wd: float, epochs: in
 
 
 def fit_torch_baseline(data: GlobalData, kind: str, hidden: int, epochs: int, passes: int, lr: float,
-                       lr_step: int, batch_size: int, seed: int) -> dict:
-    """Grid over weight decay on validation; test accuracy of the chosen net."""
+                       lr_step: int, batch_size: int, seed: int) -> tuple[dict, nn.Module]:
+    """Grid over weight decay on validation; test accuracy of the chosen net, and the net."""
     trials = [(wd, *_train_torch(data, kind, hidden, wd, epochs, passes, lr, lr_step, batch_size, seed))
               for wd in WEIGHT_DECAYS]
     wd, net, val = max(trials, key=lambda t: t[2])
@@ -110,7 +116,7 @@ def fit_torch_baseline(data: GlobalData, kind: str, hidden: int, epochs: int, pa
         pred = net(torch.from_numpy(data.x["test"])).argmax(1).numpy()
     out = accuracy(pred, data.y["test"], data.n_classes)
     out.update(val_top1=val, weight_decay=wd, params=sum(p.numel() for p in net.parameters()))
-    return out
+    return out, net
 
 
 def fit_logreg(data: GlobalData) -> dict:
@@ -130,11 +136,17 @@ def fit_logreg(data: GlobalData) -> dict:
 
 
 def run_baselines(cache: RegionCache, dpnet_params: int, epochs: int, passes: int, lr: float, lr_step: int,
-                  batch_size: int, val_fraction: float, seed: int) -> dict[str, dict]:
-    """All three global baselines, side by side."""
+                  batch_size: int, val_fraction: float, seed: int, linear_file: Path | None = None) -> dict[str, dict]:
+    """All three global baselines, side by side; the linear one's weights go to ``linear_file``
+    (the report draws its class activation maps, the CAM baseline of the faithfulness measures)."""
     data = load_global(cache, val_fraction, seed)
     hidden = mlp_hidden(cache.dim, cache.n_classes, dpnet_params)
     common = dict(epochs=epochs, passes=passes, lr=lr, lr_step=lr_step, batch_size=batch_size, seed=seed)
-    return {"global_linear": fit_torch_baseline(data, "linear", 0, **common),
-            "global_mlp": {**fit_torch_baseline(data, "mlp", hidden, **common), "hidden": hidden},
+    linear, net = fit_torch_baseline(data, "linear", 0, **common)
+    if linear_file is not None:
+        save_file(linear_file, LINEAR_KIND, {"cache_id": cache.cache_id},
+                  {"weight": net.weight.detach(), "bias": net.bias.detach(), "mean": torch.from_numpy(data.mean),
+                   "std": torch.from_numpy(data.std)})
+    return {"global_linear": linear,
+            "global_mlp": {**fit_torch_baseline(data, "mlp", hidden, **common)[0], "hidden": hidden},
             "global_logreg": fit_logreg(data)}

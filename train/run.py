@@ -3,7 +3,7 @@
 Files of a run: ``config.json`` (resolved), ``checkpoint.pt`` (resumable fit state),
 ``model.pt`` (best-validation model with its class-level part weights d(p, c)), ``log.csv``
 (one row per epoch), ``metrics.json`` (test accuracies of DP-Net and the baselines side by
-side). ``run_ablation`` adds ``ablation.md`` / ``ablation.csv`` for the eight constraint
+side), ``global_linear.pt`` (the linear baseline, for its class activation maps). ``run_ablation`` adds ``ablation.md`` / ``ablation.csv`` for the eight constraint
 settings of the paper's Table 2. The run folder is locked while a run works in it; temporary
 files of dead runs are removed when the next one starts.
 """
@@ -88,7 +88,7 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
                "config": {"preset": cfg.preset, **_jsonable(fit)}, "n_fit": None, "cache": str(cache.path)}
     if cfg.baselines:
         metrics.update(run_baselines(cache, metrics["dpnet"]["params"], fit.epochs, fit.inner_epochs, fit.lr,
-                                     fit.lr_step, fit.batch_size, fit.val_fraction, fit.seed))
+                                     fit.lr_step, fit.batch_size, fit.val_fraction, fit.seed, run / "global_linear.pt"))
     metrics["n_fit"] = int((~is_val(cache.read("image_ids", "train"), fit.val_fraction, fit.seed)).sum())
     write_json_atomic(run / "metrics.json", metrics)
     return metrics

@@ -1,0 +1,218 @@
+"""The interpretability measures of issue 12 against slow loop references written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analyze.localize import (keypoint_hits, on_object_share, part_consistency, part_purity, part_stability,
+                              peak_boxes)
+from analyze.ownership import own_evidence_share, own_top3_share, owned_parts
+from analyze.pixels import auc, cam_map, cell_order, evidence_map, step_masks
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _keypoints(rng, n, k, size=100.0):
+    return np.concatenate([rng.uniform(0, size, (n, k, 2)), rng.integers(0, 2, (n, k, 1))], -1)
+
+
+# ------------------------------------------------------------------------------- localisation
+def test_evalprotopnet_consistency_against_their_loop(rng):
+    """Per part, per image of its class: the keypoints in a box of 0.32 x the frame around the peak;
+    consistent when some keypoint is in >= 80% of the images where it is visible."""
+    n, q, c, k = 30, 2, 3, 5
+    labels = np.arange(n) % c
+    centres = rng.uniform(0, 100, (n, q * c, 2))
+    centres[labels == 0, 0] = [20.0, 20.0]  # part 0 always at the same spot
+    kp = _keypoints(rng, n, k)
+    kp[:, 0, :] = [25.0, 22.0, 1.0]  # keypoint 0 always there: part 0 is consistent
+    frames = np.tile([[100.0, 80.0]], (n, 1))
+    got, rate = part_consistency(peak_boxes(centres, frames), kp, labels, q)
+    consistent = []
+    for p in range(q * c):
+        imgs = np.flatnonzero(labels == p // q)
+        hits, vis = np.zeros(k), np.zeros(k)
+        for i in imgs:
+            half_w, half_h = 0.16 * frames[i, 0], 0.16 * frames[i, 1]
+            x, y = centres[i, p]
+            for j in range(k):
+                if kp[i, j, 2] > 0:
+                    vis[j] += 1
+                    if x - half_w <= kp[i, j, 0] < x + half_w and y - half_h <= kp[i, j, 1] < y + half_h:
+                        hits[j] += 1
+        consistent.append(bool(((hits / np.maximum(vis, 1)) >= 0.8).any()))
+    assert got == pytest.approx(100 * np.mean(consistent)) and consistent[0] and rate[0] == 1.0
+
+
+def test_stability_counts_parts_whose_keypoints_do_not_move(rng):
+    n, q, c, k = 12, 2, 3, 4
+    labels = np.arange(n) % c
+    hits = rng.random((n, q, k)) < 0.3
+    noisy = hits.copy()
+    noisy[0, 1, 2] = ~noisy[0, 1, 2]  # image 0 (class 0): its part 1 changed
+    own = np.zeros((n, q * c, k), bool)
+    own_noisy = np.zeros_like(own)
+    for i in range(n):  # the function takes all parts: place each image's class parts
+        own[i, labels[i] * q:(labels[i] + 1) * q] = hits[i]
+        own_noisy[i, labels[i] * q:(labels[i] + 1) * q] = noisy[i]
+    want = []
+    for p in range(q * c):
+        imgs = np.flatnonzero(labels == p // q)
+        want.append(np.mean([(own[i, p] == own_noisy[i, p]).all() for i in imgs]))
+    assert part_stability(own, own_noisy, labels, q) == pytest.approx(100 * np.mean(want))
+    assert part_stability(own, own.copy(), labels, q) == 100.0
+
+
+def test_purity_is_the_share_of_the_most_common_keypoint(rng):
+    hits = rng.random((5, 10, 6)) < 0.25
+    want = np.mean([max(hits[p, :, j].sum() for j in range(6)) / 10 for p in range(5)])
+    assert part_purity(hits) == pytest.approx(want)
+    pure = np.zeros((2, 10, 6), bool)
+    pure[:, :, 3] = True
+    assert part_purity(pure) == 1.0
+
+
+def test_keypoint_hits_only_count_visible_keypoints():
+    boxes = np.array([[[0.0, 0.0, 10.0, 10.0]]])
+    kp = np.array([[[5.0, 5.0, 1.0], [5.0, 5.0, 0.0], [15.0, 5.0, 1.0]]])
+    assert keypoint_hits(boxes, kp).tolist() == [[[True, False, False]]]
+
+
+def test_on_object_share_against_a_loop(rng):
+    centres = rng.uniform(0, 100, (7, 5, 2))
+    obj = np.column_stack([rng.uniform(0, 50, (7, 2)), rng.uniform(10, 50, (7, 2))])
+    inside = [obj[i, 0] <= x < obj[i, 0] + obj[i, 2] and obj[i, 1] <= y < obj[i, 1] + obj[i, 3]
+              for i in range(7) for x, y in centres[i]]
+    assert on_object_share(centres, obj) == pytest.approx(100 * np.mean(inside))
+
+
+# --------------------------------------------------------------------------------- ownership
+def test_ownership_measures_against_loops(rng):
+    c, q = 4, 3
+    d = rng.normal(size=(c, c * q))
+    d[0, :3] += 10  # class 0 ranks its own parts first
+    want = np.mean([all(p // q == cl for p in np.argsort(-d[cl], kind="stable")[:3]) for cl in range(c)])
+    assert own_top3_share(d, q) == pytest.approx(100 * want) and want >= 0.25
+    contrib = rng.normal(size=(6, c * q))
+    cls = rng.integers(0, c, 6)
+    shares = []
+    for i in range(6):
+        pos = [max(v, 0) for v in contrib[i]]
+        if sum(pos):
+            shares.append(sum(pos[p] for p in range(c * q) if p // q == cls[i]) / sum(pos))
+    assert own_evidence_share(contrib, cls, q) == pytest.approx(100 * np.mean(shares))
+    held = owned_parts(d, q)
+    for p in range(c * q):
+        assert held[p] == (int(np.argmax(d[:, p])) == p // q and d[p // q, p] > 0)
+
+
+# ------------------------------------------------------------------------- pixel-space pieces
+def test_evidence_map_spreads_each_parts_points_over_its_region():
+    boxes = np.array([[0, 0, 2, 2], [1, 1, 3, 2], [0, 0, 3, 3]])
+    where = np.array([0, 1, 2])
+    points = np.array([4.0, 2.0, -5.0])  # the negative part is not evidence
+    m = evidence_map(boxes, where, points, (3, 3))
+    want = np.zeros((3, 3))
+    want[0:2, 0:2] += 1.0  # 4 points over 4 cells
+    want[1:2, 1:3] += 1.0  # 2 points over 2 cells
+    np.testing.assert_allclose(m, want)
+    assert m.sum() == pytest.approx(6.0)
+
+
+def test_cell_order_and_step_masks(rng):
+    sal = np.array([[0.0, 3.0], [1.0, 0.0]])
+    order = cell_order(sal, rng)
+    assert order[:2].tolist() == [1, 2] and set(order[2:].tolist()) == {0, 3}
+    dele = step_masks(order, 4, (2, 2), 4, insert=False)  # 2x2 grid cells of 2x2 pixels
+    ins = step_masks(order, 4, (2, 2), 4, insert=True)
+    assert dele.shape == (5, 1, 4, 4)
+    assert [float(m.mean()) for m in dele] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [float(m.mean()) for m in ins] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert dele[1, 0, 0, 2:].sum() == 0 and dele[1].sum() == 12  # cell 1 (top right) goes first
+
+
+def test_auc_is_the_trapezoid_area():
+    curves = np.array([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]])
+    assert auc(curves) == pytest.approx(((1.0 + 0.75) / 2 + (0.75 + 0.5) / 2) / 2)
+
+
+def test_cam_averages_to_the_linear_baselines_logit(rng):
+    d, h, w, c = 5, 3, 4, 2
+    fmap = torch.from_numpy(rng.normal(size=(d, h, w))).float()
+    lin = {"weight": torch.randn(c, d), "bias": torch.randn(c), "mean": torch.randn(d), "std": torch.rand(d) + 0.5}
+    for cls in range(c):
+        cam = cam_map(fmap, lin, cls)
+        direct = sum(float(lin["weight"][cls, k] / lin["std"][k]) * fmap[k].numpy() for k in range(d))
+        np.testing.assert_allclose(cam, direct, rtol=1e-5, atol=1e-5)
+        g = fmap.mean((1, 2))  # the global descriptor the baseline saw
+        logit = float(((g - lin["mean"]) / lin["std"]) @ lin["weight"][cls] + lin["bias"][cls])
+        shift = float(-(lin["mean"] / lin["std"]) @ lin["weight"][cls] + lin["bias"][cls])
+        assert cam.mean() + shift == pytest.approx(logit, rel=1e-4, abs=1e-4)
+
+
+# ------------------------------------------------------------------ backbone in the loop, for real
+@pytest.fixture(scope="module")
+def run_with_baselines(tmp_path_factory):
+    from tests.helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("px"), baselines=True)
+
+
+@torch.no_grad()
+def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_baselines):
+    """Slow reference for one step: blank the named cells by hand, run the backbone and the model."""
+    from analyze.analysis import load_run
+    from analyze.pixels import PixelProbe, deletion_curves, sample_test_images
+    from train.baselines import LINEAR_KIND
+    from train.serialize import load_file
+
+    est, cache, _ = load_run(run_with_baselines)
+    sample = sample_test_images(cache, 3, seed=0)
+    probe = PixelProbe(est, cache, runtime="eager")
+    linear = load_file(run_with_baselines / "global_linear.pt", (LINEAR_KIND,))[2]
+    curves = deletion_curves(probe, sample, linear, steps=4, seed=0)
+    assert set(curves) == {f"{k}_{o}" for k in ("deletion", "insertion") for o in ("dpnet", "random", "cam")}
+    x, _ = probe.normalised(sample, np.array([0]))
+    s, _ = probe.scores(x, sample.boxes[:1])
+    pooled = est.module_.pool(s)
+    cls = int(est.module_.logits(pooled.b).argmax())
+    p0 = float(est.module_.logits(pooled.b).softmax(1)[0, cls])
+    for kind in ("deletion", "insertion"):
+        for o in ("dpnet", "random", "cam"):
+            c = curves[f"{kind}_{o}"][0]
+            assert c[0 if kind == "deletion" else -1] == pytest.approx(p0, rel=1e-5)  # the intact image
+    # step 1 of DP-Net's deletion, by hand: blank the most evident quarter of the cells
+    points = (pooled.b[0] * est.module_.classifier[cls]).numpy()
+    sal = evidence_map(sample.boxes[0], pooled.where[0].numpy(), points, probe.grid)
+    order = cell_order(sal, np.random.default_rng(0))  # the seed's first draw, as deletion_curves makes it
+    grid_mask = np.ones(probe.grid[0] * probe.grid[1])
+    grid_mask[order[:round(len(order) / 4)]] = 0
+    cell = probe.size // probe.grid[0]
+    assert probe.size == cell * probe.grid[0]
+    mask = np.kron(grid_mask.reshape(probe.grid), np.ones((cell, cell)))
+    s1, _ = probe.scores(x * torch.from_numpy(mask).float(), sample.boxes[:1])
+    p1 = float(est.module_.logits(est.module_.pool(s1).b).softmax(1)[0, cls])
+    assert curves["deletion_dpnet"][0][1] == pytest.approx(p1, rel=1e-4)
+
+
+def test_stability_is_complete_without_noise(run_with_baselines, monkeypatch):
+    import analyze.pixels as px
+    from analyze.analysis import dataset_index, load_run
+
+    est, cache, _ = load_run(run_with_baselines)
+    index = dataset_index(cache)
+    sample = px.sample_test_images(cache, 6, seed=0)
+    kp = np.stack([index.part_locs[int(i)] for i in sample.ids]).astype(np.float64)
+    frames = np.array([index.bboxes[int(i)][2:] for i in sample.ids])
+    probe = px.PixelProbe(est, cache, runtime="eager")
+    monkeypatch.setattr(px, "NOISE_STD", 0.0)
+    clean, noisy = px.stability_hits(probe, sample, kp, frames)
+    assert clean.shape == (6, est.parts_per_class, kp.shape[1]) and np.array_equal(clean, noisy)
+    monkeypatch.setattr(px, "NOISE_STD", 5.0)  # heavy noise moves parts
+    clean, noisy = px.stability_hits(probe, sample, kp, frames)
+    assert not np.array_equal(clean, noisy)
