@@ -47,7 +47,7 @@ class DPNetExplainer:
         est._check_fitted()
         self.est, self.module = est, est.module_
         self.d = d if d is not None else getattr(est, "class_parts_", None)
-        self.v = self.module.classifier.detach().cpu().numpy()  # (C, P)
+        self.v = self.module.class_weights().detach().cpu().numpy()  # (C, P)
         self.q = est.parts_per_class
 
     @torch.no_grad()

@@ -172,7 +172,7 @@ def deletion_curves(probe: PixelProbe, sample: Sample, linear: dict[str, torch.T
     rng = np.random.default_rng(seed)
     orders = ("dpnet", "random", "cam") if linear is not None else ("dpnet", "random")
     curves = {f"{kind}_{o}": [] for kind in ("deletion", "insertion") for o in orders}
-    v = probe.module.classifier.detach()
+    v = probe.module.class_weights().detach()
     for i in tqdm(range(len(sample.ids)), desc="deletion / insertion", unit="image", disable=not progress):
         x, _ = probe.normalised(sample, np.array([i]))
         s, fmap = probe.scores(x, sample.boxes[i:i + 1])

@@ -77,6 +77,6 @@ def part_stats(est: DPNetClassifier, cache: RegionCache, k: int = 8, progress: b
 def finish_stats(est: DPNetClassifier, top_score: np.ndarray, top_image: np.ndarray, top_region: np.ndarray,
                  class_sum: np.ndarray, class_count: np.ndarray) -> PartStats:
     """PartStats from the pass's arrays: d(p, c) and f(p) from the class sums."""
-    v = est.module_.classifier.detach().cpu().numpy().astype(np.float64)
+    v = est.module_.class_weights().detach().cpu().numpy().astype(np.float64)
     d, f = class_part_weights(v, class_sum, class_count, est.parts_per_class)
     return PartStats(top_score, top_image, top_region, class_sum, class_count, d, f)

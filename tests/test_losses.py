@@ -252,3 +252,62 @@ def test_fused_training_forward_runs_its_gemms_in_bfloat16(gen):
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0.05, atol=0.05)
     cos = torch.nn.functional.cosine_similarity(grads[1][1].flatten(), grads[0][1].flatten(), dim=0)
     assert cos > 0.98
+
+
+# ------------------------------------------------------------------ cosine, owned class layer
+def test_cosine_scores_against_a_loop(gen):
+    m = random_module(gen, d=5, p=4, c=2)
+    m.similarity = "cosine"
+    raw = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)
+    x = ((raw - m.mean) / m.std).tolist()
+    u = m.parts.tolist()
+
+    def cos(a, b):
+        return sum(i * j for i, j in zip(a, b)) / math.sqrt(sum(i * i for i in a) * sum(j * j for j in b))
+
+    want = torch.tensor([[[cos(up, reg) for up in u] for reg in img] for img in x], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.scores(raw), want)
+        assert m.pool(m.scores(raw)).raw.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cosine_training_gradient_equals_plain_autograd(gen, sparse):
+    """Prepared (standardised, normalised) regions through the fused op, against plain cosine ops."""
+    from train.model import COSINE_ASSIGN_SCALE
+
+    m = random_module(gen)
+    m.similarity = "cosine"
+    raw = torch.randn(3, 7, 6, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        z = m.prepare(raw)
+    got = torch.autograd.grad(m.loss(z, y, gemm_dtype=torch.float64, prepared=True, sparse=sparse)[0],
+                              (m.parts, m.classifier))
+    zr = F.normalize((raw - m.mean) / m.std, dim=-1)
+    s = zr @ F.normalize(m.parts, dim=1).T  # (N, R, P) cosines
+    logits = m.logits(F.normalize(s.max(1).values, dim=1))
+    logp = (s * COSINE_ASSIGN_SCALE).log_softmax(-1)
+    loss = (F.cross_entropy(logits, y) + m.lambdas["assign"] * -(logp.exp() * logp).sum(-1).mean()
+            + m.lambdas["orth"] * orthogonality(m.parts) + m.lambdas["cs"] * class_specific(m.classifier, 2))
+    want = torch.autograd.grad(loss, (m.parts, m.classifier))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_an_owned_class_layer_weighs_only_each_classs_own_parts(gen):
+    m = random_module(gen, d=6, p=6, c=3, q=2)
+    m.class_layer = "owned"
+    raw = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        b = m.pool(m.scores(raw)).b
+        contrib = m.contributions(b)  # (N, C, P)
+        for c in range(3):
+            for p in range(6):
+                if p // 2 != c:
+                    assert (contrib[:, c, p] == 0).all()
+        torch.testing.assert_close(contrib.sum(-1), m(raw))
+        want = torch.stack([sum(m.classifier[c, p] * b[:, p] for p in (2 * c, 2 * c + 1)) for c in range(3)], 1)
+        torch.testing.assert_close(m(raw), want)
+    _, terms = m.weight_loss()
+    assert "cs" not in terms  # foreign weights are zero by construction

@@ -298,3 +298,19 @@ def test_a_pca_fit_resumes_to_the_same_weights(tiny_cache, tmp_path):
     resumed = quick(pca_dim=8).fit(tiny_cache, checkpoint=tmp_path / "ck.pt")
     for k, v in ref.module_.state_dict().items():
         assert torch.equal(v, resumed.module_.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("pca", [0, 32])
+def test_a_cosine_owned_fit_learns_and_scores_raw_descriptors_as_it_trained(tiny_cache, tmp_path, pca):
+    est = quick(similarity="cosine", class_layer="owned", pca_dim=pca, epochs=6, inner_epochs=5).fit(tiny_cache)
+    x, y = train_arrays(tiny_cache)
+    assert (est.predict(x) == y).mean() == 1.0
+    m = est.module_
+    with torch.no_grad():
+        s = m.scores(torch.from_numpy(x[:2]))
+        assert s.abs().max() <= 1.0 + 1e-6  # cosines
+        v = m.class_weights()
+        assert (v * (1 - torch.block_diag(*[torch.ones(1, 2)] * 3))).abs().max() == 0  # owned
+    est.save(tmp_path / "m.pt")
+    again = DPNetClassifier.load(tmp_path / "m.pt", tiny_cache)
+    assert np.array_equal(again.decision_function(x), est.decision_function(x))

@@ -81,6 +81,6 @@ def fit_class_parts(est: DPNetClassifier, cache: RegionCache) -> np.ndarray:
     class_sum, count = np.zeros((c, p)), np.zeros(c, np.int64)
     for _, arrays, (b, _, _) in pooled_shards(est, cache, "train"):
         add_class_sums(class_sum, count, arrays["labels"], b)
-    v = est.module_.classifier.detach().cpu().numpy().astype(np.float64)
+    v = est.module_.class_weights().detach().cpu().numpy().astype(np.float64)
     est.class_parts_ = class_part_weights(v, class_sum, count, est.parts_per_class)[0]
     return est.class_parts_

@@ -199,19 +199,20 @@ def pca_basis(corr: np.ndarray, dim: int) -> np.ndarray:
     return np.ascontiguousarray(basis, dtype=np.float32)
 
 
-class ProjectedChunks:
-    """The fitting chunks projected once onto the module's PCA basis: (n, R, D') float32 each.
+class PreparedChunks:
+    """The fitting chunks prepared once (``prepare``: raw (n, R, D) -> (n, R, W) float32; the module's
+    projection onto its PCA basis, normalised for cosine similarity).
 
-    Held in memory when they fit in ``budget_mb`` (projected, they are D / D' times smaller than
-    the cache); otherwise each pass projects each shard again as it streams by.
+    Held in memory when they fit in ``budget_mb`` (projected, they are D / W times smaller than
+    the cache); otherwise each pass prepares each shard again as it streams by.
     """
 
-    def __init__(self, source: ShardSource, project, width: int, budget_mb: float | None = None):
-        self.source, self.project = source, project
+    def __init__(self, source: ShardSource, prepare, width: int, budget_mb: float | None = None):
+        self.source, self.project = source, prepare
         need = source.cache.count("train") * source.cache.n_regions * width * 4 / 2**20
         self.hold = need <= (default_budget_mb() if budget_mb is None else budget_mb)
         self._held: list[Chunk] | None = None
-        log.info("projected training split: %.1f MiB, %s", need, "held in memory" if self.hold else "re-projected")
+        log.info("prepared training split: %.1f MiB, %s", need, "held in memory" if self.hold else "prepared each pass")
 
     def chunks(self) -> Iterator[Chunk]:
         if self._held is not None:

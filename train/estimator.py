@@ -26,9 +26,9 @@ from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
 from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
-from .data import Chunk, ProjectedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
+from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import CONSTRAINTS
-from .model import DPNetModule
+from .model import CLASS_LAYERS, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class DPNetClassifier:
         pca_dim: D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised
             training descriptors and trains on descriptors projected once (D / D' times less work
             per pass); the parts are still scored in descriptor space. 0: no projection.
+        similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
+        class_layer: "free" (V weighs any part for any class) or "owned" (each class weighs only its
+            own parts: its explanation is its parts).
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
@@ -78,13 +81,14 @@ class DPNetClassifier:
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
-                 pca_dim: int = 0, val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
         self.constraints = tuple(constraints)
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
+        self.similarity, self.class_layer = similarity, class_layer
         self.val_fraction, self.memory_budget_mb = val_fraction, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
@@ -120,12 +124,15 @@ class DPNetClassifier:
             raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
         if self.pca_dim < 0:
             raise ValueError(f"pca_dim must be >= 0 (0: no projection), got {self.pca_dim}")
+        if self.similarity not in SIMILARITIES or self.class_layer not in CLASS_LAYERS:
+            raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
+                             f"got {self.similarity!r} and {self.class_layer!r}")
 
     def make_module(self, dim: int, n_classes: int) -> DPNetModule:
         """An untrained module of this estimator's shape and loss."""
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
                            {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs},
-                           basis_dim=self.pca_dim)
+                           basis_dim=self.pca_dim, similarity=self.similarity, class_layer=self.class_layer)
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
@@ -150,9 +157,9 @@ class DPNetClassifier:
             state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
                      "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
         data = source
-        if self.pca_dim:  # project once (with the statistics and basis of the fit, or of the checkpoint)
-            data = ProjectedChunks(source, lambda x: module.project(x.to(dev)).cpu(), self.pca_dim,
-                                   self.memory_budget_mb)
+        if self.pca_dim:  # prepare once (with the statistics and basis of the fit, or of the checkpoint)
+            data = PreparedChunks(source, lambda x: module.prepare(x.to(dev)).cpu(), self.pca_dim,
+                                  self.memory_budget_mb)
         with large_buffers_reused():
             for epoch in range(state["epoch"], self.epochs):
                 self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
@@ -209,8 +216,7 @@ class DPNetClassifier:
             if picks[cls]:
                 chosen = rng.choice(len(picks[cls]), size=q, replace=len(picks[cls]) < q)
                 x = torch.from_numpy(np.stack([picks[cls][i] for i in chosen])).to(module.mean.device)
-                x = module.standardise(x) if module.basis is None else module.project(x)
-                out[cls * q:(cls + 1) * q] = torch.nn.functional.normalize(x, dim=1).cpu()
+                out[cls * q:(cls + 1) * q] = torch.nn.functional.normalize(module.prepare(x), dim=1).cpu()
         return out
 
     def _run_epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, source, epoch: int,
@@ -281,17 +287,21 @@ class DPNetClassifier:
         order = np.random.default_rng([self.seed, epoch, chunk.shard, inner]).permutation(len(chunk))
         rows_rng = np.random.default_rng([self.seed, epoch, chunk.shard, inner, 1])
         micro = self._micro(chunk.regions.shape[1:], dev)
-        projected = self.pca_dim > 0
+        prepared = module.prepares  # the data is prepared already (PCA), or each micro-batch is (cosine)
+        per_batch = prepared and not self.pca_dim
         train = {"gemm_dtype": torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                 "sparse": self.backward == "sparse", "projected": projected}
+                 "sparse": self.backward == "sparse", "prepared": prepared}
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
             opt.zero_grad(set_to_none=True)
             terms, right = {}, 0
-            parts = module.step_parts(projected)  # U folded once per step; its gradient is carried back below
+            parts = module.step_parts(prepared)  # U folded once per step; its gradient is carried back below
             for m in range(0, len(idx), micro):
                 sub = idx[m:m + micro]
                 x = self._micro_input(chunk, sub, dev)  # (b, R, D)
+                if per_batch:
+                    with torch.no_grad():
+                        x = module.prepare(x)
                 y = torch.from_numpy(chunk.labels[sub].astype(np.int64)).to(dev)
                 rows = self._entropy_rows(rows_rng, len(sub), x.shape[1], dev)
                 loss, part_terms, logits = module.data_loss(x, y, parts=parts, rows=rows, **train)

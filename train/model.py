@@ -4,10 +4,14 @@ Glossary: N images, R regions, D descriptor size, P parts, C classes, q parts pe
 Inputs are raw region descriptors; the module standardises them with the training statistics
 it holds, folded into the parts so that the scores stay one GEMM::
 
-    s_pr = u_p . (x_r - mean) / std                scores S (N, R, P)
+    s_pr = u_p . (x_r - mean) / std                scores S (N, R, P) ("dot", the paper's)
+    s_pr = cos(u_p, (x_r - mean) / std)             ("cosine")
     b_p = max_r s_pr,  b <- b / ||b||               the bag of parts (N, P)
     logits = V b                                    (N, C): v_cp b_p are exact per-part contributions
     loss = CE + l_orth C_orth + l_assign C_assign + l_cs C_cs          (docs: method.md)
+
+With ``class_layer="owned"`` V keeps only each class's own parts (v_cp = 0 for p not of c), so
+every class is explained by its own parts alone.
 
 Every stage computes these through this module: training (:meth:`DPNetModule.loss`, backed by
 one fused op), prediction, and the analysis (thin numpy wrappers in ``analyze.explain``).
@@ -26,6 +30,10 @@ from train import native
 from .losses import CONSTRAINTS, class_specific, orthogonality
 
 LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
+SIMILARITIES = ("dot", "cosine")
+CLASS_LAYERS = ("free", "owned")
+COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (softmax over P parts of values in
+# [-1, 1] would be nearly uniform whatever the parts)
 
 
 class Pooled(NamedTuple):
@@ -154,11 +162,13 @@ class DPNetModule(nn.Module):
         constraints: subset of ("orth", "assign", "cs") in the loss.
         lambdas: weight of each constraint (defaults: method.md's).
         basis_dim: D' of the parts' subspace; 0: the parts live in descriptor space.
+        similarity: "dot" (the paper's) or "cosine" (parts and standardised regions normalised).
+        class_layer: "free" (any part for any class) or "owned" (each class weighs its own parts only).
     """
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
-                 basis_dim: int = 0):
+                 basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free"):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
@@ -167,11 +177,15 @@ class DPNetModule(nn.Module):
         self.register_buffer("basis", torch.zeros(dim, basis_dim) if basis_dim else None)
         self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
         self.lambdas = {**LAMBDAS, **(lambdas or {})}
+        if similarity not in SIMILARITIES or class_layer not in CLASS_LAYERS:
+            raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
+                             f"got {similarity!r} and {class_layer!r}")
+        self.similarity, self.class_layer = similarity, class_layer
 
     # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
-        """(N, R, D) any float dtype -> float32 (N, R, D), (x - mean) / std."""
-        return (regions.float() - self.mean) / self.std
+        """(N, R, D) any float dtype -> (x - mean) / std (N, R, D) in the module's dtype (float32)."""
+        return (regions.to(self.mean.dtype) - self.mean) / self.std
 
     def descriptor_parts(self) -> torch.Tensor:
         """U in descriptor space, (P, D)."""
@@ -186,8 +200,25 @@ class DPNetModule(nn.Module):
         """Raw (N, R, D) -> the standardised descriptors in the parts' subspace, float32 (N, R, D')."""
         return self.standardise(regions) @ self.basis
 
+    @property
+    def prepares(self) -> bool:
+        """Whether scoring needs the regions prepared (projected, or normalised) rather than raw."""
+        return self.basis is not None or self.similarity == "cosine"
+
+    def prepare(self, regions: torch.Tensor) -> torch.Tensor:
+        """Raw (N, R, D) -> what the parts meet, float32 (N, R, W): the standardised descriptors, in
+        the parts' subspace when there is one, of unit length with cosine similarity."""
+        z = self.standardise(regions) if self.basis is None else self.project(regions)
+        return F.normalize(z, dim=-1) if self.similarity == "cosine" else z
+
+    def unit_parts(self) -> torch.Tensor:
+        """The parts as the scores use them, (P, W): normalised with cosine similarity."""
+        return F.normalize(self.parts, dim=1) if self.similarity == "cosine" else self.parts
+
     def scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std."""
+        """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std (or its cosine)."""
+        if self.prepares:
+            return self.prepare(regions) @ self.unit_parts().T
         w, c = self.folded_parts()
         return regions.to(w.dtype) @ w.T - c
 
@@ -202,46 +233,59 @@ class DPNetModule(nn.Module):
             raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
         return Pooled(F.normalize(raw, dim=1), raw, where)
 
+    def class_weights(self) -> torch.Tensor:
+        """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts."""
+        if self.class_layer == "free":
+            return self.classifier
+        c, p = self.classifier.shape
+        owner = torch.arange(p, device=self.classifier.device) // self.parts_per_class
+        return self.classifier * (owner[None, :] == torch.arange(c, device=owner.device)[:, None])
+
     def logits(self, b: torch.Tensor) -> torch.Tensor:
         """Bag of parts (N, P) -> logits (N, C) = V b."""
-        return b @ self.classifier.T
+        return b @ self.class_weights().T
 
     def contributions(self, b: torch.Tensor) -> torch.Tensor:
         """v_cp * b_p, (N, C, P); summed over P it gives the logits."""
-        return b.unsqueeze(1) * self.classifier.unsqueeze(0)
+        return b.unsqueeze(1) * self.class_weights().unsqueeze(0)
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """Raw Tensor[N, R, D] -> logits Tensor[N, C]."""
         return self.logits(self.pool(self.scores(regions)).b)
 
     # ------------------------------------------------------------------- the loss
-    def training_fold(self, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W, c (P,), 1/||u_p|| (P,)): what the fused training op takes from U. W is (P, D) for raw
-        descriptors, or the parts themselves (P, D') for ``projected`` ones (then c = 0)."""
-        inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
-        if projected:
-            return self.parts, self.parts.new_zeros(self.parts.shape[0]), inv_norm
+    def training_fold(self, prepared: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, c (P,), a (P,)): what the fused training op takes from U: S = X W^T - c, and the
+        assignment logits S * a. W is (P, D) folded for raw descriptors, or the (unit) parts (P, W)
+        for :meth:`prepare`-d ones (then c = 0). a is 1/||u_p|| (dot), or a constant scale (cosine)."""
+        p = self.parts.shape[0]
+        if self.similarity == "cosine":
+            inv_norm = self.parts.new_full((p,), COSINE_ASSIGN_SCALE)
+        else:
+            inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        if prepared:
+            return self.unit_parts(), self.parts.new_zeros(p), inv_norm
         w, c = self.folded_parts()
         return w, c, inv_norm
 
-    def step_parts(self, projected: bool = False) -> "StepParts":
+    def step_parts(self, prepared: bool = False) -> "StepParts":
         """The folded parts of one optimiser step, shared by its micro-batches (see StepParts)."""
-        return StepParts(self, projected)
+        return StepParts(self, prepared)
 
     def forward_train(self, regions: torch.Tensor, entropy: bool, gemm_dtype: torch.dtype = torch.float32,
                       parts: "StepParts | None" = None, rows: torch.Tensor | None = None,
-                      sparse: bool = False, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      sparse: bool = False, prepared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off), for training.
 
         The same numbers as :meth:`forward` and the entropy of softmax_p(S / ||u_p||), from one fused
         op. The GEMMs run in ``gemm_dtype`` (bfloat16 on CUDA), everything after them in float32.
         ``rows`` (N, R') picks the regions the entropy is averaged over (all when None): a random
         subset gives an unbiased estimate of the mean and of its gradient. ``sparse`` takes the
-        gather backward (see _TrainOp). ``projected``: ``regions`` are already :meth:`project`-ed.
+        gather backward (see _TrainOp). ``prepared``: ``regions`` are already :meth:`prepare`-d.
         With ``parts`` (from :meth:`step_parts`) the folded U is taken from there and its gradient
         collects there until ``parts.backward()``.
         """
-        w, c, inv_norm = self.training_fold(projected) if parts is None else (parts.w, parts.c, parts.inv_norm)
+        w, c, inv_norm = self.training_fold(prepared) if parts is None else (parts.w, parts.c, parts.inv_norm)
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
         best, _, ent = _TrainOp.apply(regions.to(gemm_dtype), w, c, inv_norm, rows, entropy, sparse)
@@ -262,7 +306,7 @@ class DPNetModule(nn.Module):
         terms = {}
         if "orth" in self.constraints:
             terms["orth"] = orthogonality(self.parts)
-        if "cs" in self.constraints:
+        if "cs" in self.constraints and self.class_layer == "free":  # owned: foreign weights are 0 already
             terms["cs"] = class_specific(self.classifier, self.parts_per_class)
         loss = sum((self.lambdas[k] * v for k, v in terms.items()), self.parts.new_zeros(()))
         return loss, terms
@@ -287,13 +331,13 @@ class StepParts:
     gradients into U at the end of the step.
     """
 
-    def __init__(self, module: DPNetModule, projected: bool = False):
-        self._graph = module.training_fold(projected)
+    def __init__(self, module: DPNetModule, prepared: bool = False):
+        self._graph = module.training_fold(prepared)
         self.w, self.c, self.inv_norm = (t.detach().requires_grad_() for t in self._graph)
 
     def backward(self) -> None:
         """Add the gradient collected on the leaves to U (a no-op when nothing reached them)."""
         pairs = [(t, leaf.grad) for t, leaf in zip(self._graph, (self.w, self.c, self.inv_norm))
-                 if leaf.grad is not None and t.requires_grad]  # projected input: c is a constant 0
+                 if leaf.grad is not None and t.requires_grad]  # prepared input: c is a constant 0
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
