@@ -311,3 +311,39 @@ def test_an_owned_class_layer_weighs_only_each_classs_own_parts(gen):
         torch.testing.assert_close(m(raw), want)
     _, terms = m.weight_loss()
     assert "cs" not in terms  # foreign weights are zero by construction
+
+
+# ------------------------------------------------------------------ projection, last-layer refit
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_projection_puts_each_part_on_its_best_region_of_its_own_class(gen, similarity):
+    from train.finish import project_parts
+
+    m = random_module(gen, d=5, p=6, c=3, q=2)
+    m.similarity = similarity
+    z = torch.randn(6, 4, 5, generator=gen, dtype=torch.float64)  # prepared regions of 6 images
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    if similarity == "cosine":
+        z = F.normalize(z, dim=-1)
+    before = m.unit_parts().detach().clone()
+    lengths = m.parts.detach().norm(dim=1)
+    project_parts(m, [(z[:3], labels[:3]), (z[3:], labels[3:])])
+    for p in range(6):
+        cands = [(float(before[p] @ z[i, r]), i, r) for i in range(6) if labels[i] == p // 2 for r in range(4)]
+        _, i, r = max(cands)
+        want = z[i, r] if similarity == "cosine" else F.normalize(z[i, r], dim=0) * lengths[p]
+        torch.testing.assert_close(m.parts[p].detach(), want)
+
+
+def test_the_last_layer_refit_lowers_the_loss_and_keeps_ownership(gen):
+    from train.finish import refit_class_layer
+
+    m = random_module(gen, d=5, p=6, c=3, q=2)
+    m.class_layer = "owned"
+    bags = F.normalize(torch.rand(20, 6, generator=gen, dtype=torch.float64), dim=1)
+    labels = torch.arange(20) % 3
+    bags[torch.arange(20), labels * 2] += 1.0  # each class's first part fires on its images
+    before = float(F.cross_entropy(m.logits(bags), labels).detach())
+    after = refit_class_layer(m, bags, labels, steps=200, lr=0.1)
+    assert after < before / 2
+    v = m.class_weights().detach()
+    assert all(v[c, p] == 0 for c in range(3) for p in range(6) if p // 2 != c)

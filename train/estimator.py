@@ -28,6 +28,7 @@ from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import CONSTRAINTS
+from .finish import pooled_bags, project_parts, refit_class_layer
 from .model import CLASS_LAYERS, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
@@ -69,6 +70,10 @@ class DPNetClassifier:
         similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
         class_layer: "free" (V weighs any part for any class) or "owned" (each class weighs only its
             own parts: its explanation is its parts).
+        project_parts: after training, replace each part by its best-scoring training region among
+            its own class's images (ProtoPNet's projection): every part is then a real patch.
+        last_layer_steps: after training (and projection), optimise the class layer alone for this
+            many full-batch steps on the fixed parts' scores (a convex problem); 0: none.
         val_fraction: share of training images held out to choose the best epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
@@ -81,7 +86,8 @@ class DPNetClassifier:
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
-                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", project_parts: bool = False,
+                 last_layer_steps: int = 0, val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
@@ -89,6 +95,7 @@ class DPNetClassifier:
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
         self.similarity, self.class_layer = similarity, class_layer
+        self.project_parts, self.last_layer_steps = project_parts, last_layer_steps
         self.val_fraction, self.memory_budget_mb = val_fraction, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
@@ -164,9 +171,31 @@ class DPNetClassifier:
             for epoch in range(state["epoch"], self.epochs):
                 self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
         module.load_state_dict(state["best_state"])
+        if self.project_parts or self.last_layer_steps:
+            with large_buffers_reused():
+                self._finish(module, data, cache, dev)
         del self._buf, self._cache
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
+
+    def _finish(self, module: DPNetModule, data, cache: RegionCache, dev: torch.device) -> None:
+        """ProtoPNet's last steps on the best state: each part replaced by its best region among its
+        own class's training images, then the class layer refitted alone on the parts' scores."""
+        if self.project_parts:
+            project_parts(module, self._prepared_batches(module, data, dev))
+        if self.last_layer_steps:
+            bags, labels = pooled_bags(module, self._prepared_batches(module, data, dev))
+            refit_class_layer(module, bags, labels, self.last_layer_steps, self.lr, self.seed)
+
+    def _prepared_batches(self, module: DPNetModule, data, dev: torch.device, size: int = 16):
+        """(z (b, R, W) prepared regions, labels (b,)) over the fitting images, in order."""
+        for chunk in data.chunks():
+            for a in range(0, len(chunk), size):
+                idx = np.arange(a, min(a + size, len(chunk)))
+                x = torch.from_numpy(np.asarray(chunk.batch(idx), np.float32)).to(dev)
+                with torch.no_grad():
+                    z = x if self.pca_dim else module.prepare(x)
+                yield z, torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
 
     def _epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, data, cache: RegionCache, epoch: int,
                dev: torch.device, progress: bool, state: dict[str, Any], checkpoint, on_epoch) -> None:

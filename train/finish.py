@@ -1,0 +1,82 @@
+"""ProtoPNet's last steps, after the epochs: prototype projection and a last-layer refit.
+
+- :func:`project_parts` replaces each part by the prepared descriptor of its best-scoring region
+  among the training images of its own class, so each part is literally a training patch.
+- :func:`refit_class_layer` optimises V alone on the fixed bags of parts (a convex problem: a
+  multinomial logistic regression on b), with the constraint on foreign weights when V is free.
+
+Glossary: N images, R regions, W the width of prepared regions, P parts, C classes, q parts per class.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .losses import class_specific
+from .model import DPNetModule
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def project_parts(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Replace each part by its best region among its own class's images; returns those scores (P,).
+
+    Args:
+        batches: (z (n, R, W) prepared regions, labels (n,)) over the training images.
+
+    A part whose class has no image keeps its place. With dot similarity the part keeps its
+    length (b is normalised across parts, so lengths weigh parts against each other).
+    """
+    units = module.unit_parts()  # (P, W)
+    p, width = units.shape
+    owner = torch.arange(p, device=units.device) // module.parts_per_class
+    best = torch.full((p,), float("-inf"), device=units.device)
+    best_z = module.parts.detach().clone()
+    for z, labels in batches:
+        s = z @ units.T  # (n, R, P)
+        s = s.masked_fill(labels[:, None, None] != owner[None, None, :], float("-inf"))  # own class only
+        flat = s.flatten(0, 1)  # (n R, P)
+        score, row = flat.max(0)
+        better = score > best
+        best = torch.where(better, score, best)
+        best_z[better] = z.reshape(-1, width)[row[better]]
+    found = torch.isfinite(best)
+    if module.similarity == "dot":
+        best_z = F.normalize(best_z, dim=1) * module.parts.detach().norm(dim=1, keepdim=True)
+    module.parts.data[found] = best_z[found].to(module.parts.dtype)
+    log.info("projected %d of %d parts onto training regions of their class", int(found.sum()), p)
+    return best
+
+
+@torch.no_grad()
+def pooled_bags(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bags of parts b (N, P) and labels (N,) of prepared batches."""
+    units = module.unit_parts()
+    bags, labels = [], []
+    for z, y in batches:
+        bags.append(F.normalize((z @ units.T).max(1).values, dim=1))
+        labels.append(y)
+    return torch.cat(bags), torch.cat(labels)
+
+
+def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+                      seed: int = 0) -> float:
+    """Optimise V alone on fixed bags (N, P): cross-entropy, plus C_cs on a free class layer; returns the loss."""
+    torch.manual_seed(seed)
+    v = module.classifier
+    opt = torch.optim.Adam([v], lr=lr)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module.logits(bags), labels)
+        if "cs" in module.constraints and module.class_layer == "free":
+            loss = loss + module.lambdas["cs"] * class_specific(v, module.parts_per_class)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
