@@ -87,7 +87,7 @@ def gen():
 
 
 def random_module(gen, d=6, p=4, c=2, q=2, constraints=("orth", "assign", "cs"), dtype=torch.float64):
-    m = DPNetModule(d, p, c, q, constraints, {"orth": 0.3, "assign": 0.7, "cs": 0.2}).to(dtype)
+    m = DPNetModule(d, p, c, q, constraints, {"orth": 0.3, "assign": 0.7, "cs": 0.2, "clst": 0.5}).to(dtype)
     with torch.no_grad():
         m.parts.copy_(torch.randn(p, d, generator=gen))
         m.classifier.copy_(torch.randn(c, p, generator=gen))
@@ -245,7 +245,7 @@ def test_fused_training_forward_runs_its_gemms_in_bfloat16(gen):
     grads = []
     for dtype in (torch.float32, torch.bfloat16):
         m.zero_grad()
-        logits, ent = m.forward_train(x, True, dtype)
+        logits, ent, _ = m.forward_train(x, True, dtype)
         assert logits.dtype == torch.float32 and ent.dtype == torch.float32
         (logits.sum() + ent).backward()
         grads.append((logits.detach(), m.parts.grad.clone()))
@@ -276,7 +276,7 @@ def test_cosine_training_gradient_equals_plain_autograd(gen, sparse):
     """Prepared (standardised, normalised) regions through the fused op, against plain cosine ops."""
     from train.model import COSINE_ASSIGN_SCALE
 
-    m = random_module(gen)
+    m = random_module(gen, constraints=("orth", "assign", "cs", "clst"))
     m.similarity = "cosine"
     raw = torch.randn(3, 7, 6, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 1])
@@ -286,10 +286,13 @@ def test_cosine_training_gradient_equals_plain_autograd(gen, sparse):
                               (m.parts, m.classifier))
     zr = F.normalize((raw - m.mean) / m.std, dim=-1)
     s = zr @ F.normalize(m.parts, dim=1).T  # (N, R, P) cosines
-    logits = m.logits(F.normalize(s.max(1).values, dim=1))
+    best = s.max(1).values
+    logits = m.logits(best)  # the cosine bag is not renormalised
     logp = (s * COSINE_ASSIGN_SCALE).log_softmax(-1)
+    clst = torch.stack([1 - best[n, 2 * y[n]:2 * y[n] + 2].mean() for n in range(3)]).mean()
     loss = (F.cross_entropy(logits, y) + m.lambdas["assign"] * -(logp.exp() * logp).sum(-1).mean()
-            + m.lambdas["orth"] * orthogonality(m.parts) + m.lambdas["cs"] * class_specific(m.classifier, 2))
+            + m.lambdas["orth"] * orthogonality(m.parts) + m.lambdas["cs"] * class_specific(m.classifier, 2)
+            + m.lambdas["clst"] * clst)
     want = torch.autograd.grad(loss, (m.parts, m.classifier))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -347,3 +350,12 @@ def test_the_last_layer_refit_lowers_the_loss_and_keeps_ownership(gen):
     assert after < before / 2
     v = m.class_weights().detach()
     assert all(v[c, p] == 0 for c in range(3) for p in range(6) if p // 2 != c)
+
+
+def test_the_cluster_cost_against_a_loop(gen):
+    from train.model import cluster_cost
+
+    best = torch.rand(5, 6, generator=gen, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    want = sum(1 - sum(float(best[n, p]) for p in range(6) if p // 2 == labels[n]) / 2 for n in range(5)) / 5
+    assert float(cluster_cost(best, labels, 2)) == pytest.approx(want)

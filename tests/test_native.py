@@ -41,7 +41,7 @@ def _module(d: int, p: int, c: int, gen: torch.Generator) -> DPNetModule:
 
 def _step(m: DPNetModule, x: torch.Tensor, weight: torch.Tensor, entropy: bool, **train):
     m.zero_grad()
-    logits, ent = m.forward_train(x, entropy, **train)
+    logits, ent, _ = m.forward_train(x, entropy, **train)
     ((logits * weight).sum() + 3.0 * ent).backward()
     return logits.detach(), ent.detach(), m.parts.grad.clone(), m.classifier.grad.clone()
 
@@ -121,7 +121,7 @@ def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
             assert native.load() is None
         assert not native.usable(torch.randn(2, 3, 4))
         m = _module(6, 4, 2, torch.Generator().manual_seed(0))
-        logits, ent = m.forward_train(torch.randn(2, 3, 6), True)  # still trains, on the torch path
+        logits, ent, _ = m.forward_train(torch.randn(2, 3, 6), True)  # still trains, on the torch path
         assert torch.isfinite(logits).all() and ent.item() > 0
     finally:
         native.reset()

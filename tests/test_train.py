@@ -183,8 +183,9 @@ def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
     forward = DPNetModule.forward_train
 
     def poisoned(self, x, *args, **kw):
-        out, ent = forward(self, x, *args, **kw)
-        return torch.cat([out[:1], out[1:2] * float("nan"), out[2:]]), ent  # the 2nd image of each batch
+        out = forward(self, x, *args, **kw)
+        logits = torch.cat([out.logits[:1], out.logits[1:2] * float("nan"), out.logits[2:]])  # the 2nd image
+        return out._replace(logits=logits)
 
     monkeypatch.setattr(DPNetModule, "forward_train", poisoned)
     est = quick(epochs=2)

@@ -27,7 +27,7 @@ from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
-from .losses import CONSTRAINTS
+from .losses import CONSTRAINTS, KNOWN_CONSTRAINTS
 from .finish import pooled_bags, project_parts, refit_class_layer
 from .model import CLASS_LAYERS, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
@@ -54,10 +54,13 @@ class DPNetClassifier:
         lr_step: epochs between learning-rate drops.
         lr_gamma: the factor of each drop.
         batch_size: images per optimiser step.
-        constraints: subset of ("orth", "assign", "cs").
+        constraints: subset of ("orth", "assign", "cs", "clst"); clst (cosine similarity only) is
+            ProtoPNet's cluster cost: each part of a class should find a close region in every
+            image of the class.
         lambda_orth: weight of C_orth.
         lambda_assign: weight of C_assign.
         lambda_cs: weight of C_cs.
+        lambda_clst: weight of C_clst.
         init: "random" (Gaussian U and V) or "regions" (each part starts at a random training
             region of its class, V at +1 for its own class and -0.5 elsewhere).
         backward: "dense" (dW = dS^T X, a second GEMM) or "sparse" (the max-pool's gradient as a
@@ -85,7 +88,7 @@ class DPNetClassifier:
     def __init__(self, parts_per_class: int = 20, epochs: int = 40, inner_epochs: int = 32, lr: float = 1e-3,
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
-                 lambda_cs: float = 1e-3, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
+                 lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
                  pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", project_parts: bool = False,
                  last_layer_steps: int = 0, val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
@@ -93,6 +96,7 @@ class DPNetClassifier:
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
         self.constraints = tuple(constraints)
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
+        self.lambda_clst = lambda_clst
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
         self.similarity, self.class_layer = similarity, class_layer
         self.project_parts, self.last_layer_steps = project_parts, last_layer_steps
@@ -118,9 +122,11 @@ class DPNetClassifier:
         return self
 
     def _validate(self) -> None:
-        unknown = set(self.constraints) - set(CONSTRAINTS)
+        unknown = set(self.constraints) - set(KNOWN_CONSTRAINTS)
         if unknown:
-            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(CONSTRAINTS)}")
+            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(KNOWN_CONSTRAINTS)}")
+        if "clst" in self.constraints and self.similarity != "cosine":
+            raise ValueError("the clst constraint needs similarity='cosine' (it pulls each part's best cosine up)")
         if self.init not in ("regions", "random"):
             raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
         if self.backward not in BACKWARDS:
@@ -138,7 +144,8 @@ class DPNetClassifier:
     def make_module(self, dim: int, n_classes: int) -> DPNetModule:
         """An untrained module of this estimator's shape and loss."""
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
-                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs},
+                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs,
+                            "clst": self.lambda_clst},
                            basis_dim=self.pca_dim, similarity=self.similarity, class_layer=self.class_layer)
 
     # -------------------------------------------------------------------------- fit
@@ -222,11 +229,13 @@ class DPNetClassifier:
         gen = torch.Generator().manual_seed(self.seed)
         if self.init == "random":
             module.parts.data.copy_(torch.randn(p, module.parts.shape[1], generator=gen) / module.parts.shape[1] ** 0.5)
+        else:
+            module.parts.data.copy_(self._region_prototypes(module, source, gen))
+        if self.init == "random" and self.similarity == "dot":
             module.classifier.data.copy_(torch.randn(c, p, generator=gen) * 0.01)
-            return
-        module.parts.data.copy_(self._region_prototypes(module, source, gen))
-        owner = torch.arange(p) // q
-        module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, -0.5))
+        else:
+            owner = torch.arange(p) // q
+            module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, -0.5))
 
     def _region_prototypes(self, module: DPNetModule, source: ShardSource, gen: torch.Generator) -> torch.Tensor:
         """Each part starts at a random standardised region of a random training image of its class."""

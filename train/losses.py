@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CONSTRAINTS = ("orth", "assign", "cs")
+CONSTRAINTS = ("orth", "assign", "cs")  # the paper's
+KNOWN_CONSTRAINTS = CONSTRAINTS + ("clst",)  # clst: ProtoPNet's cluster cost (cosine similarity only)
 
 
 def orthogonality(parts: torch.Tensor) -> torch.Tensor:

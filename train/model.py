@@ -6,9 +6,11 @@ it holds, folded into the parts so that the scores stay one GEMM::
 
     s_pr = u_p . (x_r - mean) / std                scores S (N, R, P) ("dot", the paper's)
     s_pr = cos(u_p, (x_r - mean) / std)             ("cosine")
-    b_p = max_r s_pr,  b <- b / ||b||               the bag of parts (N, P)
+    b_p = max_r s_pr,  b <- b / ||b||               the bag of parts (N, P); with cosine the maxima
+                                                    themselves (they are bounded already)
     logits = V b                                    (N, C): v_cp b_p are exact per-part contributions
     loss = CE + l_orth C_orth + l_assign C_assign + l_cs C_cs          (docs: method.md)
+           + l_clst C_clst                          (cosine: each class's parts present in its images)
 
 With ``class_layer="owned"`` V keeps only each class's own parts (v_cp = 0 for p not of c), so
 every class is explained by its own parts alone.
@@ -29,7 +31,7 @@ from train import native
 
 from .losses import CONSTRAINTS, class_specific, orthogonality
 
-LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3}
+LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8}
 SIMILARITIES = ("dot", "cosine")
 CLASS_LAYERS = ("free", "owned")
 COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (softmax over P parts of values in
@@ -39,7 +41,7 @@ COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (soft
 class Pooled(NamedTuple):
     """The max-pool of scores (N, R, P) over regions."""
 
-    b: torch.Tensor  # (N, P) L2-normalised bag of parts
+    b: torch.Tensor  # (N, P) the bag of parts (L2-normalised for dot similarity)
     raw: torch.Tensor  # (N, P) each part's best score, before normalisation
     where: torch.Tensor  # (N, P) int64, each part's best region
 
@@ -222,8 +224,7 @@ class DPNetModule(nn.Module):
         w, c = self.folded_parts()
         return regions.to(w.dtype) @ w.T - c
 
-    @staticmethod
-    def pool(scores: torch.Tensor, keep: torch.Tensor | None = None) -> Pooled:
+    def pool(self, scores: torch.Tensor, keep: torch.Tensor | None = None) -> Pooled:
         """Scores (N, R, P) -> :class:`Pooled`. ``keep`` (N, R) bool leaves regions out of the max
         (a part with no region left scores 0)."""
         if keep is not None:
@@ -231,7 +232,11 @@ class DPNetModule(nn.Module):
         raw, where = scores.max(dim=1)
         if keep is not None:
             raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
-        return Pooled(F.normalize(raw, dim=1), raw, where)
+        return Pooled(self.bag(raw), raw, where)
+
+    def bag(self, best: torch.Tensor) -> torch.Tensor:
+        """Each part's best score (N, P) -> the bag of parts b: L2-normalised (dot), as is (cosine)."""
+        return best if self.similarity == "cosine" else F.normalize(best, dim=1)
 
     def class_weights(self) -> torch.Tensor:
         """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts."""
@@ -274,8 +279,9 @@ class DPNetModule(nn.Module):
 
     def forward_train(self, regions: torch.Tensor, entropy: bool, gemm_dtype: torch.dtype = torch.float32,
                       parts: "StepParts | None" = None, rows: torch.Tensor | None = None,
-                      sparse: bool = False, prepared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, C) and the mean assignment entropy (0 when ``entropy`` is off), for training.
+                      sparse: bool = False, prepared: bool = False) -> "TrainOut":
+        """Logits (N, C), the mean assignment entropy (0 when ``entropy`` is off) and each part's
+        best score (N, P), for training.
 
         The same numbers as :meth:`forward` and the entropy of softmax_p(S / ||u_p||), from one fused
         op. The GEMMs run in ``gemm_dtype`` (bfloat16 on CUDA), everything after them in float32.
@@ -289,17 +295,20 @@ class DPNetModule(nn.Module):
         if gemm_dtype != w.dtype:
             w = w.to(gemm_dtype)
         best, _, ent = _TrainOp.apply(regions.to(gemm_dtype), w, c, inv_norm, rows, entropy, sparse)
-        return self.logits(F.normalize(best, dim=1)), ent
+        return TrainOut(self.logits(self.bag(best)), ent, best)
 
     def data_loss(self, regions: torch.Tensor, labels: torch.Tensor, **train) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """CE + l_assign C_assign on one batch: (loss, terms, logits). ``train``: see forward_train."""
+        """The terms of one batch (CE, l_assign C_assign, l_clst C_clst): (loss, terms, logits).
+        ``train``: see :meth:`forward_train`."""
         assign = "assign" in self.constraints
-        logits, entropy = self.forward_train(regions, assign, **train)
-        ce = F.cross_entropy(logits, labels)
-        terms = {"ce": ce}
+        out = self.forward_train(regions, assign, **train)
+        terms = {"ce": F.cross_entropy(out.logits, labels)}
         if assign:
-            terms["assign"] = entropy
-        return ce + self.lambdas["assign"] * entropy if assign else ce, terms, logits
+            terms["assign"] = out.entropy
+        if "clst" in self.constraints:
+            terms["clst"] = cluster_cost(out.best, labels, self.parts_per_class)
+        loss = terms["ce"] + sum(self.lambdas[k] * v for k, v in terms.items() if k != "ce")
+        return loss, terms, out.logits
 
     def weight_loss(self) -> tuple[torch.Tensor, dict]:
         """The terms on U and V alone (C_orth, C_cs), weighted and summed: (loss, terms)."""
@@ -320,6 +329,25 @@ class DPNetModule(nn.Module):
         data, terms, _ = self.data_loss(regions, labels, **train)
         weight, more = self.weight_loss()
         return data + weight, {**terms, **more}
+
+
+class TrainOut(NamedTuple):
+    """What :meth:`DPNetModule.forward_train` returns."""
+
+    logits: torch.Tensor  # (N, C)
+    entropy: torch.Tensor  # () mean assignment entropy, 0 when off
+    best: torch.Tensor  # (N, P) each part's best score
+
+
+def cluster_cost(best: torch.Tensor, labels: torch.Tensor, parts_per_class: int) -> torch.Tensor:
+    """C_clst = mean over images of 1 - the mean best cosine of their class's own parts.
+
+    ProtoPNet's cluster cost in cosine form: each of a class's parts should find a close region in
+    every image of the class, which makes it a part the class always shows. best: (N, P), labels (N,).
+    """
+    q = parts_per_class
+    own = labels[:, None] * q + torch.arange(q, device=best.device)  # (N, q)
+    return (1.0 - best.gather(1, own)).mean()
 
 
 class StepParts:
