@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (listed in the manifest)")
     p.add_argument("--crop", action="store_true", help="crop each image to its object box first (CUB protocol)")
+    p.add_argument("--dense", default="", help="square window sizes (grid cells) laid densely, stride 1, before the "
+                                               "random boxes, e.g. 1,2 (they count in --regions)")
     p.add_argument("--runtime", default="auto", choices=RUNTIMES,
                    help="CPU backbone: frozen TorchScript with oneDNN fusion (1.5x faster), eager, or auto "
                         "(frozen for caches of 64+ images)")
@@ -51,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(args.dataset, args.data_dir, args.backbone, args.weights, regions, args.image_size,
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
                          args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
-                         ranks=args.ranks, crop=args.crop, runtime=args.runtime)
+                         ranks=args.ranks, crop=args.crop, runtime=args.runtime,
+                         dense=tuple(int(k) for k in args.dense.split(",") if k.strip()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,40 @@ def sample_boxes(seed: int, image_id: int, n_regions: int, grid_h: int, grid_w: 
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.int16)
 
 
+def dense_boxes(sizes: tuple[int, ...], grid_h: int, grid_w: int) -> np.ndarray:
+    """Every square window of each size in ``sizes`` (cells), at stride 1 on the grid, row by row.
+
+    Beside the random boxes these give every image the same local coverage: a part that looks for
+    a small thing (a beak, an eye ring) finds a small box on it in every image, so its best region
+    (and so its peak) does not move with the luck of the random draw.
+
+    Returns:
+        int16 (M, 4) ``(x0, y0, x1, y1)``, M = sum over sizes k of (H - k + 1)(W - k + 1).
+    """
+    out = []
+    for k in sizes:
+        if not 1 <= k <= min(grid_h, grid_w):
+            raise ValueError(f"dense window size {k} does not fit a {grid_h}x{grid_w} grid")
+        ys, xs = np.mgrid[0:grid_h - k + 1, 0:grid_w - k + 1]
+        out.append(np.stack([xs.ravel(), ys.ravel(), xs.ravel() + k, ys.ravel() + k], 1))
+    return np.concatenate(out).astype(np.int16) if out else np.zeros((0, 4), np.int16)
+
+
+def image_boxes(seed: int, image_id: int, n_regions: int, grid_h: int, grid_w: int,
+                dense: tuple[int, ...] = ()) -> np.ndarray:
+    """The R = ``n_regions`` boxes of one image: the dense windows of ``dense`` sizes first, then
+    random boxes (:func:`sample_boxes`) for the rest.
+
+    Raises:
+        ValueError: the dense windows alone are more than ``n_regions``.
+    """
+    fixed = dense_boxes(tuple(dense), grid_h, grid_w)
+    if len(fixed) > n_regions:
+        raise ValueError(f"dense windows of sizes {list(dense)} make {len(fixed)} boxes on a {grid_h}x{grid_w} grid, "
+                         f"more than REGIONS={n_regions}: raise REGIONS or drop a size")
+    return np.concatenate([fixed, sample_boxes(seed, image_id, n_regions - len(fixed), grid_h, grid_w)])
+
+
 def _distinct_pairs(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """n sorted pairs of distinct integers drawn uniformly from [0, size]."""
     a = rng.integers(0, size + 1, n)

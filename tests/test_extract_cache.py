@@ -237,3 +237,19 @@ def test_mapped_rows_index_like_numpy():
     for idx in (a, slice(1, 3), full[:, 0, 0] > 150, (a, b), np.array([], int)):
         assert np.array_equal(m[idx], full[idx]), idx
     assert m.shape == full.shape and np.array_equal(np.asarray(m), full) and m[3] is rows[3]
+
+
+def test_dense_windows_are_extracted_recorded_and_resumed(tmp_path, monkeypatch):
+    from extract.regions import image_boxes
+
+    cfg = tiny_config(tmp_path, regions=20, dense=(1,))
+    cache = RegionCache(run_extraction(cfg).cache_dir)
+    grid = tuple(cache.manifest["grid"])
+    assert cache.manifest["config"]["dense"] == [1] and cache.path.name.endswith("r20-d1-s64")
+    a = cache.load_shard(0)
+    for i, img in enumerate(a["image_ids"]):
+        assert np.array_equal(a["boxes"][i], image_boxes(0, int(img), 20, *grid, (1,)))
+    (cache.path / "manifest.json").unlink()
+    run_extraction(tiny_config(tmp_path, regions=20, dense=(1,)))  # the plan (a JSON list) is the same
+    with pytest.raises(CacheMismatchError, match="dense"):
+        run_extraction(tiny_config(tmp_path, regions=20, dense=(2,), name=cache.path.name))

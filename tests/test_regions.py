@@ -68,3 +68,19 @@ def test_boxes_to_pixels_scales_each_axis():
 def test_region_means_rejects_wrong_box_shape():
     with pytest.raises(ValueError, match="boxes must be"):
         region_means(torch.zeros(2, 3, 4, 4), torch.zeros(3, 5, 4, dtype=torch.long))
+
+
+def test_dense_windows_cover_every_position_of_each_size():
+    from extract.regions import dense_boxes, image_boxes
+
+    boxes = dense_boxes((1, 2), 4, 5)
+    assert len(boxes) == 4 * 5 + 3 * 4
+    want = {(x, y, x + k, y + k) for k in (1, 2) for y in range(4 - k + 1) for x in range(5 - k + 1)}
+    assert {tuple(int(t) for t in b) for b in boxes} == want
+    full = image_boxes(0, 7, 40, 4, 5, (1, 2))
+    assert len(full) == 40 and np.array_equal(full[:32], boxes)  # dense first, then random
+    assert np.array_equal(full[32:], sample_boxes(0, 7, 8, 4, 5))
+    with pytest.raises(ValueError, match="more than REGIONS"):
+        image_boxes(0, 7, 10, 4, 5, (1,))
+    with pytest.raises(ValueError, match="does not fit"):
+        dense_boxes((6,), 4, 5)
