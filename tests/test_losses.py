@@ -359,3 +359,26 @@ def test_the_cluster_cost_against_a_loop(gen):
     labels = torch.tensor([0, 2, 1, 1, 0])
     want = sum(1 - sum(float(best[n, p]) for p in range(6) if p // 2 == labels[n]) / 2 for n in range(5)) / 5
     assert float(cluster_cost(best, labels, 2)) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_centred_scores_against_a_loop(gen, similarity):
+    """centre: each image's standardised regions minus their mean over the image, then scored."""
+    m = random_module(gen, d=5, p=4, c=2)
+    m.similarity, m.centre = similarity, True
+    raw = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)
+    x = ((raw - m.mean) / m.std).tolist()
+    u = m.parts.tolist()
+    want = []
+    for img in x:
+        mean = [sum(reg[k] for reg in img) / len(img) for k in range(5)]
+        rows = []
+        for reg in img:
+            c = [a - b for a, b in zip(reg, mean)]
+            if similarity == "cosine":
+                c = [a / math.sqrt(sum(b * b for b in c)) for a in c]
+            rows.append([sum(a * b for a, b in zip(c, up)) / (math.sqrt(sum(b * b for b in up))
+                                                             if similarity == "cosine" else 1.0) for up in u])
+        want.append(rows)
+    with torch.no_grad():
+        torch.testing.assert_close(m.scores(raw), torch.tensor(want, dtype=torch.float64))

@@ -315,3 +315,36 @@ def test_a_cosine_owned_fit_learns_and_scores_raw_descriptors_as_it_trained(tiny
     est.save(tmp_path / "m.pt")
     again = DPNetClassifier.load(tmp_path / "m.pt", tiny_cache)
     assert np.array_equal(again.decision_function(x), est.decision_function(x))
+
+
+def test_patience_stops_on_a_validation_plateau(tiny_cache, tmp_path):
+    """With patience k the fit ends k epochs after its best validation epoch, keeps that epoch's
+    weights, and a fit killed before the stop resumes to the same end."""
+    long = quick(epochs=12, val_fraction=0.3, lr=1e-1).fit(tiny_cache)
+    vals = [r["val_top1"] for r in long.history_]
+    stopper = quick(epochs=12, val_fraction=0.3, lr=1e-1, patience=1).fit(tiny_cache, checkpoint=tmp_path / "a.pt")
+    first_flat = next(i for i in range(1, len(vals)) if vals[i] <= max(vals[:i]))
+    assert len(stopper.history_) == first_flat + 1 < 12
+    assert stopper.best_epoch_ == 1 + int(np.argmax(vals[:first_flat + 1]))
+    assert len(long.history_) == 12
+
+    class Stop(Exception):
+        pass
+
+    def stop_first(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        quick(epochs=12, val_fraction=0.3, lr=1e-1, patience=1).fit(tiny_cache, checkpoint=tmp_path / "b.pt",
+                                                                    on_epoch=stop_first)
+    resumed = quick(epochs=12, val_fraction=0.3, lr=1e-1, patience=1).fit(tiny_cache, checkpoint=tmp_path / "b.pt")
+    assert [r["val_top1"] for r in resumed.history_] == [r["val_top1"] for r in stopper.history_]
+    for k, v in stopper.module_.state_dict().items():
+        assert torch.equal(v, resumed.module_.state_dict()[k]), k
+
+
+def test_patience_without_validation_runs_every_epoch(tiny_cache):
+    assert len(quick(epochs=4, patience=1, val_fraction=0.0).fit(tiny_cache).history_) == 4
+    with pytest.raises(ValueError, match="patience"):
+        quick(patience=-1).fit(tiny_cache)

@@ -73,11 +73,15 @@ class DPNetClassifier:
         similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
         class_layer: "free" (V weighs any part for any class) or "owned" (each class weighs only its
             own parts: its explanation is its parts).
+        centre: subtract from each image's standardised regions their mean over the image before
+            scoring: parts then meet what distinguishes a region within its image.
         project_parts: after training, replace each part by its best-scoring training region among
             its own class's images (ProtoPNet's projection): every part is then a real patch.
         last_layer_steps: after training (and projection), optimise the class layer alone for this
             many full-batch steps on the fixed parts' scores (a convex problem); 0: none.
         val_fraction: share of training images held out to choose the best epoch.
+        patience: stop when validation top-1 has not improved for this many epochs (needs a
+            validation split); 0: run every epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
             the gradient is the batch's either way, up to float summation order.
@@ -89,8 +93,9 @@ class DPNetClassifier:
                  lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
-                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", project_parts: bool = False,
-                 last_layer_steps: int = 0, val_fraction: float = 0.15, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False,
+                 project_parts: bool = False,
+                 last_layer_steps: int = 0, val_fraction: float = 0.15, patience: int = 0, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
@@ -98,9 +103,9 @@ class DPNetClassifier:
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
         self.lambda_clst = lambda_clst
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
-        self.similarity, self.class_layer = similarity, class_layer
+        self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
         self.project_parts, self.last_layer_steps = project_parts, last_layer_steps
-        self.val_fraction, self.memory_budget_mb = val_fraction, memory_budget_mb
+        self.val_fraction, self.patience, self.memory_budget_mb = val_fraction, patience, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
     # ----------------------------------------------------------------------- params
@@ -135,6 +140,8 @@ class DPNetClassifier:
             raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
         if self.entropy_regions < 0:
             raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (0: run every epoch), got {self.patience}")
         if self.pca_dim < 0:
             raise ValueError(f"pca_dim must be >= 0 (0: no projection), got {self.pca_dim}")
         if self.similarity not in SIMILARITIES or self.class_layer not in CLASS_LAYERS:
@@ -146,7 +153,8 @@ class DPNetClassifier:
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
                            {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs,
                             "clst": self.lambda_clst},
-                           basis_dim=self.pca_dim, similarity=self.similarity, class_layer=self.class_layer)
+                           basis_dim=self.pca_dim, similarity=self.similarity, class_layer=self.class_layer,
+                           centre=self.centre)
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
@@ -176,6 +184,8 @@ class DPNetClassifier:
                                   self.memory_budget_mb)
         with large_buffers_reused():
             for epoch in range(state["epoch"], self.epochs):
+                if self._plateaued(state):
+                    break
                 self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
         module.load_state_dict(state["best_state"])
         if self.project_parts or self.last_layer_steps:
@@ -184,6 +194,13 @@ class DPNetClassifier:
         del self._buf, self._cache
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
+
+    def _plateaued(self, state: dict[str, Any]) -> bool:
+        """Whether validation top-1 has not improved for ``patience`` epochs (never without a
+        validation split). Read from the state, so a resumed fit stops where an unbroken one does."""
+        if not self.patience or not self.val_fraction or not state["history"]:
+            return False
+        return state["epoch"] - state["best_epoch"] >= self.patience
 
     def _finish(self, module: DPNetModule, data, cache: RegionCache, dev: torch.device) -> None:
         """ProtoPNet's last steps on the best state: each part replaced by its best region among its

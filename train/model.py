@@ -166,11 +166,13 @@ class DPNetModule(nn.Module):
         basis_dim: D' of the parts' subspace; 0: the parts live in descriptor space.
         similarity: "dot" (the paper's) or "cosine" (parts and standardised regions normalised).
         class_layer: "free" (any part for any class) or "owned" (each class weighs its own parts only).
+        centre: subtract from each image's standardised regions their mean over the image, so parts
+            meet what distinguishes a region within its image, not what the whole image shares.
     """
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
-                 basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free"):
+                 basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
@@ -182,7 +184,7 @@ class DPNetModule(nn.Module):
         if similarity not in SIMILARITIES or class_layer not in CLASS_LAYERS:
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
                              f"got {similarity!r} and {class_layer!r}")
-        self.similarity, self.class_layer = similarity, class_layer
+        self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
 
     # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
@@ -204,13 +206,16 @@ class DPNetModule(nn.Module):
 
     @property
     def prepares(self) -> bool:
-        """Whether scoring needs the regions prepared (projected, or normalised) rather than raw."""
-        return self.basis is not None or self.similarity == "cosine"
+        """Whether scoring needs the regions prepared (projected, centred or normalised) rather than raw."""
+        return self.basis is not None or self.similarity == "cosine" or self.centre
 
     def prepare(self, regions: torch.Tensor) -> torch.Tensor:
         """Raw (N, R, D) -> what the parts meet, float32 (N, R, W): the standardised descriptors, in
-        the parts' subspace when there is one, of unit length with cosine similarity."""
+        the parts' subspace when there is one, centred on the image's mean (``centre``), of unit
+        length with cosine similarity."""
         z = self.standardise(regions) if self.basis is None else self.project(regions)
+        if self.centre:
+            z = z - z.mean(dim=1, keepdim=True)
         return F.normalize(z, dim=-1) if self.similarity == "cosine" else z
 
     def unit_parts(self) -> torch.Tensor:
