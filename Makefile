@@ -18,15 +18,18 @@ SKIP_BAD ?=
 TEST_FRACTION ?= 0.5
 RANKS ?= 1
 CROP ?=
+DENSE ?=
 RUNTIME ?= auto
 
 EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
-	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),--crop) --runtime $(RUNTIME)
+	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) --runtime $(RUNTIME)
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=
 PRESET ?= default
+SCHEDULE ?= default
+PATIENCE ?=
 Q ?=
 EPOCHS ?=
 INNER_EPOCHS ?=
@@ -35,12 +38,10 @@ LR_STEP ?=
 MINIBATCH ?=
 CONSTRAINTS ?=
 DEVICE ?=
-TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) --preset $(PRESET) \
+TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) --preset $(PRESET) --schedule $(SCHEDULE) \
 	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
 	$(if $(LR),--lr $(LR)) $(if $(LR_STEP),--lr-step $(LR_STEP)) $(if $(MINIBATCH),--batch-size $(MINIBATCH)) \
-	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(DEVICE),--device $(DEVICE)) --seed $(SEED)
-# The demo trains for fewer epochs than the paper (CPU minutes), with lr 1e-2 to make up the updates.
-DEMO_TRAIN = --epochs 12 --inner-epochs 2 --lr 1e-2 --lr-step 4
+	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) --seed $(SEED)
 
 # Analysis: RUN= a run folder or name under data/runs (default: the run of CACHE / DATASET / LATEST).
 RUN ?=
@@ -75,8 +76,7 @@ ablation: setup
 
 demo: setup
 	$(PY) -m extract --dataset synth
-	@echo "demo: training with fewer epochs than the paper's 40 x 32 (CPU demo): $(DEMO_TRAIN)"
-	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544 $(DEMO_TRAIN)
+	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544
 	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544
 
 report: setup

@@ -11,6 +11,14 @@ steady state); then peak RSS growth during the measured fit, sampled every 10 ms
 with three shards plus the model (anonymous memory, i.e. data without mapped code, is shown too).
 Prints a table, then one JSON line with ``ratio`` = epoch / max(compute, read bound).
 
+The exact mode (dense backward, entropy over every region) is measured as above. The default
+mode (the estimator's own ``backward`` and ``entropy_regions``: the max-pool's gradient as a
+gather, the entropy on a random subset of regions) is then timed on the same cache against
+``forward_bound_s``, the forward GEMM S = X U^T alone at the measured rate:
+``ratio_forward`` = its epoch / forward_bound_s. With ``pca_dim`` (the default's, on descriptors
+projected once) the same is printed against the forward GEMM at D' (``ratio_forward_pca``).
+Default-mode epochs are the second of two (the first also projects and warms up).
+
     python benchmarks/bench_train.py [--images 800] [--shard-images 64] [--budget-mb 256]
 """
 
@@ -150,14 +158,33 @@ def main() -> None:
         estimator(args.budget_mb).fit(cache, on_epoch=rows.append)
         peak, peak_anon = rss.stop()
         epoch_s = rows[0]["seconds"]
+        fast = default_mode_epochs(cache, args, r, d, p)
         # GEMMs per step: S = X U^T and its gradient dU = dS^T X (the assignment term reuses S).
         flops = 2 * 2 * args.images * r * d * p
         compute_s, read_s = flops / rate, nbytes / rbps
         per_image = backbone_seconds_per_image()
         mem = {"before": before, "peak": peak, "before_anon": before_anon, "peak_anon": peak_anon}
-        report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image, cache)
+        report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image, cache, fast)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def default_mode_epochs(cache: RegionCache, args, r: int, d: int, p: int) -> dict[str, float]:
+    """The estimator's default training mode on the same cache: its second epoch against the
+    forward GEMM alone, at full D and (with the default ``pca_dim``) at D'."""
+    defaults = DPNetClassifier()
+    out = {"backward": defaults.backward, "entropy_regions": defaults.entropy_regions, "pca_dim": defaults.pca_dim}
+    for key, dim in (("full", 0), ("pca", defaults.pca_dim)):
+        if key == "pca" and not dim:
+            continue
+        rows: list[dict] = []
+        DPNetClassifier(parts_per_class=args.q, epochs=2, inner_epochs=1, batch_size=args.batch_size, val_fraction=0.0,
+                        memory_budget_mb=args.budget_mb, device="cpu", backward=defaults.backward,
+                        entropy_regions=defaults.entropy_regions, pca_dim=dim).fit(cache, on_epoch=rows.append)
+        width = dim or d
+        out[f"epoch_{key}_s"] = rows[1]["seconds"]
+        out[f"forward_bound_{key}_s"] = 2 * args.images * r * width * p / gemm_rate(args.batch_size, r, width, p)
+    return out
 
 
 def backbone_seconds_per_image(n: int = 4) -> float:
@@ -170,7 +197,7 @@ def backbone_seconds_per_image(n: int = 4) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image, cache) -> None:
+def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image, cache, fast) -> None:
     shard_mb = args.shard_images * 500 * 1280 * 2 / 2**20
     model_mb = (args.q * 10 * 1280 + 10 * args.q * 10) * 4 * 3 / 2**20  # params + Adam moments
     end_to_end = args.images * per_image + epoch_s
@@ -185,7 +212,18 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
             ("peak anonymous RSS growth MiB", f"{mem['peak_anon'] - mem['before_anon']:.0f}"),
             ("3 shards + model MiB", f"{3 * shard_mb + model_mb:.0f}"),
             ("backbone s / image (544)", f"{per_image:.3f}"), ("end-to-end epoch s (est.)", f"{end_to_end:.1f}"),
-            ("speedup vs end-to-end", f"{end_to_end / epoch_s:.1f}")]
+            ("speedup vs end-to-end", f"{end_to_end / epoch_s:.1f}"),
+            ("default mode", f"backward={fast['backward']}, entropy_regions={fast['entropy_regions']}"),
+            ("default epoch s (full D)", f"{fast['epoch_full_s']:.2f}"),
+            ("forward GEMM bound s (full D)", f"{fast['forward_bound_full_s']:.2f}"),
+            ("ratio_forward", f"{fast['epoch_full_s'] / fast['forward_bound_full_s']:.3f}")]
+    extra = {}
+    if "epoch_pca_s" in fast:
+        rows += [(f"default epoch s (pca_dim={fast['pca_dim']})", f"{fast['epoch_pca_s']:.2f}"),
+                 ("forward GEMM bound s (D')", f"{fast['forward_bound_pca_s']:.2f}"),
+                 ("ratio_forward_pca", f"{fast['epoch_pca_s'] / fast['forward_bound_pca_s']:.3f}")]
+        extra = {"epoch_pca_s": round(fast["epoch_pca_s"], 3), "forward_bound_pca_s": round(fast["forward_bound_pca_s"], 3),
+                 "ratio_forward_pca": round(fast["epoch_pca_s"] / fast["forward_bound_pca_s"], 4)}
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(json.dumps({"ratio": round(epoch_s / max(compute_s, read_s), 4), "epoch_s": round(epoch_s, 3),
@@ -198,7 +236,10 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
                       "gemm_gflops": round(rate / 1e9, 2), "read_mb_s": round(rbps / 1e6, 1),
                       "speedup_vs_end_to_end": round(end_to_end / epoch_s, 2),
                       "three_shards_plus_model_mb": round(3 * shard_mb + model_mb, 1),
-                      "kernel": "native" if native.load() is not None else "torch"}))
+                      "kernel": "native" if native.load() is not None else "torch",
+                      "default_epoch_s": round(fast["epoch_full_s"], 3),
+                      "forward_bound_s": round(fast["forward_bound_full_s"], 3),
+                      "ratio_forward": round(fast["epoch_full_s"] / fast["forward_bound_full_s"], 4), **extra}))
 
 
 if __name__ == "__main__":

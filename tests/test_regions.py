@@ -84,3 +84,17 @@ def test_dense_windows_cover_every_position_of_each_size():
         image_boxes(0, 7, 10, 4, 5, (1,))
     with pytest.raises(ValueError, match="does not fit"):
         dense_boxes((6,), 4, 5)
+
+
+def test_cub_extracts_cropped_with_dense_windows_by_default():
+    """CUB's measured defaults (crop to the bird box, 2x2 dense windows); each one word away."""
+    from extract.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    assert (cfg("--dataset", "cub").crop, cfg("--dataset", "cub").dense) == (True, (2,))
+    assert (cfg("--dataset", "cub", "--no-crop", "--dense", "none").crop,
+            cfg("--dataset", "cub", "--no-crop", "--dense", "none").dense) == (False, ())
+    assert (cfg("--dataset", "folder").crop, cfg("--dataset", "folder").dense) == (False, ())
+    assert cfg("--dataset", "folder", "--crop", "--dense", "1,2").dense == (1, 2)

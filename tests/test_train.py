@@ -265,6 +265,20 @@ def test_the_paper_preset_is_one_word_away():
         TrainConfig.from_options("c", "r", preset="nope").fit_params("cub")
 
 
+def test_the_paper_schedule_is_one_word_away_on_the_default_model():
+    """SCHEDULE=paper: the paper's 40 x 32 at lr 1e-3, without early stopping, on the default model."""
+    from train.config import TrainConfig
+
+    default = TrainConfig.from_options("c", "r").fit_params("cub")
+    sched = TrainConfig.from_options("c", "r", schedule="paper").fit_params("cub")
+    assert (sched.epochs, sched.inner_epochs, sched.lr, sched.lr_step, sched.patience) == (40, 32, 1e-3, 10, 0)
+    assert (sched.similarity, sched.pca_dim, sched.parts_per_class) == (default.similarity, default.pca_dim,
+                                                                       default.parts_per_class)
+    assert TrainConfig.from_options("c", "r", schedule="paper").fit_params("imagenet").epochs == 4
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainConfig.from_options("c", "r", schedule="nope").fit_params("cub")
+
+
 def test_parts_learnt_in_a_pca_subspace_score_raw_descriptors_exactly(tiny_cache, tmp_path):
     """pca_dim: the trainer works on projected descriptors; the model scores raw ones the same way."""
     est = quick(pca_dim=8, epochs=2).fit(tiny_cache)

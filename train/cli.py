@@ -15,7 +15,7 @@ from pathlib import Path
 from dpnet.errors import DpnetError
 from extract.cache import cache_name, resolve_cache
 
-from .config import PRESETS, TrainConfig, add_fit_arguments, fit_options
+from .config import PRESETS, SCHEDULES, TrainConfig, add_fit_arguments, fit_options
 from .run import run_ablation, train_run
 
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default <runs-root>/<cache name>")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="default: the measured defaults; paper: the paper's model and schedule")
+    p.add_argument("--schedule", default="default", choices=sorted(SCHEDULES),
+                   help="paper: the paper's schedule (lr 1e-3, 40 x 32 batch-level epochs) on the preset's model")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--ablation", action="store_true", help="train the 8 constraint settings of Table 2")
     p.add_argument("--no-progress", action="store_true")
@@ -50,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cache = pick_cache(args)
     return TrainConfig(cache=str(cache), run_dir=args.run_dir or str(Path(args.runs_root) / cache_name(cache)),
                        options=fit_options(args), preset=args.preset, baselines=not args.no_baselines,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, schedule=args.schedule)
 
 
 def summary_table(metrics: dict) -> str:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary_table(metrics))
-    shown = {k: metrics["config"][k] for k in ("preset", "parts_per_class", "epochs", "inner_epochs", "lr")}
+    shown = {k: metrics["config"][k] for k in ("preset", "schedule", "parts_per_class", "epochs", "inner_epochs", "lr")
+             if k in metrics["config"]}
     print(f"run: {cfg.run_dir} (metrics.json, model.pt, log.csv); config: {json.dumps(shown)}")
     return 0

@@ -32,24 +32,41 @@ def _fit_params_class() -> type:
 
 FitParams = _fit_params_class()
 
+SCHEDULES_PAPER = {"epochs": 40, "inner_epochs": 32, "lr": 1e-3, "lr_step": 10, "lr_gamma": 0.1, "patience": 0}
+
 # Named settings. "paper": the paper's model and schedule (Table 1, section 4); "default": the
 # estimator's own defaults, chosen by measurement (see the README). Per-dataset differences below.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"parts_per_class": 20, "epochs": 40, "inner_epochs": 32, "lr": 1e-3, "lr_step": 10, "lr_gamma": 0.1,
-              "batch_size": 32, "constraints": ("orth", "assign", "cs"), "lambda_orth": 1e-2,
-              "lambda_assign": 1e-3, "lambda_cs": 1e-3, "init": "random", "backward": "dense", "entropy_regions": 0},
+    "paper": {"parts_per_class": 20, **SCHEDULES_PAPER, "batch_size": 32, "constraints": ("orth", "assign", "cs"),
+              "lambda_orth": 1e-2, "lambda_assign": 1e-3, "lambda_cs": 1e-3, "init": "random", "backward": "dense",
+              "entropy_regions": 0, "pca_dim": 0, "similarity": "dot", "class_layer": "free", "centre": False,
+              "project_parts": False, "last_layer_steps": 0},
     "default": {},
+}
+# Named schedules: only how long and how fast the fit runs, on top of a preset's model.
+# "paper": the paper's 40 x 32 batch-level epochs at lr 1e-3 (hours on a CPU; see the README).
+SCHEDULE_KEYS = ("epochs", "inner_epochs", "lr", "lr_step", "lr_gamma", "patience")
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": SCHEDULES_PAPER,
 }
 DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "imagenet": {"paper": {"parts_per_class": 10, "epochs": 4, "inner_epochs": 10}, "default": {"parts_per_class": 10}},
 }
 
 
-def preset(name: str, dataset: str) -> dict[str, Any]:
-    """The hyper-parameters a preset sets for a dataset (the rest are the estimator's defaults)."""
+def preset(name: str, dataset: str, schedule: str = "default") -> dict[str, Any]:
+    """The hyper-parameters a preset (then a schedule) sets for a dataset (the rest are the
+    estimator's defaults)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return {**PRESETS[name], **DATASET_PRESETS.get(dataset, {}).get(name, {})}
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    out = {**PRESETS[name], **DATASET_PRESETS.get(dataset, {}).get(name, {})}
+    if schedule != "default":
+        out.update({**SCHEDULES[schedule], **{k: v for k, v in DATASET_PRESETS.get(dataset, {}).get("paper", {}).items()
+                                              if k in SCHEDULE_KEYS}})
+    return out
 
 
 @dataclass
@@ -62,6 +79,7 @@ class TrainConfig:
         options: hyper-parameters given explicitly; the others come from ``preset``, then from
             the estimator's defaults (see :meth:`fit_params`).
         preset: a name of :data:`PRESETS`.
+        schedule: a name of :data:`SCHEDULES` (applied over the preset).
         baselines: also fit the global baselines.
         progress: show progress bars.
     """
@@ -72,19 +90,20 @@ class TrainConfig:
     preset: str = "default"
     baselines: bool = True
     progress: bool = True
+    schedule: str = "default"
 
     def fit_params(self, dataset: str) -> FitParams:
         """The resolved hyper-parameters for a cache of ``dataset``."""
         unknown = set(self.options) - {f.name for f in dataclasses.fields(FitParams)}
         if unknown:
             raise ValueError(f"unknown hyper-parameters {sorted(unknown)}; known: {', '.join(DPNetClassifier.param_names())}")
-        return FitParams(**{**preset(self.preset, dataset), **self.options})
+        return FitParams(**{**preset(self.preset, dataset, self.schedule), **self.options})
 
     @classmethod
     def from_options(cls, cache: str, run_dir: str, preset: str = "default", baselines: bool = True,
-                     progress: bool = True, **options: Any) -> "TrainConfig":
+                     progress: bool = True, schedule: str = "default", **options: Any) -> "TrainConfig":
         """A config from flat keyword options (hyper-parameters mixed with the run's own)."""
-        return cls(cache, run_dir, options, preset, baselines, progress)
+        return cls(cache, run_dir, options, preset, baselines, progress, schedule)
 
 
 # ------------------------------------------------------------------------- command line

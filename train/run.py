@@ -72,6 +72,7 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     cache = RegionCache(cfg.cache)
     fit = cfg.fit_params(cache.manifest["dataset"])
     write_json_atomic(run / "config.json", {"cache": cfg.cache, "run_dir": cfg.run_dir, "preset": cfg.preset,
+                                            "schedule": cfg.schedule,
                                             "baselines": cfg.baselines, "fit": _jsonable(fit),
                                             "cache_manifest": _manifest_summary(cache)})
     est = DPNetClassifier(**dataclasses.asdict(fit))
@@ -85,7 +86,7 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     metrics = {"dpnet": {**est.evaluate(cache, "test"), "val_top1": est.history_[est.best_epoch_ - 1]["val_top1"],
                          "best_epoch": est.best_epoch_, "params": int(est.module_.parts.numel() + est.module_.classifier.numel()),
                          "fit_seconds": round(fit_s, 2)},
-               "config": {"preset": cfg.preset, **_jsonable(fit)}, "n_fit": None, "cache": str(cache.path)}
+               "config": {"preset": cfg.preset, "schedule": cfg.schedule, **_jsonable(fit)}, "n_fit": None, "cache": str(cache.path)}
     if cfg.baselines:
         metrics.update(run_baselines(cache, metrics["dpnet"]["params"], fit.epochs, fit.inner_epochs, fit.lr,
                                      fit.lr_step, fit.batch_size, fit.val_fraction, fit.seed, run / "global_linear.pt"))

@@ -1,0 +1,105 @@
+"""Time to accuracy on a real dataset: extraction, the default fit, the paper's schedule, side by side.
+
+In one run, through the same commands a user runs (``python -m extract`` / ``python -m train``,
+i.e. ``make extract`` / ``make train``), on a dataset given by path:
+  1. the extraction of the set with the default options, timed;
+  2. the default ``make train`` (preset "default", no baselines), its fit time and top-1;
+  3. the default schedule run for twice its epochs without early stopping ("long"): whether the
+     default stops before accuracy is reached;
+  4. the paper's schedule (preset "paper": lr 1e-3, 40 x 32 batch-level epochs, exact backward)
+     for ``--paper-epochs`` of its 40 outer epochs; its full fit time is extrapolated from the
+     measured per-epoch time (the top-1 shown is the one reached after those epochs).
+Prints a table, then one JSON line with ``train_over_extract`` = default fit / extraction and
+``accuracy_gap`` = the best top-1 of the schedules run here - the default's. Skipped, with a
+message, when the data folder is absent.
+
+    python benchmarks/time_to_accuracy.py --dataset cub --data-dir ../shared/data/cub50-dev
+    python benchmarks/time_to_accuracy.py --dataset folder --data-dir ../shared/data/flowers102-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str]) -> float:
+    """Wall seconds of a command (its output goes to ours); a failure stops the benchmark."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def fit(cache: Path, run_dir: Path, *options: str) -> dict:
+    """``python -m train`` into ``run_dir``; its metrics.json plus the command's wall seconds."""
+    wall = run(["-m", "train", "--cache", str(cache), "--run-dir", str(run_dir), "--no-baselines", "--no-progress",
+                *options])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    epochs_run = len((run_dir / "log.csv").read_text().strip().splitlines()) - 1  # a header, then a row an epoch
+    return {**metrics["dpnet"], "wall_s": wall, "config": metrics["config"],
+            "passes": epochs_run * metrics["config"]["inner_epochs"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, choices=["cub", "folder"])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--paper-epochs", type=int, default=1, help="outer epochs of the paper's 40 to run")
+    ap.add_argument("--work", default=None, help="folder for the cache and runs (default: a temporary one, removed)")
+    ap.add_argument("--extract-args", default="", help="more options for python -m extract, e.g. '--test-fraction 0.5'")
+    args = ap.parse_args()
+    if not Path(args.data_dir).is_dir():
+        print(f"time_to_accuracy: skipped, {args.data_dir} is absent (give --data-dir a {args.dataset} dataset folder)")
+        return 0
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tta_"))
+    try:
+        return measure(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> int:
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    extract_s = run(["-m", "extract", "--dataset", args.dataset, "--data-dir", args.data_dir, "--out-root",
+                     str(work / "cache"), "--no-progress", *args.extract_args.split()])
+    cache = next(p for p in (work / "cache").iterdir() if p.is_dir())
+    default = fit(cache, work / "default")
+    epochs = default["config"]["epochs"]
+    long = fit(cache, work / "long", "--epochs", str(2 * epochs), "--patience", "0")
+    paper = fit(cache, work / "paper", "--preset", "paper", "--epochs", str(args.paper_epochs),
+                "--lr-step", "10")
+    paper_full = 40
+    paper_full_s = paper["fit_seconds"] / args.paper_epochs * paper_full
+    rows = [("default", default, default["fit_seconds"]), ("default, 2x epochs, no early stop", long, long["fit_seconds"]),
+            (f"paper, {args.paper_epochs} of 40 epochs", paper, paper["fit_seconds"])]
+
+    print(f"dataset {args.data_dir}  cache {cache.name}")
+    print(f"{'schedule':<36} {'passes':>7} {'fit s':>8} {'top-1':>6}")
+    print(f"{'extraction':<36} {'':>7} {extract_s:8.1f}")
+    for name, m, s in rows:
+        print(f"{name:<36} {m['passes']:>7} {s:8.1f} {100 * m['top1']:6.1f}")
+    print(f"{'paper, 40 epochs (extrapolated)':<36} {40 * 32:>7} {paper_full_s:8.0f}      ?")
+    best = max(m["top1"] for _, m, _ in rows)
+    out = {"dataset": args.data_dir, "extract_s": round(extract_s, 1), "default_fit_s": default["fit_seconds"],
+           "default_train_wall_s": round(default["wall_s"], 1), "default_top1": default["top1"],
+           "default_passes": default["passes"], "long_fit_s": long["fit_seconds"], "long_top1": long["top1"],
+           "paper_epochs": args.paper_epochs, "paper_fit_s": paper["fit_seconds"], "paper_top1": paper["top1"],
+           "paper_full_fit_s_extrapolated": round(paper_full_s, 1),
+           "train_over_extract": round(default["fit_seconds"] / extract_s, 3),
+           "accuracy_gap": round(100 * (best - default["top1"]), 2)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
