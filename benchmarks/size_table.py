@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 from extract.pipeline import ExtractConfig, run_extraction
+
+from readme_block import write_block
 
 # images extracted, of which training images, and R. MIT-67: the official split lists 80 + 20
 # images per class (6,700 of its 15,620 files); only listed images are extracted.
@@ -89,12 +90,7 @@ def main() -> None:
     text = table(measure(args.images))
     print(text)
     if args.write_readme:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
-        body = readme.read_text()
-        if START not in body:
-            raise SystemExit(f"{readme} has no {START} ... {END} markers")
-        readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", body,
-                                 flags=re.S))
+        write_block(START, END, text)
 
 
 if __name__ == "__main__":

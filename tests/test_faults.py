@@ -6,7 +6,6 @@ files carry the pid of a process that has exited.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import html.parser
 import json

@@ -168,8 +168,9 @@ def region_stats(source: ShardSource, moment_regions: int = 0, seed: int = 0
             if moment_regions:
                 picks = np.stack([np.random.default_rng([seed, int(i)]).permutation(r)[:moment_regions]
                                   for i in chunk.image_ids[rows]])  # (n, k): by image id, whatever the order
-                xs = x.gather(1, torch.from_numpy(picks).unsqueeze(-1).expand(-1, -1, d)).flatten(0, 1).double()
-                moment = xs.T @ xs if moment is None else moment + xs.T @ xs
+                xs = x.gather(1, torch.from_numpy(picks).unsqueeze(-1).expand(-1, -1, d)).flatten(0, 1)
+                block = (xs.T @ xs).double()  # a float32 GEMM over <= 2k rows, summed in float64
+                moment = block if moment is None else moment.add_(block)
                 sampled += len(xs)
             x = x.flatten(0, 1)  # (n R, D)
             part = x.sum(0).double()  # float32 sums of <= 2R rows, accumulated in float64

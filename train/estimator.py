@@ -27,7 +27,7 @@ from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
-from .losses import CONSTRAINTS, KNOWN_CONSTRAINTS
+from .losses import KNOWN_CONSTRAINTS
 from .finish import pooled_bags, project_parts, refit_class_layer
 from .model import CLASS_LAYERS, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes", "cache_id")
 PCA_REGIONS = 64  # random regions per training image behind the PCA basis
 BACKWARDS = ("dense", "sparse")
+
+
+GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_gemm_dtype(name: str, dev: torch.device) -> torch.dtype:
+    """The training GEMMs' dtype: "auto" is bfloat16 on CUDA and on CPUs whose oneDNN has native
+    bfloat16 (AMX / AVX512-BF16: about 2x float32 there), else float32."""
+    if GEMM_DTYPES[name] is not None:
+        return GEMM_DTYPES[name]
+    if dev.type == "cuda":
+        return torch.bfloat16
+    fast = dev.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if fast else torch.float32
 
 
 class NotFittedError(DpnetError):
@@ -54,9 +68,9 @@ class DPNetClassifier:
         lr_step: epochs between learning-rate drops.
         lr_gamma: the factor of each drop.
         batch_size: images per optimiser step.
-        constraints: subset of ("orth", "assign", "cs", "clst"); clst (cosine similarity only) is
-            ProtoPNet's cluster cost: each part of a class should find a close region in every
-            image of the class.
+        constraints: subset of ("orth", "assign", "cs", "clst"); clst (cosine similarity only; left
+            out, with a warning, for dot) is ProtoPNet's cluster cost: each part of a class should
+            find a close region in every image of the class.
         lambda_orth: weight of C_orth.
         lambda_assign: weight of C_assign.
         lambda_cs: weight of C_cs.
@@ -69,7 +83,7 @@ class DPNetClassifier:
             drawn at random (an unbiased estimate); 0 takes every region.
         pca_dim: D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised
             training descriptors and trains on descriptors projected once (D / D' times less work
-            per pass); the parts are still scored in descriptor space. 0: no projection.
+            per pass); the parts are still scored in descriptor space. 0, or D' >= D: no projection.
         similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
         class_layer: "free" (V weighs any part for any class) or "owned" (each class weighs only its
             own parts: its explanation is its parts).
@@ -79,9 +93,13 @@ class DPNetClassifier:
             its own class's images (ProtoPNet's projection): every part is then a real patch.
         last_layer_steps: after training (and projection), optimise the class layer alone for this
             many full-batch steps on the fixed parts' scores (a convex problem); 0: none.
+        gemm_dtype: the dtype of the training GEMMs: "auto" (bfloat16 on CUDA and on CPUs with
+            native bfloat16 matrix units, e.g. AMX or AVX512-BF16; float32 elsewhere), "float32"
+            or "bfloat16". Everything after the GEMMs (pooling, entropy, gradients) is float32.
         val_fraction: share of training images held out to choose the best epoch.
-        patience: stop when validation top-1 has not improved for this many epochs (needs a
-            validation split); 0: run every epoch.
+        patience: stop when validation top-1 has not improved for this many epochs at the
+            current learning rate (each drop starts a new count; needs a validation split);
+            0: run every epoch.
         memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
         micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
             the gradient is the batch's either way, up to float summation order.
@@ -89,13 +107,14 @@ class DPNetClassifier:
         device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     """
 
-    def __init__(self, parts_per_class: int = 20, epochs: int = 40, inner_epochs: int = 32, lr: float = 1e-3,
-                 lr_step: int = 10, lr_gamma: float = 0.1, batch_size: int = 32,
-                 constraints: tuple[str, ...] = CONSTRAINTS, lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
-                 lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "dense", entropy_regions: int = 0,
-                 pca_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False,
+    def __init__(self, parts_per_class: int = 20, epochs: int = 8, inner_epochs: int = 2, lr: float = 1e-2,
+                 lr_step: int = 4, lr_gamma: float = 0.1, batch_size: int = 32,
+                 constraints: tuple[str, ...] = ("orth", "assign", "cs", "clst"), lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
+                 lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "sparse",
+                 entropy_regions: int = 32, pca_dim: int = 256, similarity: str = "cosine", class_layer: str = "free",
+                 centre: bool = False,
                  project_parts: bool = False,
-                 last_layer_steps: int = 0, val_fraction: float = 0.15, patience: int = 0, memory_budget_mb: float | None = None, micro_batch: int = 0,
+                 last_layer_steps: int = 0, gemm_dtype: str = "auto", val_fraction: float = 0.15, patience: int = 3, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
         self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
@@ -104,7 +123,7 @@ class DPNetClassifier:
         self.lambda_clst = lambda_clst
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
-        self.project_parts, self.last_layer_steps = project_parts, last_layer_steps
+        self.project_parts, self.last_layer_steps, self.gemm_dtype = project_parts, last_layer_steps, gemm_dtype
         self.val_fraction, self.patience, self.memory_budget_mb = val_fraction, patience, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
@@ -131,7 +150,8 @@ class DPNetClassifier:
         if unknown:
             raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(KNOWN_CONSTRAINTS)}")
         if "clst" in self.constraints and self.similarity != "cosine":
-            raise ValueError("the clst constraint needs similarity='cosine' (it pulls each part's best cosine up)")
+            log.warning("the clst constraint pulls each part's best cosine up: it is left out with similarity=%r",
+                        self.similarity)
         if self.init not in ("regions", "random"):
             raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
         if self.backward not in BACKWARDS:
@@ -140,6 +160,8 @@ class DPNetClassifier:
             raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
         if self.entropy_regions < 0:
             raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise ValueError(f"gemm_dtype must be one of {tuple(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0: run every epoch), got {self.patience}")
         if self.pca_dim < 0:
@@ -148,12 +170,18 @@ class DPNetClassifier:
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
                              f"got {self.similarity!r} and {self.class_layer!r}")
 
+    def _basis_dim(self, dim: int) -> int:
+        """D' of the parts' subspace for descriptors of dimension ``dim``: ``pca_dim`` when it is
+        below ``dim``, else 0 (nothing to gain by projecting)."""
+        return self.pca_dim if 0 < self.pca_dim < dim else 0
+
     def make_module(self, dim: int, n_classes: int) -> DPNetModule:
         """An untrained module of this estimator's shape and loss."""
-        return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, self.constraints,
+        constraints = tuple(c for c in self.constraints if c != "clst" or self.similarity == "cosine")
+        return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, constraints,
                            {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs,
                             "clst": self.lambda_clst},
-                           basis_dim=self.pca_dim, similarity=self.similarity, class_layer=self.class_layer,
+                           basis_dim=self._basis_dim(dim), similarity=self.similarity, class_layer=self.class_layer,
                            centre=self.centre)
 
     # -------------------------------------------------------------------------- fit
@@ -162,11 +190,10 @@ class DPNetClassifier:
         """Learn U and V from the training split of ``cache``; resumes from ``checkpoint`` if present."""
         self._validate()
         self._buf: torch.Tensor | None = None
+        self._val: tuple[list[torch.Tensor], np.ndarray] | None = None
         self._cache = cache
         torch.manual_seed(self.seed)
         dev = resolve_device(self.device)
-        if self.pca_dim >= cache.dim:
-            raise ValueError(f"pca_dim must be below the descriptors' D={cache.dim}, got {self.pca_dim}")
         source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
         module = self.make_module(cache.dim, cache.n_classes).to(dev)
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
@@ -179,8 +206,8 @@ class DPNetClassifier:
             state = {"epoch": 0, "history": [], "best_val": -1.0, "best_epoch": 0,
                      "best_state": {k: v.clone() for k, v in module.state_dict().items()}}
         data = source
-        if self.pca_dim:  # prepare once (with the statistics and basis of the fit, or of the checkpoint)
-            data = PreparedChunks(source, lambda x: module.prepare(x.to(dev)).cpu(), self.pca_dim,
+        if module.basis is not None:  # prepare once (with the statistics and basis of the fit, or of the checkpoint)
+            data = PreparedChunks(source, lambda x: module.prepare(x.to(dev)).cpu(), module.basis.shape[1],
                                   self.memory_budget_mb)
         with large_buffers_reused():
             for epoch in range(state["epoch"], self.epochs):
@@ -191,16 +218,18 @@ class DPNetClassifier:
         if self.project_parts or self.last_layer_steps:
             with large_buffers_reused():
                 self._finish(module, data, cache, dev)
-        del self._buf, self._cache
+        del self._buf, self._cache, self._val
         self.module_, self.history_, self.best_epoch_ = module.eval(), state["history"], state["best_epoch"]
         return self
 
     def _plateaued(self, state: dict[str, Any]) -> bool:
-        """Whether validation top-1 has not improved for ``patience`` epochs (never without a
-        validation split). Read from the state, so a resumed fit stops where an unbroken one does."""
+        """Whether validation top-1 has not improved for ``patience`` epochs, counted from the last
+        learning-rate drop at the latest (never without a validation split). Read from the state,
+        so a resumed fit stops where an unbroken one does."""
         if not self.patience or not self.val_fraction or not state["history"]:
             return False
-        return state["epoch"] - state["best_epoch"] >= self.patience
+        phase_start = (state["epoch"] - 1) // self.lr_step * self.lr_step  # epochs before this learning rate
+        return state["epoch"] - max(state["best_epoch"], phase_start) >= self.patience
 
     def _finish(self, module: DPNetModule, data, cache: RegionCache, dev: torch.device) -> None:
         """ProtoPNet's last steps on the best state: each part replaced by its best region among its
@@ -218,7 +247,7 @@ class DPNetClassifier:
                 idx = np.arange(a, min(a + size, len(chunk)))
                 x = torch.from_numpy(np.asarray(chunk.batch(idx), np.float32)).to(dev)
                 with torch.no_grad():
-                    z = x if self.pca_dim else module.prepare(x)
+                    z = x if module.basis is not None else module.prepare(x)
                 yield z, torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
 
     def _epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, data, cache: RegionCache, epoch: int,
@@ -237,11 +266,12 @@ class DPNetClassifier:
             on_epoch(row)
 
     def _initialise(self, module: DPNetModule, source: ShardSource) -> None:
-        mean, std, corr = region_stats(source, PCA_REGIONS if self.pca_dim else 0, self.seed)
+        pca = module.basis is not None
+        mean, std, corr = region_stats(source, PCA_REGIONS if pca else 0, self.seed)
         module.mean.copy_(torch.from_numpy(mean))
         module.std.copy_(torch.from_numpy(std))
-        if self.pca_dim:
-            module.basis.copy_(torch.from_numpy(pca_basis(corr, self.pca_dim)))
+        if pca:
+            module.basis.copy_(torch.from_numpy(pca_basis(corr, module.basis.shape[1])))
         p, c, q = module.parts.shape[0], module.classifier.shape[0], self.parts_per_class
         gen = torch.Generator().manual_seed(self.seed)
         if self.init == "random":
@@ -343,8 +373,8 @@ class DPNetClassifier:
         rows_rng = np.random.default_rng([self.seed, epoch, chunk.shard, inner, 1])
         micro = self._micro(chunk.regions.shape[1:], dev)
         prepared = module.prepares  # the data is prepared already (PCA), or each micro-batch is (cosine)
-        per_batch = prepared and not self.pca_dim
-        train = {"gemm_dtype": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        per_batch = prepared and module.basis is None
+        train = {"gemm_dtype": resolve_gemm_dtype(self.gemm_dtype, dev),
                  "sparse": self.backward == "sparse", "prepared": prepared}
         for a in range(0, len(order), self.batch_size):
             idx = np.sort(order[a:a + self.batch_size])
@@ -386,8 +416,32 @@ class DPNetClassifier:
     def _val_accuracy(self, module: DPNetModule, cache: RegionCache, dev: torch.device) -> float:
         if self.val_fraction <= 0:  # no validation images: nothing to read
             return float("nan")
-        scores, labels = self._scores_split(module, cache, "val", dev)
+        if module.basis is None:
+            scores, labels = self._scores_split(module, cache, "val", dev)
+        else:  # projected once (D / W times less work each epoch), like the fitting images
+            if self._val is None:
+                self._val = self._prepared_split(module, cache, "val", dev)
+            with torch.no_grad():
+                scores = np.concatenate([module(z.to(dev), prepared=True).float().cpu().numpy()
+                                         for z in self._val[0]]) if self._val[0] else np.zeros((0, 1))
+            labels = self._val[1]
         return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
+
+    @torch.no_grad()
+    def _prepared_split(self, module: DPNetModule, cache: RegionCache, split: str,
+                        dev: torch.device) -> tuple[list[torch.Tensor], np.ndarray]:
+        """A split's regions prepared (projected) once, in batches of 64, and its labels; a
+        non-finite descriptor is named by its shard and image."""
+        out, labels = [], []
+        for shard, arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels"),
+                                          with_shard=True):
+            for a in range(0, len(arrays["labels"]), 64):
+                z = module.prepare(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).cpu()
+                if not torch.isfinite(z).all():
+                    check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], cache.shard_location(shard))
+                out.append(z)
+            labels.append(arrays["labels"])
+        return out, (np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
     # ------------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, Any]:

@@ -222,8 +222,11 @@ class DPNetModule(nn.Module):
         """The parts as the scores use them, (P, W): normalised with cosine similarity."""
         return F.normalize(self.parts, dim=1) if self.similarity == "cosine" else self.parts
 
-    def scores(self, regions: torch.Tensor) -> torch.Tensor:
-        """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std (or its cosine)."""
+    def scores(self, regions: torch.Tensor, prepared: bool = False) -> torch.Tensor:
+        """S: raw Tensor[N, R, D] -> float32 Tensor[N, R, P], s_pr = u_p . (x_r - mean) / std (or its cosine).
+        ``prepared``: the regions are :meth:`prepare`'s output (N, R, W) already."""
+        if prepared:
+            return regions @ self.unit_parts().T
         if self.prepares:
             return self.prepare(regions) @ self.unit_parts().T
         w, c = self.folded_parts()
@@ -259,9 +262,9 @@ class DPNetModule(nn.Module):
         """v_cp * b_p, (N, C, P); summed over P it gives the logits."""
         return b.unsqueeze(1) * self.class_weights().unsqueeze(0)
 
-    def forward(self, regions: torch.Tensor) -> torch.Tensor:
-        """Raw Tensor[N, R, D] -> logits Tensor[N, C]."""
-        return self.logits(self.pool(self.scores(regions)).b)
+    def forward(self, regions: torch.Tensor, prepared: bool = False) -> torch.Tensor:
+        """Raw Tensor[N, R, D] (or prepared (N, R, W)) -> logits Tensor[N, C]."""
+        return self.logits(self.pool(self.scores(regions, prepared)).b)
 
     # ------------------------------------------------------------------- the loss
     def training_fold(self, prepared: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,63 @@
+"""Issue 12's table: accuracy and every part measure of finished runs, side by side.
+
+Reads each run's ``metrics.json`` and ``report/analysis.json`` (so run ``make train`` and
+``make report`` first) and prints one markdown table, a column per run, with the best global
+baseline's top-1 beside DP-Net's. ``--write-readme`` puts it in the README between
+``<!-- measures:start -->`` and ``<!-- measures:end -->``.
+
+    python benchmarks/measures_table.py data/runs/A data/runs/B --names "default" "paper model"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from analyze.report import MEASURES  # noqa: E402  (the report's own list: one definition of the measures)
+from readme_block import write_block  # noqa: E402
+
+FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"), ("deletion_auc_random", "  same area at random"),
+                ("deletion_auc_cam", "  global linear model's CAM"), ("insertion_auc", "insertion AUC (higher is better)"),
+                ("insertion_auc_random", "  same area at random"), ("insertion_auc_cam", "  global linear model's CAM")]
+
+
+def column(run: Path) -> dict[str, str]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    analysis = json.loads((run / "report" / "analysis.json").read_text())
+    baselines = {k: v["top1"] for k, v in metrics.items() if k.startswith("global_") and isinstance(v, dict)}
+    out = {"top-1": f"{metrics['dpnet']['top1']:.1f}",
+           "best global baseline top-1": (f"{max(baselines.values()):.1f} ({max(baselines, key=baselines.get)})"
+                                          if baselines else "not run")}
+    for section, key, name, *_ in MEASURES:
+        value = analysis.get(section, {}).get(key)
+        out[name] = "n/a" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+    for key, name in FAITHFULNESS:
+        value = analysis.get("faithfulness", {}).get(key)
+        out[name] = "n/a" if value is None else f"{value:.3f}"
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--names", nargs="+", default=None)
+    ap.add_argument("--write-readme", action="store_true")
+    args = ap.parse_args()
+    names = args.names or [Path(r).name for r in args.runs]
+    cols = [column(Path(r)) for r in args.runs]
+    lines = ["| measure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {row} | " + " | ".join(c[row] for c in cols) + " |" for row in cols[0]]
+    text = "\n".join(lines)
+    print(text)
+    if args.write_readme:
+        write_block("<!-- measures:start -->", "<!-- measures:end -->", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
