@@ -77,7 +77,7 @@ ablation: setup
 demo: setup
 	$(PY) -m extract --dataset synth
 	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544
-	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544
+	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544 --pixel-images 40
 
 report: setup
 	$(PY) -m analyze report $(ANALYZE_ARGS)

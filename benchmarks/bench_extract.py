@@ -12,7 +12,7 @@ page faults show there on any machine, whatever a fault costs on it.
 Prints a table, then one JSON line with ``bare_eager_s``, ``bare_best_s``, ``ratio`` = whole /
 bare_best (goal <= 1.10) and ``sys_share`` (goal <= 0.05).
 
-    python benchmarks/bench_extract.py [--images 64] [--image-size 544] [--regions 500]
+    python benchmarks/bench_extract.py [--images 256] [--image-size 544] [--regions 500]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, float, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--images", type=int, default=256)
     p.add_argument("--image-size", type=int, default=544)
     p.add_argument("--regions", type=int, default=500)
     p.add_argument("--backbone", default="efficientnet_lite0")

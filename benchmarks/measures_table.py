@@ -21,9 +21,12 @@ sys.path.insert(0, str(ROOT))
 from analyze.report import MEASURES  # noqa: E402  (the report's own list: one definition of the measures)
 from readme_block import write_block  # noqa: E402
 
-FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"), ("deletion_auc_random", "  same area at random"),
-                ("deletion_auc_cam", "  global linear model's CAM"), ("insertion_auc", "insertion AUC (higher is better)"),
-                ("insertion_auc_random", "  same area at random"), ("insertion_auc_cam", "  global linear model's CAM")]
+FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"),
+                ("deletion_auc_random", "deletion AUC, same area at random"),
+                ("deletion_auc_cam", "deletion AUC, global linear model's CAM"),
+                ("insertion_auc", "insertion AUC (higher is better)"),
+                ("insertion_auc_random", "insertion AUC, same area at random"),
+                ("insertion_auc_cam", "insertion AUC, global linear model's CAM")]
 
 
 def column(run: Path) -> dict[str, str]:

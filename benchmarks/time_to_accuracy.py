@@ -97,7 +97,8 @@ def measure(args, work: Path) -> int:
     n_fit, n_classes = default["n_fit"], default["n_classes"]
     per_pass = default["epoch_seconds"] / default["passes"]
     full_cub_s = per_pass * (5994 * 0.85 / n_fit) * (200 / n_classes) * default["passes"] if args.dataset == "cub" else None
-    table = [f"`python benchmarks/time_to_accuracy.py --dataset {args.dataset} --data-dir {args.data_dir}` "
+    again = f" --label {args.label}" if args.label else ""
+    table = [f"`python benchmarks/time_to_accuracy.py --dataset {args.dataset} --data-dir {args.data_dir}{again}` "
              f"({label}: {n_fit} fitting images, {n_classes} classes; cache {cache.name}):", "",
              "| step | passes | seconds | top-1 |", "| --- | --- | --- | --- |",
              f"| extraction | | {extract_s:.0f} | |"]

@@ -31,8 +31,9 @@ def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
 
     from analyze.report import build_report
 
-    page = build_report(tmp_path / "run", k=4, n_show=4)
+    page = build_report(tmp_path / "run", k=4, n_show=4, pixel_images=24)  # pixel measures on a small sample
     numbers = json.loads((page.parent / "analysis.json").read_text())
+    assert 0 <= numbers["faithfulness"]["deletion_auc"] <= 1 and 0 <= numbers["faithfulness"]["insertion_auc"] <= 1
     for k in ("k1", "k3", "k5"):  # removing the named regions costs more than removing random ones
         f = numbers["faithfulness"][k]
         assert f["drop_named"] > max(f["drop_random"], 0) + 0.01, (k, f)
