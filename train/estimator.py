@@ -427,19 +427,23 @@ class DPNetClassifier:
             labels = self._val[1]
         return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
 
-    @torch.no_grad()
     def _prepared_split(self, module: DPNetModule, cache: RegionCache, split: str,
                         dev: torch.device) -> tuple[list[torch.Tensor], np.ndarray]:
-        """A split's regions prepared (projected) once, in batches of 64, and its labels; a
-        non-finite descriptor is named by its shard and image."""
+        """A split's regions prepared (projected) once, in batches of 64, and its labels."""
+        return self._map_split(module.prepare, cache, split, dev)
+
+    @torch.no_grad()
+    def _map_split(self, fn, cache: RegionCache, split: str, dev: torch.device) -> tuple[list[torch.Tensor], np.ndarray]:
+        """``fn`` over a split's raw regions in batches of 64 (outputs on the CPU), and its labels;
+        a non-finite output is blamed on its descriptors, named by shard and image."""
         out, labels = [], []
         for shard, arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels"),
                                           with_shard=True):
             for a in range(0, len(arrays["labels"]), 64):
-                z = module.prepare(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).cpu()
-                if not torch.isfinite(z).all():
+                y = fn(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).cpu()
+                if not torch.isfinite(y).all():
                     check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], cache.shard_location(shard))
-                out.append(z)
+                out.append(y)
             labels.append(arrays["labels"])
         return out, (np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
@@ -539,18 +543,10 @@ class DPNetClassifier:
     @torch.no_grad()
     def _scores_split(self, module: DPNetModule, cache: RegionCache, split: str,
                       dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
-        scores, labels = [], []
-        for shard, arrays in split_arrays(cache, split, self.val_fraction, self.seed, ("regions", "labels"),
-                                          with_shard=True):
-            for a in range(0, len(arrays["labels"]), 64):
-                out = module(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).float().cpu().numpy()
-                if not np.isfinite(out).all():
-                    check_finite(arrays["regions"][a:a + 64], arrays["image_ids"][a:a + 64], cache.shard_location(shard))
-                scores.append(out)
-            labels.append(arrays["labels"])
-        if not labels:
-            return np.zeros((0, module.classifier.shape[0]), np.float32), np.zeros(0, np.int64)
-        return np.concatenate(scores), np.concatenate(labels)
+        scores, labels = self._map_split(lambda x: module(x).float(), cache, split, dev)
+        if not scores:
+            return np.zeros((0, module.classifier.shape[0]), np.float32), labels
+        return torch.cat(scores).numpy(), labels
 
     def evaluate(self, cache: RegionCache, split: str = "test") -> dict[str, float]:
         """Top-1 and mean per-class accuracy (percent) on a split of ``cache``, streamed."""
