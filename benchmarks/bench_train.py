@@ -186,9 +186,7 @@ def default_mode_epochs(cache: RegionCache, args, r: int, d: int, p: int) -> dic
             continue
         rows: list[dict] = []
         DPNetClassifier(parts_per_class=args.q, epochs=2, inner_epochs=1, batch_size=args.batch_size, val_fraction=0.0,
-                        memory_budget_mb=args.budget_mb, device="cpu", backward=defaults.backward,
-                        entropy_regions=defaults.entropy_regions, pca_dim=dim, similarity=defaults.similarity,
-                        constraints=defaults.constraints).fit(cache, on_epoch=rows.append)
+                        memory_budget_mb=args.budget_mb, device="cpu", pca_dim=dim).fit(cache, on_epoch=rows.append)
         width = dim or d
         out[f"epoch_{key}_s"] = rows[1]["seconds"]
         out[f"forward_bound_{key}_s"] = 2 * args.images * r * width * p / gemm_rate(args.batch_size, r, width, p,

@@ -32,23 +32,20 @@ def _fit_params_class() -> type:
 
 FitParams = _fit_params_class()
 
-SCHEDULES_PAPER = {"epochs": 40, "inner_epochs": 32, "lr": 1e-3, "lr_step": 10, "lr_gamma": 0.1, "patience": 0}
+# Named schedules: only how long and how fast the fit runs, on top of a preset's model.
+# "paper": the paper's 40 x 32 batch-level epochs at lr 1e-3 (hours on a CPU; see the README).
+PAPER_SCHEDULE = {"epochs": 40, "inner_epochs": 32, "lr": 1e-3, "lr_step": 10, "lr_gamma": 0.1, "patience": 0}
+SCHEDULE_KEYS = tuple(PAPER_SCHEDULE)
+SCHEDULES: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER_SCHEDULE}
 
 # Named settings. "paper": the paper's model and schedule (Table 1, section 4); "default": the
 # estimator's own defaults, chosen by measurement (see the README). Per-dataset differences below.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"parts_per_class": 20, **SCHEDULES_PAPER, "batch_size": 32, "constraints": ("orth", "assign", "cs"),
+    "paper": {"parts_per_class": 20, **PAPER_SCHEDULE, "batch_size": 32, "constraints": ("orth", "assign", "cs"),
               "lambda_orth": 1e-2, "lambda_assign": 1e-3, "lambda_cs": 1e-3, "init": "random", "backward": "dense",
               "entropy_regions": 0, "pca_dim": 0, "similarity": "dot", "class_layer": "free", "centre": False,
               "project_parts": False, "last_layer_steps": 0},
     "default": {},
-}
-# Named schedules: only how long and how fast the fit runs, on top of a preset's model.
-# "paper": the paper's 40 x 32 batch-level epochs at lr 1e-3 (hours on a CPU; see the README).
-SCHEDULE_KEYS = ("epochs", "inner_epochs", "lr", "lr_step", "lr_gamma", "patience")
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "paper": SCHEDULES_PAPER,
 }
 DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "imagenet": {"paper": {"parts_per_class": 10, "epochs": 4, "inner_epochs": 10}, "default": {"parts_per_class": 10}},
@@ -62,10 +59,11 @@ def preset(name: str, dataset: str, schedule: str = "default") -> dict[str, Any]
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
-    out = {**PRESETS[name], **DATASET_PRESETS.get(dataset, {}).get(name, {})}
-    if schedule != "default":
-        out.update({**SCHEDULES[schedule], **{k: v for k, v in DATASET_PRESETS.get(dataset, {}).get("paper", {}).items()
-                                              if k in SCHEDULE_KEYS}})
+    per_dataset = DATASET_PRESETS.get(dataset, {})
+    out = {**PRESETS[name], **per_dataset.get(name, {})}
+    if schedule != "default":  # the schedule's keys, with this dataset's own values of them
+        out.update({**SCHEDULES[schedule],
+                    **{k: v for k, v in per_dataset.get(schedule, {}).items() if k in SCHEDULE_KEYS}})
     return out
 
 
