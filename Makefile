@@ -23,7 +23,7 @@ RUNTIME ?= auto
 
 EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
 	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
-	$(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) --runtime $(RUNTIME)
+	$(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) --runtime $(RUNTIME)
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=
@@ -38,7 +38,10 @@ LR_STEP ?=
 MINIBATCH ?=
 CONSTRAINTS ?=
 DEVICE ?=
-TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET))) --preset $(PRESET) --schedule $(SCHEDULE) \
+# BACKBONE, REGIONS and IMAGE_SIZE, when given, pick among the dataset's caches (never ignored)
+PICK_ARGS = $(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) \
+	$(if $(filter command line environment,$(origin IMAGE_SIZE)),--image-size $(IMAGE_SIZE))
+TRAIN_ARGS = $(if $(CACHE),--cache "$(CACHE)",$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET) $(PICK_ARGS))) --preset $(PRESET) --schedule $(SCHEDULE) \
 	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
 	$(if $(LR),--lr $(LR)) $(if $(LR_STEP),--lr-step $(LR_STEP)) $(if $(MINIBATCH),--batch-size $(MINIBATCH)) \
 	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) --seed $(SEED)
@@ -47,9 +50,10 @@ TRAIN_ARGS = $(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),
 RUN ?=
 IMG ?=
 BOXES ?=
+OUT ?=
 DASK ?=
-ANALYZE_ARGS = $(if $(RUN),--run $(RUN),$(if $(CACHE),--cache $(CACHE),$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET)))) \
-	$(if $(BOXES),--boxes-csv $(BOXES)) $(if $(DASK),--dask $(DASK))
+ANALYZE_ARGS = $(if $(RUN),--run "$(RUN)",$(if $(CACHE),--cache "$(CACHE)",$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET) $(PICK_ARGS)))) \
+	$(if $(BOXES),--boxes-csv "$(BOXES)") $(if $(DASK),--dask $(DASK))
 
 .PHONY: setup demo extract train ablation report explain test bench
 
@@ -83,7 +87,7 @@ report: setup
 	$(PY) -m analyze report $(ANALYZE_ARGS)
 
 explain: setup
-	$(PY) -m analyze explain $(IMG) $(ANALYZE_ARGS)
+	$(PY) -m analyze explain "$(IMG)" $(ANALYZE_ARGS) $(if $(OUT),--out "$(OUT)")
 
 test: setup
 	$(PY) -m pytest -q

@@ -67,8 +67,10 @@ class Analysis:
 
 def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClassifier, RegionCache, dict[str, Any]]:
     """The run's model, its cache (from metrics.json unless given) and metrics."""
-    metrics = read_json(run_dir / "metrics.json", "run `make train` again to rewrite it", DpnetError)
-    cache = cache or RegionCache(metrics["cache"])
+    from train.run import read_run
+
+    metrics, where = read_run(run_dir)
+    cache = cache or RegionCache(where)
     return DPNetClassifier.load(run_dir / "model.pt", cache), cache, metrics
 
 
@@ -98,12 +100,28 @@ def read_boxes_csv(path: Path, table: list[dict[str, Any]]) -> dict[int, tuple[f
     """Object boxes from a CSV with image_name, xmin, ymin, xmax, ymax (matched on file name)."""
     by_name = {Path(r["path"]).stem: r["image_id"] for r in table}
     out = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            iid = by_name.get(Path(row["image_name"]).stem)
-            if iid is not None:
-                x0, y0, x1, y1 = (float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+    columns = ("image_name", "xmin", "ymin", "xmax", "ymax")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            lacking = [c for c in columns if c not in (reader.fieldnames or [])]
+            if lacking:
+                raise DpnetError(f"{path}: the header lacks {', '.join(lacking)}; a boxes CSV starts with the line "
+                                 f"{','.join(columns)}")
+            for lineno, row in enumerate(reader, 2):
+                iid = by_name.get(Path(row["image_name"] or "").stem)
+                if iid is None:
+                    continue
+                try:
+                    x0, y0, x1, y1 = (float(row[k]) for k in columns[1:])
+                except (TypeError, ValueError):
+                    raise DpnetError(f"{path}:{lineno}: expected four numbers xmin,ymin,xmax,ymax, got "
+                                     f"{[row.get(k) for k in columns[1:]]}") from None
                 out[iid] = (x0, y0, x1 - x0, y1 - y0)
+    except FileNotFoundError:
+        raise DpnetError(f"BOXES={path}: no such file (a CSV of {','.join(columns)})") from None
+    except UnicodeDecodeError as exc:
+        raise DpnetError(f"{path} is not UTF-8 text ({exc}): save it as UTF-8") from None
     return out
 
 
@@ -329,8 +347,13 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
     if n <= 0 or index is None:
         return {}
     sample = sample_test_images(cache, n, seed, index.bboxes)
-    if not len(sample.ids) or not all(p.is_file() for p in sample.paths):
-        log.warning("the test images of %s are not all readable: the pixel-space measures are skipped", cache.path)
+    there = np.array([p.is_file() for p in sample.paths], bool)
+    if not there.all():
+        gone = [str(p) for p, ok in zip(sample.paths, there) if not ok]
+        log.warning("warning: %d sampled test image(s) are gone since extraction (first: %s); the pixel-space "
+                    "measures use the %d others", len(gone), gone[0], int(there.sum()))
+        sample = sample.subset(there)
+    if not len(sample.ids):
         return {}
     probe = PixelProbe(est, cache)
     out: dict[str, Any] = {"localisation": {}, "faithfulness": {"pixel_images": int(len(sample.ids)),

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from extract.cache import cache_name
-from dpnet.errors import DpnetError
-from train.cli import pick_cache
+from dpnet.errors import ConfigError, DpnetError
+from dpnet.stop import run_command
+from train.cli import add_cache_arguments, pick_cache
+from train.run import read_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,9 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=("report", "explain"))
     p.add_argument("image", nargs="?", help="explain: the image file")
     p.add_argument("--run", default=None, help="run folder or name under data/runs (default: the LATEST cache's run)")
-    p.add_argument("--cache", default=None, help="pick the run of this cache (name or folder)")
-    p.add_argument("--dataset", default=None, help="pick the run of the most recent cache of this dataset")
-    p.add_argument("--cache-root", default="data/cache")
+    add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
     p.add_argument("--top-k", type=int, default=6, help="regions shown per part in the gallery")
     p.add_argument("--images", type=int, default=8, help="test images in the image view")
@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse option values the analysis cannot take, naming the option."""
+    for name, ok, want in (("--pixel-steps", args.pixel_steps >= 1, ">= 1"),
+                           ("--pixel-images", args.pixel_images >= 0, ">= 0 (0 skips the pixel measures)"),
+                           ("--top-k", args.top_k >= 1, ">= 1"), ("--images", args.images >= 0, ">= 0")):
+        if not ok:
+            raise ConfigError(f"{name} must be {want}, got {getattr(args, name[2:].replace('-', '_'))}")
+    if args.boxes_csv is not None and not Path(args.boxes_csv).is_file():
+        raise ConfigError(f"BOXES={args.boxes_csv} (--boxes-csv): no such file. Give a CSV with the columns "
+                          f"image_name,xmin,ymin,xmax,ymax, or leave BOXES out")
+
+
 def resolve_run(args: argparse.Namespace) -> Path:
     """The run folder named by --run, or the run of the cache that --cache/--dataset/LATEST picks."""
     if args.run:
@@ -42,8 +54,7 @@ def resolve_run(args: argparse.Namespace) -> Path:
         run = path if path.is_dir() or len(path.parts) > 1 else Path(args.runs_root) / path
     else:
         run = Path(args.runs_root) / cache_name(pick_cache(args))
-    if not (run / "model.pt").is_file():
-        raise DpnetError(f"no trained model in {run} (model.pt missing): run `make train` first, or pass RUN=<run folder>")
+    read_run(run)  # a clear error for a missing model, an unfinished training or a lost cache
     return run
 
 
@@ -61,25 +72,26 @@ def _dask_client(where: str | None):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        run = resolve_run(args)
-        if args.command == "report":
-            from .report import build_report
+    return run_command(lambda: _main(args))
 
-            with _dask_client(args.dask):
-                page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
-                                    progress=not args.no_progress, use_dask=args.dask is not None,
-                                    pixel_images=args.pixel_images, pixel_steps=args.pixel_steps)
-            print(f"report: {page}")
-            return 0
-        if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb
-            raise DpnetError(f"explain needs an existing image file: IMG={args.image!r} (make explain IMG=path/to/photo.jpg)")
-        from .single import explain_image
 
-        res = explain_image(args.image, run, args.out)
-    except DpnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _main(args: argparse.Namespace) -> int:
+    check_args(args)
+    run = resolve_run(args)
+    if args.command == "report":
+        from .report import build_report
+
+        with _dask_client(args.dask):
+            page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
+                                progress=not args.no_progress, use_dask=args.dask is not None,
+                                pixel_images=args.pixel_images, pixel_steps=args.pixel_steps)
+        print(f"report: {page}")
+        return 0
+    if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb
+        raise DpnetError(f"explain needs an existing image file: IMG={args.image!r} (make explain IMG=path/to/photo.jpg)")
+    from .single import explain_image
+
+    res = explain_image(args.image, run, args.out)
     print(f"predicted: {res.pred_name} (class {res.pred})")
     print("top parts: " + ", ".join(f"part {p} ({v:+.3f})" for p, v in res.top_parts))
     print(f"page: {res.page}")

@@ -8,13 +8,31 @@ import numpy as np
 from PIL import Image
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """An image file as RGB (same conversions as extraction: alpha over white, CMYK, palette, deep greys)."""
-    from extract.images import to_rgb
+DRAW_SIDE = 1024  # pictures are drawn at most this many pixels on a side, whatever the file's size
+
+
+def open_rgb(path: str | Path, bbox: tuple[float, float, float, float] | None = None,
+             max_side: int = DRAW_SIDE) -> Image.Image:
+    """An image file as RGB for drawing, as extraction read it (EXIF orientation, alpha over white,
+    CMYK, palette, deep greys), cut to ``bbox`` (x, y, w, h in the file's upright pixels, CROP=1)
+    when given, and shrunk to at most ``max_side`` on a side, so memory stays bounded for any file.
+
+    Region boxes map to it through its own size (:func:`extract.regions.boxes_to_pixels`).
+    """
+    from extract.images import oriented, oriented_size, to_rgb
+    from extract.regions import crop_box
 
     with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+        orig = oriented_size(img)
+        if bbox is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            img.draft("RGB", (max_side, max_side))  # decoded at a reduced scale, still >= max_side
+        img = to_rgb(oriented(img))
+    if bbox is not None:
+        sx, sy = img.size[0] / orig[0], img.size[1] / orig[1]
+        x0, y0, x1, y1 = crop_box(bbox, orig)
+        img = img.crop((int(x0 * sx), int(y0 * sy), max(int(x1 * sx), int(x0 * sx) + 1), max(int(y1 * sy), int(y0 * sy) + 1)))
+    img.thumbnail((max_side, max_side), Image.BILINEAR)
+    return img
 
 
 def crop(img: Image.Image, box: np.ndarray, size: int = 96) -> Image.Image:

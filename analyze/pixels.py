@@ -49,19 +49,23 @@ class Sample:
     paths: list[Path]
     crops: list  # per image, the object box (x, y, w, h) to crop to (CROP=1 caches), or None
 
+    def subset(self, keep: np.ndarray) -> "Sample":
+        """The rows where ``keep`` (N,) bool is true."""
+        idx = np.flatnonzero(keep)
+        return Sample(self.ids[idx], self.labels[idx], self.boxes[idx], self.sizes[idx],
+                      [self.paths[i] for i in idx], [self.crops[i] for i in idx])
+
 
 def sample_test_images(cache: RegionCache, n: int, seed: int, bboxes: dict | None = None) -> Sample:
     """``n`` test images drawn with ``seed`` (all when n >= their number), in cache order."""
-    root = Path(cache.manifest["dataset_root"])
     table = {r["image_id"]: r["path"] for r in cache.image_table()}
     parts = [a for _, a in cache.iter_shards("test", ("boxes", "sizes", "labels", "image_ids"))]
     ids = np.concatenate([p["image_ids"] for p in parts]) if parts else np.zeros(0, np.int64)
     pick = np.sort(np.random.default_rng(seed).permutation(len(ids))[:n])
-    base = root / "images" if (root / "images").is_dir() else root
     crop = bool(cache.manifest.get("config", {}).get("crop"))
     chosen = ids[pick]
     joined = {k: np.concatenate([p[k] for p in parts])[pick] for k in ("labels", "boxes", "sizes")}
-    return Sample(chosen, joined["labels"], joined["boxes"], joined["sizes"], [base / table[int(i)] for i in chosen],
+    return Sample(chosen, joined["labels"], joined["boxes"], joined["sizes"], [cache.image_file(table[int(i)]) for i in chosen],
                   [(bboxes or {}).get(int(i)) if crop else None for i in chosen])
 
 

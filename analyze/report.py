@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from dpnet.files import FolderLock, remove, remove_stale_temps, temp_path, write_json_atomic, write_text_atomic
+from dpnet.errors import ImageDecodeError
+from dpnet.files import FolderLock, mark_owned, output_errors, remove, remove_stale_temps, replace_owned_folder
+from dpnet.files import temp_path, write_json_atomic, write_text_atomic
 from extract.cache import RegionCache
 from extract.regions import boxes_to_pixels
 
@@ -86,22 +88,23 @@ def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k
         InUseError: another live process works in the run folder (training it, or reporting).
     """
     run = Path(run_dir)
-    with FolderLock(run, "report"):
+    with output_errors(run, "make the run folder writable, or copy the run somewhere writable"), \
+            FolderLock(run, "report"):
         remove_stale_temps(run)
         final = run / "report"
         out = temp_path(final)
         (out / "img").mkdir(parents=True)
         try:
+            mark_owned(out, "report")
             _write_report(run, out, cache, k, n_show, boxes_csv, progress, use_dask, pixel_images, pixel_steps)
         except BaseException:
             remove(out)
             raise
-        old = temp_path(final, "old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(out, final)
-        remove(old)
+        replace_owned_folder(out, final, "report", REPORT_FILES)
     return final / "index.html"
+
+
+REPORT_FILES = r"index\.html|analysis\.json|img"  # what a report folder of an older version (no mark) holds
 
 
 def _write_report(run: Path, out: Path, cache: RegionCache | None, k: int, n_show: int, boxes_csv: str | None,
@@ -170,10 +173,10 @@ class _Renderer:
         self.cache = an.cache
         self.grid = tuple(self.cache.manifest["grid"])
         self.classes = an.est.classes_
-        self.root = Path(self.cache.manifest["dataset_root"])
         self.paths = {r["image_id"]: r["path"] for r in self.cache.image_table()}
         self._small = self._small_fields()
         self._images: dict[int, Any] = {}
+        self.missing: set[int] = set()  # images whose file is gone
         # with CROP=1, show what the model saw: the crops (boxes from the analysis's dataset index)
         self.crop_index = an.index if self.cache.manifest.get("config", {}).get("crop") else None
         self.owned = owned_parts(an.stats.d, an.est.parts_per_class)
@@ -193,15 +196,23 @@ class _Renderer:
         if image_id not in self._images:
             if len(self._images) > 64:
                 self._images.clear()
-            rel = self.paths[image_id]
-            path = self.root / "images" / rel if (self.root / "images").is_dir() else self.root / rel
-            img = draw.open_rgb(path)
-            if self.crop_index is not None:
-                from extract.regions import crop_box
-
-                img = img.crop(crop_box(self.crop_index.bboxes[image_id], img.size))
-            self._images[image_id] = img
+            bbox = self.crop_index.bboxes[image_id] if self.crop_index is not None else None
+            self._images[image_id] = self._open(image_id, bbox)
         return self._images[image_id]
+
+    def _open(self, image_id: int, bbox):
+        """The picture of an image (bounded size); a file gone since extraction is named once and drawn grey."""
+        from PIL import Image
+
+        path = self.cache.image_file(self.paths[image_id])
+        try:
+            return draw.open_rgb(path, bbox)
+        except (FileNotFoundError, ImageDecodeError) as exc:
+            if image_id not in self.missing:
+                log.warning("warning: cannot draw %s (%s): it is shown grey in the report", path,
+                            "file not found" if isinstance(exc, FileNotFoundError) else exc)
+            self.missing.add(image_id)
+            return Image.new("RGB", (256, 256), (200, 200, 200))
 
     def save(self, img, stem: str) -> str:
         self.n_img += 1

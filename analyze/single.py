@@ -7,19 +7,19 @@ with boxes drawn for image id 0 and the cache's seed), then through the run's mo
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dpnet.errors import DpnetError
-from dpnet.files import read_json, remove, temp_path
+from dpnet.errors import DpnetError, OutputExistsError
+from dpnet.files import mark_owned, output_errors, read_json, remove, remove_stale_temps, replace_owned_folder
+from dpnet.files import safe_name, temp_path
 from extract.cache import RegionCache
 from extract.images import load_rgb
 from extract.pipeline import extractor_for
-from extract.regions import boxes_to_pixels, crop_box
+from extract.regions import boxes_to_pixels
 from train.estimator import DPNetClassifier
 
 from . import draw
@@ -40,18 +40,17 @@ class ImageExplanation:
 
 def dataset_image_id(path: str | Path, cache: RegionCache) -> int | None:
     """The image id of ``path`` when it is one of the cache's own images, else ``None``."""
-    root, target = Path(cache.manifest["dataset_root"]), Path(path).resolve()
+    target = Path(path).resolve()
     for row in cache.image_table():
-        for base in (root / "images", root):
-            if (base / row["path"]).resolve() == target:
-                return row["image_id"]
+        if cache.image_file(row["path"]).resolve() == target:
+            return row["image_id"]
     return None
 
 
 def describe_image(path: str | Path, cache: RegionCache
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
     """Raw regions (1, R, D) float16, grid boxes (1, R, 4), the original size (2,) of one image
-    file, and the pixel box it was cropped to (None when not cropped).
+    file, and the object box (x, y, w, h) it was cropped to (None when not cropped).
 
     The boxes are those of the image's id when the file is one of the cache's images (so its
     descriptors equal the cached ones), else those of id 0: a new image gets a fixed draw.
@@ -69,7 +68,7 @@ def describe_image(path: str | Path, cache: RegionCache
     pixels, size_wh = load_rgb(path, m["image_size"], bbox)
     boxes = fx.boxes([0 if iid is None else iid])
     regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)
-    return regions, boxes, np.array(size_wh), None if bbox is None else crop_box(bbox, size_wh)
+    return regions, boxes, np.array(size_wh), bbox
 
 
 def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | None = None) -> ImageExplanation:
@@ -81,9 +80,9 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
         ImageDecodeError: the file is not a readable image.
     """
     run = Path(run_dir)
-    metrics = read_json(run / "metrics.json", "run `make train` again to rewrite it", DpnetError)
-    cache = RegionCache(metrics["cache"])
-    est = DPNetClassifier.load(run / "model.pt", cache)
+    from .analysis import load_run
+
+    est, cache, _ = load_run(run)
     regions, boxes, size_wh, crop = describe_image(path, cache)
     expl = DPNetExplainer(est)
     scores = expl.scores(regions)  # (1, R, P)
@@ -93,28 +92,48 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
     ev = expl.evidence(scores[0], pred)
     grid = tuple(cache.manifest["grid"])
     heat = expl.heatmaps(scores, boxes, grid, np.array([pred]))[0]
-    final = Path(out_dir) if out_dir else run / "explain" / Path(path).stem
-    out = temp_path(final)  # written whole, then renamed into place
-    out.mkdir(parents=True)
-    try:
-        _write_page(out, path, est.classes_[pred], ev, heat, boxes[0], grid, size_wh, crop)
-    except BaseException:
-        remove(out)
-        raise
-    if final.exists():
-        remove(final)
-    os.replace(out, final)
+    final = output_folder(path, run, out_dir)
+    fix = "pass --out <a new folder> (OUT=...) where you can write" if out_dir is None else "pass another --out"
+    with output_errors(final, fix):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final.parent, prefix=final.name[:40])
+        out = temp_path(final)  # written whole, then moved into place
+        out.mkdir()
+        try:
+            mark_owned(out, "explain")
+            _write_page(out, path, est.classes_[pred], ev, heat, boxes[0], grid, size_wh, crop)
+        except BaseException:
+            remove(out)
+            raise
+        replace_owned_folder(out, final, "explain", EXPLAIN_FILES)
     top = [(int(p), float(v)) for p, v in zip(ev.parts[:5], ev.points[:5])]
     return ImageExplanation(pred, est.classes_[pred], logits, top, heat, final / "index.html")
 
 
+# What older versions wrote into an explanation folder (no mark): such a folder may be replaced.
+EXPLAIN_FILES = r"index\.html|heatmap\.png|part\d+\.png"
+
+
+def output_folder(image: str | Path, run: Path, out_dir: str | Path | None) -> Path:
+    """Where the explanation of ``image`` goes: ``out_dir``, else ``<run>/explain/<safe name of the image>``.
+
+    The path is resolved first (``sub/..`` is the folder it names), and it may never be the run
+    folder, one of its ancestors, or the current folder: an explanation replaces only a folder it
+    wrote itself (checked when it is moved into place).
+    """
+    final = Path(out_dir).resolve() if out_dir else run.resolve() / "explain" / safe_name(Path(image).stem)
+    here, run_abs = Path.cwd().resolve(), run.resolve()
+    if final == here or final in run_abs.parents or final == run_abs or final == Path(final.anchor):
+        raise OutputExistsError(f"{final} holds other files (it is the run folder, one of its parents, or the "
+                                f"current folder): an explanation goes in a folder of its own; pass --out <new folder>")
+    return final
+
+
 def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, boxes: np.ndarray,
-                grid: tuple[int, int], size_wh: np.ndarray, crop) -> None:
+                grid: tuple[int, int], size_wh: np.ndarray, crop_bbox) -> None:
     """Into ``out``: the heatmap, crops of the top parts' regions (boxes (R, 4)) and index.html."""
-    img = draw.open_rgb(path)
-    if crop is not None:  # show what the model saw
-        img = img.crop(crop)
-        size_wh = np.array(img.size)
+    img = draw.open_rgb(path, crop_bbox)  # what the model saw (the crop, with CROP=1), at a bounded size
+    size_wh = np.array(img.size)
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
     rows = []
     for i in range(min(5, len(ev.parts))):

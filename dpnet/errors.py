@@ -11,6 +11,10 @@ class DpnetError(Exception):
     """Base class of every user-facing error of dpnet; the command line prints it without a trace."""
 
 
+class ConfigError(DpnetError, ValueError):
+    """An option has a value outside what it can take; the message names the option, the value and the range."""
+
+
 class DatasetLayoutError(DpnetError):
     """A dataset folder lacks a file of its layout, or a line of it is malformed."""
 
@@ -61,3 +65,15 @@ class InUseError(DpnetError):
 
 class DiskFullError(DpnetError):
     """A write failed for lack of space; what was finished before is kept."""
+
+
+class NotWritableError(DpnetError):
+    """A folder dpnet must write in is read-only (or not ours to write in); names it and the way out."""
+
+
+class OutputExistsError(DpnetError):
+    """An output path is taken by something dpnet did not write; dpnet never replaces it."""
+
+
+class StoppedError(DpnetError):
+    """SIGINT or SIGTERM stopped the job; what was finished is kept and the same command resumes."""

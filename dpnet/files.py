@@ -13,23 +13,51 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
+import stat
+import zlib
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import CacheIncompleteError, DiskFullError, DpnetError, InUseError
+from .errors import CacheIncompleteError, DiskFullError, DpnetError, InUseError, NotWritableError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 TEMP_NAME = re.compile(r"\.(?:tmp|unpack|old)-(\d+)$")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 LOW_SPACE = 16 << 20  # a failed write with less than this left on its disk is taken as a full disk
 
 
+NAME_MAX = 255  # bytes in one path component on the filesystems dpnet meets
+
+
 def temp_path(path: Path, kind: str = "tmp") -> Path:
-    """The temporary sibling this process writes ``path`` through: ``<name>.<kind>-<pid>``."""
+    """The temporary sibling this process writes ``path`` through: ``<name>.<kind>-<pid>``.
+
+    A name so long that the suffix would pass the file-name limit is cut first and keeps a hash
+    of the whole, so two long names never share a temporary path.
+    """
     path = Path(path)
-    return path.with_name(f"{path.name}.{kind}-{os.getpid()}")
+    suffix = f".{kind}-{os.getpid()}"
+    name = path.name
+    if len(name.encode()) + len(suffix) > NAME_MAX:
+        tag = f"~{zlib.crc32(name.encode()):08x}"
+        room = NAME_MAX - len(suffix) - len(tag)
+        name = name.encode()[:room].decode(errors="ignore") + tag
+    return path.with_name(name + suffix)
+
+
+def safe_name(text: str, limit: int = 100) -> str:
+    """A file-name component made from ``text`` (an image's stem, a user's label) that is always one
+    plain entry of a folder: never empty, ``.`` or ``..``, no separators or control characters, at
+    most ``limit`` characters (a longer one keeps a hash of the whole)."""
+    name = re.sub(r"[^\w.+-]+", "_", text, flags=re.UNICODE).strip("._") or "image"
+    if len(name) > limit:
+        name = name[:limit - 9] + f"~{zlib.crc32(text.encode()):08x}"
+    return name
 
 
 def remove(path: Path) -> None:
@@ -80,6 +108,29 @@ def disk_full_as_error(path: Path) -> Iterator[None]:
         raise full from exc
 
 
+def not_writable_error(path: Path, exc: BaseException, fix: str) -> NotWritableError | None:
+    """A :class:`NotWritableError` when ``exc`` is a write refused by permissions or a read-only disk."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = getattr(exc, "filename", None) or path
+        a, b = Path(where).absolute(), Path(path).absolute()
+        if not (a == b or b in a.parents or a in b.parents):
+            return None  # a file read elsewhere (an image, a dataset file): not an output
+        return NotWritableError(f"cannot write {where} ({exc.strerror}): {fix}")
+    return None
+
+
+@contextlib.contextmanager
+def output_errors(path: Path, fix: str = "make it writable, or write elsewhere") -> Iterator[None]:
+    """Writes inside the block that fail for lack of space or permission become clear errors naming ``path``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        err = disk_full_error(path, exc) or not_writable_error(path, exc, fix)
+        if err is None:
+            raise
+        raise err from exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path`` through; renamed into place on success, removed on failure."""
@@ -112,6 +163,49 @@ def read_json(path: Path, fix: str, error: Callable[[str], DpnetError] = CacheIn
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(f"{path} is damaged ({type(exc).__name__}: {exc}): {fix}") from exc
+
+
+# ---------------------------------------------------------------------------- owned folders
+OWNER_MARK = ".dpnet-output"
+
+
+def mark_owned(folder: Path, what: str) -> None:
+    """Mark ``folder`` (being written) as an output of dpnet's ``what``: only such folders are ever replaced."""
+    (Path(folder) / OWNER_MARK).write_text(f"{what}\n", encoding="utf-8")
+
+
+def owned_by(folder: Path, what: str, legacy: str = "") -> bool:
+    """Whether ``folder`` is a real folder that dpnet's ``what`` wrote: it holds the mark, or (made by an
+    older version, before marks) only entries whose names match the pattern ``legacy``."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    mark = folder / OWNER_MARK
+    if mark.is_file() and not mark.is_symlink():
+        return mark.read_text(encoding="utf-8", errors="replace").strip() == what
+    names = {p.name for p in folder.iterdir()}
+    return bool(legacy) and bool(names) and all(re.fullmatch(legacy, n) for n in names)
+
+
+def replace_owned_folder(tmp: Path, final: Path, what: str, legacy: str = "") -> None:
+    """Move the finished folder ``tmp`` to ``final``. An existing ``final`` is replaced only when it is an
+    output of ``what`` (see :func:`owned_by`); anything else there is left alone and refused.
+
+    Raises:
+        OutputExistsError: ``final`` exists and dpnet did not write it (``tmp`` is removed).
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.is_symlink() or final.exists():
+        if not owned_by(final, what, legacy):
+            remove(tmp)
+            raise OutputExistsError(f"{final} exists and was not written by dpnet's {what}: it is left as it is. "
+                                    f"Pass a new folder (one that does not exist yet), or remove it yourself.")
+        old = temp_path(final, "old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove(old)
+    else:
+        os.replace(tmp, final)
 
 
 # ------------------------------------------------------------------------------- dead temps
@@ -165,17 +259,19 @@ class FolderLock:
         self.fd: int | None = None
 
     def acquire(self) -> "FolderLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / self.name, os.O_RDWR | os.O_CREAT, 0o644)
+        _check_folder(self.folder)
+        with output_errors(self.folder, "make it writable, or copy it somewhere writable"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(self.folder / self.name, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise InUseError(f"{self.folder} is in use by pid {holder} ({self.what}). Wait for it to finish or "
-                             f"stop it (kill {holder}); a stopped run resumes where it left off.") from None
+            raise InUseError(f"{self.folder} is in use by {holder}. Wait for it to finish or stop it (kill "
+                             f"{holder.split()[1]}); a stopped job resumes where it left off.") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
         self.fd = fd
         return self
 
@@ -192,13 +288,44 @@ class FolderLock:
         self.release()
 
 
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder given as a dangling link; warn when anyone may write in it."""
+    if folder.is_symlink() and not folder.exists():
+        raise OutputExistsError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist: "
+                                f"remove the link, or make the folder it points to")
+    if folder.is_dir():
+        mode = folder.stat().st_mode
+        if mode & stat.S_IWOTH:
+            log.warning("warning: %s is writable by every user: another user could plant or replace files there; "
+                        "chmod o-w %s", folder, folder)
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """Open a lock file without following a link (a planted link would make dpnet write a file it points to)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputExistsError(f"{path} is a symbolic link, not a lock file dpnet made: nothing was written "
+                                    f"through it. Remove the link (rm {path}) and run again.") from None
+        err = not_writable_error(path, exc, "make the folder writable, or copy it somewhere writable")
+        if err is None:
+            raise
+        raise err from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputExistsError(f"{path} is not a regular file: remove it and run again")
+    return fd
+
+
 def _read_holder(fd: int) -> str:
-    """The pid the holder wrote (it may be writing it right now: read a few times)."""
+    """"pid N (what)" from what the holder wrote (it may be writing it right now: read a few times)."""
     import time
 
     for _ in range(20):
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         if text:
-            return text
+            pid, _, what = text.partition(" ")
+            return f"pid {pid}" + (f" ({what})" if what else "")
         time.sleep(0.01)
-    return "unknown"
+    return "pid unknown"

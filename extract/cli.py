@@ -9,7 +9,8 @@ import sys
 from .backbones import list_backbones
 from .cache import STORES
 from .datasets import list_datasets
-from dpnet.errors import DpnetError
+from dpnet.errors import ConfigError
+from dpnet.stop import run_command
 from .pipeline import RUNTIMES, ExtractConfig, run_extraction
 
 
@@ -66,16 +67,24 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
                          args.store, args.seed, args.shard_mb, args.batch_size, args.workers, args.device,
                          args.skip_bad, args.test_fraction, synth, args.out_root, args.name, not args.no_progress,
                          ranks=args.ranks, crop=crop, runtime=args.runtime,
-                         dense=tuple(int(k) for k in dense.split(",") if k.strip()))
+                         dense=parse_dense(dense))
+
+
+def parse_dense(text: str) -> tuple[int, ...]:
+    """"2" or "1,2" -> window sizes; anything else is a ConfigError naming DENSE."""
+    try:
+        sizes = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise ConfigError(f"DENSE (--dense) takes window sizes in grid cells, like 2 or 1,2, or none; got {text!r}") from None
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        summary = run_extraction(config_from_args(args))
-    except DpnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(summary.line())
-    return 0
+
+    def body() -> int:
+        print(run_extraction(config_from_args(args)).line())
+        return 0
+
+    return run_command(body)

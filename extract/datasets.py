@@ -53,6 +53,10 @@ class DatasetIndex:
     bboxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     part_names: list[str] = field(default_factory=list)
     part_locs: dict[int, np.ndarray] = field(default_factory=dict)
+    image_dir: str = ""  # the folder under ``root`` that record paths start in ("images" in the CUB layout)
+
+    def image_file(self, rel: str) -> Path:
+        return self.root / self.image_dir / rel if self.image_dir else self.root / rel
 
 
 @dataclass
@@ -89,7 +93,27 @@ def load_dataset(name: str, options: DatasetOptions | None = None) -> DatasetInd
     """Read (or, for ``synth``, generate then read) a dataset by name."""
     if name not in _REGISTRY:
         raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    return _REGISTRY[name](options or DatasetOptions())
+    index = _REGISTRY[name](options or DatasetOptions())
+    refuse_unsafe_names(index)
+    return index
+
+
+def refuse_unsafe_names(index: DatasetIndex) -> None:
+    """Image paths holding a tab, a line break of any kind (``\\n``, ``\\r``, U+0085, U+2028, ...) or
+    another control character cannot be stored one per line in a cache's image table: refused here,
+    before anything is written, naming every such file."""
+    bad = [r.path for r in index.records if _unsafe(r.path)]
+    if bad:
+        shown = "\n".join(f"  {ascii(p)}" for p in bad[:20])
+        raise DatasetLayoutError(f"{len(bad)} image path(s) under {index.root} hold a tab, a line break or another "
+                                 f"control character, which a cache's image table cannot store:\n{shown}\nrename "
+                                 f"them (or move them out), then run again.")
+
+
+def _unsafe(path: str) -> bool:
+    import unicodedata
+
+    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in path) or len(path.splitlines()) != 1
 
 
 def default_root(name: str) -> Path:
@@ -137,6 +161,29 @@ def _read_lines(path: Path, n_fields: int, what: str) -> list[tuple[int, list[st
     return rows
 
 
+def _int(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DatasetLayoutError(f"{where}: expected an integer id, got {text!r}") from None
+
+
+def _read_labels(path: Path) -> dict[int, int]:
+    """``image_class_labels.txt``: image id -> 0-based label, from 1-based integer class ids."""
+    out = {}
+    for lineno, (i, c) in _read_lines(path, 2, '"id class"'):
+        try:
+            image_id, class_id = int(i), int(c)
+        except ValueError:
+            raise DatasetLayoutError(f"{path}:{lineno}: expected an image id and a class id (integers), got "
+                                     f"{i!r} {c!r}") from None
+        if class_id < 1:
+            raise DatasetLayoutError(f"{path}:{lineno}: class ids start at 1 in the CUB layout, got {class_id}: "
+                                     f"number the classes 1, 2, ... (classes.txt names them)")
+        out[image_id] = class_id - 1
+    return out
+
+
 def read_cub(root: str | Path, name: str = "cub") -> DatasetIndex:
     """Read a folder in the CUB-200-2011 layout.
 
@@ -151,10 +198,11 @@ def read_cub(root: str | Path, name: str = "cub") -> DatasetIndex:
         raise DatasetLayoutError(
             f"{root} is not a CUB-200-2011 folder: missing {', '.join(missing)}. Point DATA_DIR at the "
             f"folder that holds images.txt and images/ (for the official archive: CUB_200_2011/).")
-    paths = {int(i): checked_relative(p, f"{root / 'images.txt'}:{lineno}")
+    paths = {_int(i, f"{root / 'images.txt'}:{lineno}"): checked_relative(p, f"{root / 'images.txt'}:{lineno}")
              for lineno, (i, p) in _read_lines(root / "images.txt", 2, '"id relative/path.jpg"')}
-    labels = {int(i): int(c) - 1 for i, c in _read_table(root / "image_class_labels.txt", 2, '"id class"')}
-    split = {int(i): t.strip() == "1" for i, t in _read_table(root / "train_test_split.txt", 2, '"id is_train"')}
+    labels = _read_labels(root / "image_class_labels.txt")
+    split = {_int(i, f"{root / 'train_test_split.txt'}:{n}"): t.strip() == "1"
+             for n, (i, t) in _read_lines(root / "train_test_split.txt", 2, '"id is_train"')}
     for fname, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split)):
         lacking = sorted(set(paths) - set(table))
         if lacking:
@@ -166,7 +214,7 @@ def read_cub(root: str | Path, name: str = "cub") -> DatasetIndex:
             if 1 <= int(cid) <= n_classes:
                 classes[int(cid) - 1] = cname
     records = [ImageRecord(i, paths[i], labels[i], split[i]) for i in sorted(paths)]
-    index = DatasetIndex(name, root, classes, records)
+    index = DatasetIndex(name, root, classes, records, image_dir="images")
     _read_cub_annotations(root, index)
     return index
 

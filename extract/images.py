@@ -38,13 +38,13 @@ def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float
     """
     try:
         with Image.open(path) as img:
-            orig = img.size
+            orig = oriented_size(img)
             if min(orig) < MIN_SIDE:
                 raise ImageDecodeError(f"{path}: image is {orig[0]}x{orig[1]} px; at least {MIN_SIDE}x{MIN_SIDE} "
                                        f"is needed")
             if bbox is None and img.format == "JPEG" and img.mode in ("RGB", "L"):
                 img.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
-            img = to_rgb(img)
+            img = to_rgb(oriented(img))
             if bbox is not None:
                 img = img.crop(crop_box(bbox, orig))
             return resize_square(np.array(img, dtype=np.uint8), size), orig  # writable: torch wraps it
@@ -52,6 +52,37 @@ def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` as photo viewers show it: after its EXIF orientation."""
+    w, h = img.size
+    return (h, w) if _orientation(img) in TRANSPOSED else (w, h)
+
+
+def oriented(img: Image.Image) -> Image.Image:
+    """``img`` turned upright by its EXIF orientation tag, as photo viewers and cameras' own software show it.
+
+    dpnet applies the tag everywhere an image is read (extraction, the report, explain), so the
+    model, the regions drawn and the boxes (in the upright frame) always agree.
+    """
+    code = _orientation(img)
+    if code in (None, 1):
+        return img
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(img)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: read the pixels as stored
+        return None
 
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:

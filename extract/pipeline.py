@@ -20,14 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import BadImagesError, CacheMismatchError, DatasetLayoutError, DpnetError
+from dpnet.errors import BadImagesError, CacheMismatchError, ConfigError, DatasetLayoutError, DpnetError
 from dpnet.files import FolderLock, disk_full_as_error, read_json, remove, remove_stale_temps, write_json_atomic
 from dpnet.files import write_text_atomic
 from dpnet.memory import large_buffers_reused
 
 from . import __version__
 from .backbones import Backbone, create_backbone, grid_size
-from .cache import FORMAT, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
+from .cache import FORMAT, STORES, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
 from .cache.location import Location
 from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
 from .images import DecodedBatch, ImageFiles, collate
@@ -77,6 +77,30 @@ class ExtractConfig:
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def validate(self) -> "ExtractConfig":
+        """Refuse values an option cannot take, naming the option (make's name first) and its range.
+
+        Raises:
+            ConfigError: the first option out of its range.
+        """
+        checks = [("REGIONS (--regions)", self.regions, self.regions >= 1, ">= 1"),
+                  ("IMAGE_SIZE (--image-size)", self.image_size, self.image_size >= MIN_IMAGE_SIZE,
+                   f">= {MIN_IMAGE_SIZE} pixels"),
+                  ("TEST_FRACTION (--test-fraction)", self.test_fraction, 0.0 <= self.test_fraction <= 1.0, "in [0, 1]"),
+                  ("BATCH (--batch-size)", self.batch_size, self.batch_size >= 0, ">= 1, or 0 for the device's default"),
+                  ("WORKERS (--workers)", self.workers, self.workers >= -1, ">= 0, or -1 for auto"),
+                  ("SEED (--seed)", self.seed, 0 <= self.seed < 2**32, "in [0, 2^32)"),
+                  ("RANKS (--ranks)", self.ranks, self.ranks >= 1, ">= 1"),
+                  ("--shard-mb", self.shard_mb, self.shard_mb > 0, "> 0"),
+                  ("DENSE (--dense)", self.dense, all(isinstance(k, int) and k >= 1 for k in self.dense),
+                   "window sizes >= 1 (grid cells), e.g. 2 or 1,2, or none"),
+                  ("STORE (--store)", self.store, self.store in STORES, f"one of {', '.join(STORES)}"),
+                  ("RUNTIME (--runtime)", self.runtime, self.runtime in RUNTIMES, f"one of {', '.join(RUNTIMES)}")]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {value!r}")
+        return self
 
     def resolved_rank(self) -> tuple[int, int]:
         """(rank, world size): given, else from torchrun's environment, else (0, 1)."""
@@ -128,12 +152,24 @@ def make_plan(cfg: ExtractConfig, index: DatasetIndex, bb: Backbone, grid: tuple
     config["runtime"] = resolve_runtime(cfg.runtime, cfg.resolved_device(), len(order))
     return {
         "format": FORMAT, "code_version": __version__, "config": config,
-        "dataset": index.name, "dataset_root": str(Path(index.root).resolve()), "classes": index.classes,
+        "dataset": index.name, "dataset_root": str(Path(index.root).resolve()), "image_dir": index.image_dir,
+        "classes": index.classes,
         "backbone": bb.name, "weights": bb.weights, "weights_sha256": bb.weights_sha256, "layer": bb.layer,
         "mean": list(bb.mean), "std": list(bb.std), "image_size": bb.fit_size(cfg.image_size), "grid": list(grid),
         "R": cfg.regions, "D": bb.dim, "seed": cfg.seed, "store": cfg.store, "dtype": "float16",
         "shard_size": shard_size, "shard_bounds": bounds, "order": [r.image_id for r in order],
     }
+
+
+def check_grid(cfg: ExtractConfig, grid: tuple[int, int]) -> None:
+    """The feature grid must hold at least 2 x 2 cells (else every region is the whole image), and
+    dense windows must fit in it."""
+    if min(grid) < 2:
+        raise ConfigError(f"IMAGE_SIZE={cfg.image_size} gives {cfg.backbone} a {grid[0]}x{grid[1]} feature grid, in "
+                          f"which every region is the whole image: use a larger IMAGE_SIZE (544 is the default)")
+    if cfg.dense and max(cfg.dense) > min(grid):
+        raise ConfigError(f"DENSE={','.join(map(str, cfg.dense))}: windows of {max(cfg.dense)} cells do not fit the "
+                          f"{grid[0]}x{grid[1]} feature grid: use sizes up to {min(grid)}")
 
 
 def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRecord]) -> None:
@@ -143,6 +179,7 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
         old = read_json(plan_file, f"delete {cache_dir} and extract again")
         # a resume runs the backbone as the cache was started (caches from before runtimes: eager)
         plan["config"]["runtime"] = old.setdefault("config", {}).setdefault("runtime", "eager")
+        old.setdefault("image_dir", plan["image_dir"])  # caches made before it was recorded
         defaults = json.loads(json.dumps(asdict(ExtractConfig())))
         new_cfg = plan.get("config", {})
         # options added after a cache was started read as their defaults (so old caches still resume)
@@ -187,6 +224,7 @@ class FeatureExtractor:
         self.body = bb.body.to(device).to(memory_format=torch.channels_last)
         self.runtime = "eager" if self.cuda else runtime
         self._frozen = None
+        self._warm: set[tuple[int, ...]] = set()
         std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std = x * scale - shift
         self.neg_shift = -torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
@@ -228,7 +266,15 @@ class FeatureExtractor:
     def _cpu_body(self, x: torch.Tensor) -> torch.Tensor:
         if self.runtime == "frozen" and self._frozen is None:
             self._frozen = frozen_body(self.body, x) or self.body
-        return (self._frozen if self._frozen is not None else self.body)(x)
+        body = self._frozen if self._frozen is not None else self.body
+        if self._frozen is not None and tuple(x.shape) not in self._warm:
+            # TorchScript's profiling executor runs the first calls of each input shape through other
+            # (unfused) kernels, whose float rounding differs: a resumed cache would differ from an
+            # unbroken one in the first and last batch of its first shard. Every real call is a warm one.
+            for _ in range(FROZEN_WARMUP_CALLS):
+                body(x)
+            self._warm.add(tuple(x.shape))
+        return body(x)
 
 
 def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | None = None,
@@ -279,6 +325,8 @@ def resolve_runtime(runtime: str, device: torch.device, n_images: int) -> str:
 
 
 RUNTIMES = ("auto", "eager", "frozen")
+FROZEN_WARMUP_CALLS = 2  # the profiling executor's runs of a new shape before its optimised graph
+MIN_IMAGE_SIZE = 32  # below this no backbone has a feature grid; the grid itself is checked once it is known
 FROZEN_MIN_IMAGES = 64
 
 
@@ -324,6 +372,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         InUseError: another live process extracts this cache.
         DiskFullError: the disk filled up; finished shards are kept.
     """
+    cfg.validate()
+    cfg.resolved_device()  # an unknown device, or CUDA where there is none: said before anything is written
     if cfg.ranks > 1 and cfg.rank < 0:
         return _run_ranks(cfg)
     cache_dir = Path(cfg.out_root) / cfg.cache_name()
@@ -338,6 +388,7 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     index = load_index(cfg)
     bb = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
     grid = grid_size(bb, bb.fit_size(cfg.image_size))
+    check_grid(cfg, grid)
     plan = make_plan(cfg, index, bb, grid)
     by_id = {r.image_id: r for r in index.records}
     order = [by_id[i] for i in plan["order"]]
@@ -350,7 +401,7 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"], cfg.dense)
     with large_buffers_reused():
         bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root),
-                              _crop_boxes(cfg, index, order))
+                              _crop_boxes(cfg, index, order), index.image_dir)
     if bad and not cfg.skip_bad:
         raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
                                   f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "
@@ -469,13 +520,14 @@ def _crop_boxes(cfg: ExtractConfig, index: DatasetIndex, order: list[ImageRecord
 
 
 def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord], bounds: list[tuple[int, int]],
-                    todo: list[int], extractor: FeatureExtractor, root: Path, crops: list | None) -> list[tuple[str, str]]:
+                    todo: list[int], extractor: FeatureExtractor, root: Path, crops: list | None,
+                    image_dir: str = "") -> list[tuple[str, str]]:
     """Run the loader over the shards in ``todo``; returns the bad files met."""
     cuda = extractor.cuda
     batch = cfg.batch_size or (64 if cuda else 8)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(cuda, os.cpu_count() or 1)
     batches = _batches(bounds, todo, batch)
-    paths = [root / "images" / r.path if (root / "images").is_dir() else root / r.path for r in order]
+    paths = [root / image_dir / r.path for r in order]
     shard_of = {p: s for s in todo for p in range(*bounds[s])}
     bad: list[tuple[str, str]] = []
     writer: ShardWriter | None = None

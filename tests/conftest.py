@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_run
 
 
 @pytest.fixture
@@ -21,3 +23,25 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A tiny synthetic cache and a run trained on it, made once for the session (read-only: use ``copy``)."""
+    tmp = tmp_path_factory.mktemp("faults")
+    tiny_run(tmp)
+    return tmp
+
+
+@pytest.fixture
+def copy(base: Path, tmp_path: Path) -> SimpleNamespace:
+    """A private copy of the tiny cache and its trained run (files pointed at the copy)."""
+    src = next((base / "cache").glob("synth-*"))
+    cache = tmp_path / "cache" / src.name
+    shutil.copytree(src, cache)
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    for name in ("metrics.json", "config.json"):
+        text = (run / name).read_text().replace(str(src), str(cache))
+        (run / name).write_text(text)
+    return SimpleNamespace(cache=cache, run=run, tmp=tmp_path)

@@ -32,28 +32,6 @@ from tests.helpers import ROOT, alive, children_of, python, spawn, tiny_config, 
 from train.estimator import DPNetClassifier
 
 
-# ----------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("faults")
-    tiny_run(tmp)
-    return tmp
-
-
-@pytest.fixture
-def copy(base: Path, tmp_path: Path) -> SimpleNamespace:
-    """A private copy of the tiny cache and its trained run (files pointed at the copy)."""
-    src = next((base / "cache").glob("synth-*"))
-    cache = tmp_path / "cache" / src.name
-    shutil.copytree(src, cache)
-    run = tmp_path / "run"
-    shutil.copytree(base / "run", run)
-    for name in ("metrics.json", "config.json"):
-        text = (run / name).read_text().replace(str(src), str(cache))
-        (run / name).write_text(text)
-    return SimpleNamespace(cache=cache, run=run, tmp=tmp_path)
-
-
 def train_args(cache: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--cache", str(cache), "--run-dir", str(run_dir), "--q", "2", "--epochs", "1", "--inner-epochs", "1",
             "--lr", "1e-2", "--batch-size", "4", "--val-fraction", "0", "--no-baselines", "--no-progress", *extra]

@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from dpnet.errors import DpnetError
+from dpnet.errors import ConfigError, DpnetError
+from dpnet.stop import run_command
 from extract.cache import cache_name, resolve_cache
 
 from .config import PRESETS, SCHEDULES, TrainConfig, add_fit_arguments, fit_options
@@ -22,9 +23,7 @@ from .run import run_ablation, train_run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default=None, help="cache folder or name under data/cache (default: LATEST)")
-    p.add_argument("--dataset", default=None, help="use the cache data/cache/<dataset>-* most recently made")
-    p.add_argument("--cache-root", default="data/cache")
+    add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
     p.add_argument("--run-dir", default=None, help="default <runs-root>/<cache name>")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
@@ -38,14 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that pick a cache (train and analyze share them)."""
+    p.add_argument("--cache", default=None, help="cache folder or name under data/cache (default: LATEST)")
+    p.add_argument("--dataset", default=None, help="use the cache data/cache/<dataset>-* most recently made")
+    p.add_argument("--backbone", default=None, help="with --dataset: only caches of this backbone")
+    p.add_argument("--regions", type=int, default=None, help="with --dataset: only caches of R regions")
+    p.add_argument("--image-size", type=int, default=None, help="with --dataset: only caches of this input size")
+    p.add_argument("--cache-root", default="data/cache")
+
+
 def pick_cache(args: argparse.Namespace) -> Path | str:
+    """The cache named by --cache, else the newest of --dataset that has the --backbone, --regions and
+    --image-size asked for, else LATEST."""
+    want = {k: v for k, v in (("backbone", getattr(args, "backbone", None)), ("R", getattr(args, "regions", None)),
+                              ("image_size", getattr(args, "image_size", None))) if v is not None}
     if args.cache or not args.dataset:
+        if want and not args.cache:
+            raise DpnetError(f"--backbone / --regions / --image-size pick among a dataset's caches: give DATASET= too "
+                             f"(or CACHE=<name>)")
         return resolve_cache(args.cache, args.cache_root)
-    found = sorted(Path(args.cache_root).glob(f"{args.dataset}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in sorted(Path(args.cache_root).glob(f"{args.dataset}-*/manifest.json"),
+                               key=lambda p: p.stat().st_mtime) if _has(p, want)]
     if not found:
-        raise DpnetError(f"no finished cache for dataset {args.dataset!r} in {args.cache_root}: "
-                         f"run `make extract DATASET={args.dataset}` first")
+        asked = "".join(f", {k}={v}" for k, v in want.items())
+        raise DpnetError(f"no finished cache for dataset {args.dataset!r}{asked} in {args.cache_root}: "
+                         f"run `make extract DATASET={args.dataset}` (with the same options) first")
     return found[-1].parent
+
+
+def _has(manifest: Path, want: dict) -> bool:
+    if not want:
+        return True
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(m.get(k) == v for k, v in want.items())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -65,6 +93,10 @@ def summary_table(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         if args.ablation:
@@ -72,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             print((Path(cfg.run_dir) / "ablation.md").read_text())
             return 0 if rows else 1
         metrics = train_run(cfg)
-    except (DpnetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # a hyper-parameter the estimator refused
+        raise ConfigError(str(exc)) from None
     print(summary_table(metrics))
     shown = {k: metrics["config"][k] for k in ("preset", "schedule", "parts_per_class", "epochs", "inner_epochs", "lr")
              if k in metrics["config"]}

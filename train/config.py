@@ -134,8 +134,21 @@ def _converter(tp: Any):
     if origin is tuple:
         return lambda s: () if s.lower() in ("", "none") else tuple(x.strip() for x in s.split(",") if x.strip())
     if tp is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
+        return _boolean
     return tp
+
+
+def _boolean(text: str) -> bool:
+    """1/true/yes/on or 0/false/no/off; anything else is refused (argparse names the option)."""
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (1/0, yes/no, on/off), got {text!r}")
+
+
+_boolean.__name__ = "boolean"
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
+from dpnet.errors import CacheMismatchError, ConfigError, DpnetError, NonFiniteError
 from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
@@ -55,6 +55,20 @@ def resolve_gemm_dtype(name: str, dev: torch.device) -> torch.dtype:
 
 class NotFittedError(DpnetError):
     """The estimator was used before ``fit`` or ``load``."""
+
+
+def _check_ranges(est: "DPNetClassifier") -> None:
+    """Each numeric and boolean hyper-parameter inside the range it can take (ConfigError naming it)."""
+    checks = [("lr", est.lr > 0, "> 0"), ("lr_step", est.lr_step >= 1, ">= 1"),
+              ("lr_gamma", 0 < est.lr_gamma <= 1, "in (0, 1]"), ("val_fraction", 0 <= est.val_fraction < 1, "in [0, 1)"),
+              ("seed", est.seed >= 0, ">= 0"), ("micro_batch", est.micro_batch >= 0, ">= 0 (0: auto)"),
+              ("last_layer_steps", est.last_layer_steps >= 0, ">= 0"),
+              ("memory_budget_mb", est.memory_budget_mb is None or est.memory_budget_mb >= 0, ">= 0")]
+    checks += [(k, getattr(est, k) >= 0, ">= 0") for k in ("lambda_orth", "lambda_assign", "lambda_cs", "lambda_clst")]
+    checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts")]
+    for name, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"{name} must be {want}, got {getattr(est, name)!r} (--{name.replace('_', '-')})")
 
 
 class DPNetClassifier:
@@ -146,6 +160,7 @@ class DPNetClassifier:
         return self
 
     def _validate(self) -> None:
+        _check_ranges(self)
         unknown = set(self.constraints) - set(KNOWN_CONSTRAINTS)
         if unknown:
             raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(KNOWN_CONSTRAINTS)}")

@@ -14,14 +14,18 @@ import csv
 import dataclasses
 import io
 import logging
+import os
 import re
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dpnet.files import FolderLock, remove_stale_temps, write_json_atomic, write_text_atomic
-from extract.cache import RegionCache
+import numpy as np
+
+from dpnet.errors import CacheMismatchError, DpnetError
+from dpnet.files import FolderLock, read_json, remove_stale_temps, write_json_atomic, write_text_atomic
+from extract.cache import RegionCache, is_url
 
 from .baselines import run_baselines
 from .class_parts import fit_class_parts
@@ -71,6 +75,7 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     cache = RegionCache(cfg.cache)
+    warn_thin_classes(cache)
     fit = cfg.fit_params(cache.manifest["dataset"])
     write_json_atomic(run / "config.json", {"cache": cfg.cache, "run_dir": cfg.run_dir, "preset": cfg.preset,
                                             "schedule": cfg.schedule,
@@ -80,20 +85,84 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     epochs = EpochLog(run / "log.csv", _checkpoint_history(run / "checkpoint.pt"))
     epochs.write()  # a run killed between its checkpoint and its log row gets the row back here
     t0 = time.perf_counter()
-    est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress)
+    try:
+        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress)
+    except CacheMismatchError as exc:
+        raise CacheMismatchError(f"{exc}\nThe run folder {run} holds the training of another cache: delete it to "
+                                 f"train afresh here (rm -r {run}), or train into a new folder (--run-dir, or "
+                                 f"extract with --name to give the cache, and so its run, another name).") from None
     fit_s = time.perf_counter() - t0
     fit_class_parts(est, cache)
     est.save(run / "model.pt")
     metrics = {"dpnet": {**est.evaluate(cache, "test"), "val_top1": est.history_[est.best_epoch_ - 1]["val_top1"],
                          "best_epoch": est.best_epoch_, "params": int(est.module_.parts.numel() + est.module_.classifier.numel()),
                          "fit_seconds": round(fit_s, 2)},
-               "config": {"preset": cfg.preset, "schedule": cfg.schedule, **_jsonable(fit)}, "n_fit": None, "cache": str(cache.path)}
+               "config": {"preset": cfg.preset, "schedule": cfg.schedule, **_jsonable(fit)}, "n_fit": None,
+               **cache_reference(cache.path, run)}
     if cfg.baselines:
         metrics.update(run_baselines(cache, metrics["dpnet"]["params"], fit.epochs, fit.inner_epochs, fit.lr,
                                      fit.lr_step, fit.batch_size, fit.val_fraction, fit.seed, run / "global_linear.pt"))
     metrics["n_fit"] = int((~is_val(cache.read("image_ids", "train"), fit.val_fraction, fit.seed)).sum())
     write_json_atomic(run / "metrics.json", metrics)
     return metrics
+
+
+MIN_TRAIN_PER_CLASS = 2
+
+
+def warn_thin_classes(cache: RegionCache) -> list[str]:
+    """Warn (and return the warnings) for classes with fewer than MIN_TRAIN_PER_CLASS training images:
+    their parts learn from nothing, or from one picture, and a class only in the test split cannot
+    be predicted at all."""
+    labels = np.asarray(cache.read("labels", "train"), np.int64)
+    counts = np.bincount(labels, minlength=cache.n_classes)
+    names = cache.manifest["classes"]
+    thin = [f"{names[c]!r} ({int(counts[c])})" for c in range(cache.n_classes) if counts[c] < MIN_TRAIN_PER_CLASS]
+    if not thin:
+        return []
+    msg = (f"warning: {len(thin)} class(es) of {cache.path} have fewer than {MIN_TRAIN_PER_CLASS} training images: "
+           f"{', '.join(thin[:10])}{' ...' if len(thin) > 10 else ''}. Their parts learn from (almost) nothing, and "
+           f"a class with no training image is never predicted: add images or drop the class folder.")
+    log.warning(msg)
+    return [msg]
+
+
+def cache_reference(cache: Path | str, run: Path) -> dict[str, str]:
+    """How a run names its cache in metrics.json: the absolute path, and the path from the run folder
+    (so a run finds its cache from any working folder, and after the two are moved together)."""
+    if is_url(cache):
+        return {"cache": str(cache)}
+    cache = Path(cache).resolve()
+    return {"cache": str(cache), "cache_from_run": os.path.relpath(cache, Path(run).resolve())}
+
+
+def read_run(run: Path) -> tuple[dict[str, Any], Path | str]:
+    """A finished run's metrics and the location of its cache.
+
+    Raises:
+        DpnetError: the run has no model, or its training did not finish (no metrics.json), or
+            its cache is found nowhere (the message says where it looked and the fix).
+    """
+    run = Path(run)
+    if not (run / "model.pt").is_file():
+        raise DpnetError(f"no trained model in {run} (model.pt missing): run `make train` first, or pass RUN=<run folder>")
+    if not (run / "metrics.json").is_file():
+        raise DpnetError(f"the training of {run} did not finish (model.pt is there, metrics.json is not): run the same "
+                         f"`make train` again to finish it (it resumes from its checkpoint)")
+    metrics = read_json(run / "metrics.json", "run `make train` again to rewrite it", DpnetError)
+    ref = metrics.get("cache", "")
+    if is_url(ref):
+        return metrics, ref
+    tried = [Path(ref)]
+    if metrics.get("cache_from_run"):
+        tried.append(run / metrics["cache_from_run"])
+    if not Path(ref).is_absolute():  # runs of older versions: relative to the folder above data/runs/<run>
+        tried.append(run.resolve().parent.parent.parent / ref)
+    for path in tried:
+        if (path / "manifest.json").is_file():
+            return metrics, path
+    raise DpnetError(f"the cache of run {run} is not where it was ({', '.join(map(str, dict.fromkeys(tried)))}): "
+                     f"extract it again with the same settings (`make extract ...`), or move it back")
 
 
 def _jsonable(fit: Any) -> dict[str, Any]:

@@ -249,6 +249,10 @@ class RegionCache:
         parts = [self.load_shard(i, split, (field,))[field] for i in range(self.n_shards)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    def image_file(self, rel: str) -> Path:
+        """The file of an image of the table (``rel`` its path there) in the dataset the cache was made from."""
+        return image_file(self.manifest, rel)
+
     def image_table(self) -> list[dict[str, Any]]:
         """Rows of ``images.tsv``: position, image_id, label, is_train, path (checked to stay in the dataset)."""
         from extract.datasets import checked_relative
@@ -268,6 +272,19 @@ class RegionCache:
                     raise
                 raise damaged(where, f"line {lineno}: {line!r}") from exc
         return out
+
+
+def image_file(manifest: dict[str, Any], rel: str) -> Path:
+    """An image's file from a cache manifest: the dataset root, the layout's image folder, the path.
+
+    Caches made before the image folder was recorded take it from the dataset: the CUB layout
+    (``cub``, ``synth``) keeps images under ``images/``; every other reader lists paths from the root.
+    """
+    image_dir = manifest.get("image_dir")
+    if image_dir is None:
+        image_dir = "images" if manifest.get("dataset") in ("cub", "synth") else ""
+    root = Path(manifest["dataset_root"])
+    return root / image_dir / rel if image_dir else root / rel
 
 
 def check_compatible(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:

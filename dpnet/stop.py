@@ -1,0 +1,66 @@
+"""Stopping a job cleanly: SIGINT (Ctrl-C) and SIGTERM end it with one line, never a traceback.
+
+:func:`run_command` runs a command-line body under handlers that turn either signal into
+:class:`Stopped`, a ``BaseException`` (so no ``except Exception`` swallows it). Every writer
+cleans up on its way out (temporary files are written through ``try/except BaseException``),
+so what was finished stays, the half-written goes, and the same command resumes. Further
+signals are ignored while that cleanup runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+from .errors import DpnetError
+
+STOP_LINE = "stopped; run the same command to resume"
+
+
+class Stopped(BaseException):
+    """A stop signal arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`Stopped` in the main thread (once; later ones are
+    ignored until the block has unwound). Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # let the cleanup finish
+        raise Stopped(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command's ``body``: a :class:`DpnetError` prints ``error: ...`` (exit 2); a stop signal prints
+    :data:`STOP_LINE` (exit 128 + the signal's number, as a shell reports it)."""
+    try:
+        with stop_on_signals():
+            return body()
+    except Stopped as stop:
+        print(STOP_LINE, file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print(STOP_LINE, file=sys.stderr)
+        return 128 + signal.SIGINT
+    except DpnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
