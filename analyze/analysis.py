@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from dpnet.errors import DpnetError
-from dpnet.files import read_json
 from extract.cache import RegionCache
 from extract.datasets import DatasetIndex
 from extract.regions import boxes_to_pixels, crop_box
@@ -26,7 +25,7 @@ from train.baselines import LINEAR_KIND
 from train.estimator import DPNetClassifier
 from train.serialize import load_file
 
-from .explain import DPNetExplainer, deletion_scores
+from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
 from .localize import (box_centres, defining_part_hits, keypoint_hits, landmark_error, on_object_share,
                        part_consistency, part_purity, part_stability, peak_boxes, pointing_game)
 from .ownership import own_evidence_share, own_top3_share, owned_parts
@@ -151,7 +150,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     test = _test_pass(expl, cache, n_show, max_faith)
     test["crops"] = crop_boxes(cache, index, test["ids"], test["sizes"])
     numbers = {"accuracy": metrics, "faithfulness": _faithfulness(test["named"], test["random"]),
-               "ownership": _ownership(est, stats, test),
+               "ownership": _ownership(est, stats, test), "explanation": _explanation(test["margin"]),
                "parts": {"P": int(est.module_.parts.shape[0]), "q": est.parts_per_class,
                          "f_mean": float(stats.f.mean()), "f_max": int(stats.f.max()),
                          "parts_in_no_top_q": int((stats.f == 0).sum())},
@@ -185,7 +184,7 @@ def _num(v: str) -> Any:
 def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith: int) -> dict[str, Any]:
     """Stream the test split: predictions, deletion curves, per-image best regions, shown images."""
     out: dict[str, list] = {k: [] for k in ("ids", "labels", "preds", "named", "random", "where", "raw", "boxes", "sizes",
-                                            "heat_true", "points", "evidence")}
+                                            "heat_true", "points", "evidence", "margin")}
     shown: list[TestImage] = []
     faith_left, grid = max_faith, tuple(cache.manifest["grid"])
     fields = ("regions", "boxes", "sizes", "labels", "image_ids")
@@ -201,6 +200,7 @@ def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith:
             logits = contributions.sum(-1)  # (n, C)
             preds = logits.argmax(1)
             points = contributions[np.arange(len(preds)), preds]  # (n, P): the prediction's evidence
+            out["margin"].append(margin_contributions(contributions)[2])  # (n, P): why pred, not the runner-up
             top = np.argsort(-points, axis=1, kind="stable")[:, :EVIDENCE_TOP]  # its top parts
             out["points"].append(points)
             out["evidence"].append(np.take_along_axis(where, top, 1))  # (n, 5) their best regions
@@ -254,6 +254,18 @@ def _faithfulness(named: np.ndarray, rand: np.ndarray) -> dict[str, Any]:
                          "ratio_is_lower_bound": dr < floor}
     rows["images"] = int(len(named))
     return rows
+
+
+def _explanation(m: np.ndarray) -> dict[str, Any]:
+    """How much of the decision (the margin over the runner-up) the evidence table shows (medians over
+    test images; see :func:`analyze.explain.margin_shares`)."""
+    if not len(m):
+        return {}
+    shown, hidden, needed = margin_shares(m, EVIDENCE_ROWS)
+    positive = np.clip(m, 0, None).sum(1) / np.where(m.sum(1) > 0, m.sum(1), np.nan)
+    return {"margin_shown_share": float(np.nanmedian(shown)), "margin_hidden_share": float(np.nanmedian(hidden)),
+            "parts_for_90pct": float(np.median(needed)), "table_rows": EVIDENCE_ROWS,
+            "positive_over_margin": float(np.nanmedian(positive))}
 
 
 def _ownership(est: DPNetClassifier, stats: PartStats, test: dict[str, Any]) -> dict[str, Any]:

@@ -27,10 +27,81 @@ class Evidence:
     cls: int
     parts: np.ndarray  # (P,) part ids, most points first
     region: np.ndarray  # (P,) this image's best region of each part
-    b: np.ndarray  # (P,) pooled, L2-normalised part scores
+    b: np.ndarray  # (P,) the bag of parts (DPNetModule.bag: L2-normalised for dot, best cosines for cosine)
     v: np.ndarray  # (P,) the class weights v_cp
     points: np.ndarray  # (P,) b * v
     logit: float
+
+
+@dataclass
+class MarginEvidence:
+    """Why class ``pred`` and not the runner-up ``runner``, part by part, weightiest (|margin|) first.
+
+    ``margin[i]`` = b_p (v_pred,p - v_runner,p) for part ``parts[i]``; ``margin.sum()`` equals
+    logit[pred] - logit[runner] (the class layer has no bias), so the rows a table lists carry
+    a known share of the decision and the rest carry the remainder.
+    """
+
+    pred: int
+    runner: int
+    parts: np.ndarray  # (P,) part ids, most margin first
+    region: np.ndarray  # (P,) this image's best region of each part
+    b: np.ndarray  # (P,)
+    dv: np.ndarray  # (P,) v_pred,p - v_runner,p
+    margin: np.ndarray  # (P,) b * dv
+    total: float
+
+
+EVIDENCE_ROWS = 10  # parts an evidence table lists (by their share of the margin)
+
+
+def margin_contributions(contributions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-part shares of the decision of each image.
+
+    Args:
+        contributions: (N, C, P) v_cp b_p (see :meth:`DPNetExplainer.contributions`).
+
+    Returns:
+        preds (N,), runners-up (N,), and m (N, P) with m[n, p] = contributions[n, pred, p] -
+        contributions[n, runner, p]; m.sum(1) is each image's margin.
+    """
+    logits = contributions.sum(-1)  # (N, C)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    preds, runners = order[:, 0], order[:, 1]
+    rows = np.arange(len(logits))
+    return preds, runners, contributions[rows, preds] - contributions[rows, runners]
+
+
+def margin_shares(m: np.ndarray, shown: int = EVIDENCE_ROWS, share: float = 0.9
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How much of each image's margin a table of its ``shown`` weightiest parts carries, what it
+    leaves out, and how many weightiest parts carry ``share`` of it (PIP-Net's local explanation size).
+
+    Parts are ranked by the size of their contribution |m| (for and against). What a table leaves
+    out is measured in absolute value: left-out parts that cancel each other are still hidden
+    evidence (a signed sum would let a large hidden plus and minus pass for nothing).
+
+    Args:
+        m: (N, P) margin contributions (:func:`margin_contributions`).
+
+    Returns:
+        shown_share (N,): the listed parts' signed sum over the margin (1 is the whole of it);
+        hidden_share (N,): the left-out parts' sum of |m| over the margin; parts_needed (N,) int: the
+        fewest weightiest parts whose left-out rest has sum |m| at most (1 - ``share``) of the margin
+        (P when even all but none leave too much: never, since then nothing is left out).
+    """
+    mag = np.abs(m)
+    order = np.argsort(-mag, axis=1, kind="stable")
+    ranked, ranked_mag = np.take_along_axis(m, order, 1), np.take_along_axis(mag, order, 1)  # (N, P)
+    total = m.sum(1)
+    safe = np.where(np.abs(total) > 1e-12, np.abs(total), np.nan)
+    shown_share = ranked[:, :shown].sum(1) / safe
+    left = ranked_mag[:, ::-1].cumsum(1)[:, ::-1]  # left[:, k]: sum |m| of the parts ranked k and after
+    hidden_share = (left[:, shown] if shown < m.shape[1] else np.zeros(len(m))) / safe
+    rest = np.concatenate([left[:, 1:], np.zeros((len(m), 1))], 1)  # rest[:, k-1]: left out by the top k
+    reached = rest <= (1 - share) * np.abs(total[:, None]) + 1e-12
+    needed = reached.argmax(1) + 1  # the last column (nothing left out) always qualifies
+    return shown_share, hidden_share, needed
 
 
 class DPNetExplainer:
@@ -57,7 +128,7 @@ class DPNetExplainer:
 
     @torch.no_grad()
     def pool(self, scores: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(N, R, P) scores -> b (N, P) L2-normalised, and best region (N, P); ``keep`` (N, R) masks regions out."""
+        """(N, R, P) scores -> the bag b (N, P) and best region (N, P); ``keep`` (N, R) masks regions out."""
         out = self.module.pool(torch.from_numpy(np.ascontiguousarray(scores)),
                                None if keep is None else torch.from_numpy(np.asarray(keep, bool)))
         return out.b.numpy(), out.where.numpy()
@@ -74,6 +145,16 @@ class DPNetExplainer:
         order = np.argsort(-points, kind="stable")
         return Evidence(cls, order, where[0, order], b[0, order], self.v[cls, order], points[order],
                         float(points.sum()))
+
+    def margin_evidence(self, scores: np.ndarray) -> MarginEvidence:
+        """Why one image (scores (R, P)) gets its class and not the runner-up, part by part."""
+        b, where = self.pool(scores[None])
+        preds, runners, m = margin_contributions(self.contributions(b))
+        pred, runner = int(preds[0]), int(runners[0])
+        order = np.argsort(-np.abs(m[0]), kind="stable")  # weightiest first, for and against
+        dv = self.v[pred] - self.v[runner]
+        return MarginEvidence(pred, runner, order, where[0, order], b[0, order], dv[order], m[0, order],
+                              float(m[0].sum()))
 
     def class_parts(self, cls: int, n: int) -> np.ndarray:
         """The n parts that matter most for ``cls``: by d(p, c) when known, else its own parts by v."""

@@ -25,6 +25,7 @@ from extract.regions import boxes_to_pixels
 
 from . import draw
 from .analysis import FAITH_K, Analysis, TestImage, analyse
+from .explain import EVIDENCE_ROWS
 from .ownership import owned_parts
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,18 @@ MEASURES = [
      "The centres of every part's best region, normalised by the bird box, regress each keypoint (one ridge "
      "regression per keypoint, fitted on the training images where it is visible); the mean L2 error on the "
      "visible test keypoints, in units of the box, times 100."),
+    ("explanation", "margin_shown_share", "margin shown by the evidence table, 0-1", "higher",
+     "goal 0.9 (PIP-Net's sparse positive layer shows its whole decision)",
+     "Each test image's margin, logit of the predicted class minus that of the runner-up, is the sum over parts of "
+     "b_p (v_pred,p - v_runner,p); the share of it carried by the 10 parts the evidence table lists (weightiest "
+     "first, for and against), median over test images."),
+    ("explanation", "margin_hidden_share", "margin left out of the evidence table, 0-1", "lower", "goal 0.1",
+     "The parts not listed, each counted by the size of its contribution (for or against: hidden evidence that "
+     "cancels is still hidden), as a share of the margin, median over test images."),
+    ("explanation", "parts_for_90pct", "parts carrying 90% of the margin", "lower",
+     "PIP-Net's local explanation size; goal 10 or fewer",
+     "The fewest parts (weightiest first) such that the parts left out, each counted by its size, add up to at "
+     "most 10% of the margin; median over test images."),
     ("localisation", "pointing_game", "pointing game, %", "higher", "",
      "The share of test images whose heatmap peak (the centre of the hottest grid cell) lies in the object box."),
 ]
@@ -244,6 +257,7 @@ class _Renderer:
     def summary(self) -> str:
         n = self.an.numbers
         acc, loc, own, f = n["accuracy"], n["localisation"], n.get("ownership", {}), n["faithfulness"]
+        ex = n.get("explanation", {})
         cards = [("DP-Net top-1", acc["dpnet"]["top1"], "% of test images, higher is better")]
         best = max((k for k in ("global_linear", "global_mlp", "global_logreg") if k in acc),
                    key=lambda k: acc[k]["top1"], default=None)
@@ -254,6 +268,8 @@ class _Renderer:
                 (loc, "purity", "purity", "0-1, PIP-Net's measure"), (own, "own_top3_share", "own top-3 parts",
                                                                        "% of classes"),
                 (loc, "on_object_share", "evidence on the object", "% of top-5 regions"),
+                (ex, "margin_shown_share", "margin the table shows", "0-1, goal 0.9"),
+                (ex, "parts_for_90pct", "parts for 90% of the margin", "median, goal 10 or fewer"),
                 (f, "deletion_auc", "deletion AUC", f"lower is better; random {_fmt(f.get('deletion_auc_random'), 3)}")):
             if key in group:
                 cards.append((title, group[key], note))
@@ -382,8 +398,10 @@ class _Renderer:
         return ("<section><h2>Test images explained</h2><p class='note'>For correct and wrong predictions: the "
                 "heatmap of the class's top parts (their best regions painted with their scores), the part "
                 "assignment map (each cell coloured by the class part whose best region covering it scores "
-                "highest), and the evidence tables of the two top classes: each part's points v_cp x b_p, which "
-                "add up to the class logit.</p>" + "".join(blocks) + "</section>")
+                "highest), and why the predicted class and not the runner-up: the 10 parts that weigh most in the "
+                "logit margin, for or against (b_p times v_pred,p - v_runner,p), then all the others in one row; "
+                "the rows add up to the margin. The line above each table says how much of the margin the listed "
+                "parts carry and how much weight the others hold between them.</p>" + "".join(blocks) + "</section>")
 
     def _one_image(self, t: TestImage) -> str:
         img = self.image(t.image_id)
@@ -397,21 +415,27 @@ class _Renderer:
                 f"<b class='{verdict}'>{html.escape(self.classes[t.pred])}</b></p>")
         pics = (f"<div class='row'>{self.tag(img, 'orig', 'image', 160)}{self.tag(draw.overlay_heatmap(img, heat), 'heat', 'heatmap', 160)}"
                 f"{self.tag(draw.overlay_assignment(img, amap, own), 'assign', 'part assignment', 160)}</div>")
-        tables = "".join(self._evidence(t, int(c)) for c in np.argsort(-t.logits)[:2])
-        return f"<div class='img-view'>{head}{pics}<div class='row'>{tables}</div></div>"
+        return f"<div class='img-view'>{head}{pics}<div class='row'>{self._evidence(t)}</div></div>"
 
-    def _evidence(self, t: TestImage, cls: int, top: int = 5) -> str:
-        ev = self.an.explainer.evidence(t.scores, cls)
+    def _evidence(self, t: TestImage, top: int = EVIDENCE_ROWS) -> str:
+        """The parts that carry the decision: each part's share of the margin over the runner-up."""
+        ev = self.an.explainer.margin_evidence(t.scores)
         rows = []
         for i in range(min(top, len(ev.parts))):
             here = self.tag(self.region_crop(t.image_id, t.boxes, int(ev.region[i]), 64), "here", "this image")
             proto = self.tag(self.part_crop(int(ev.parts[i]), 0, 64), "proto", "best training region")
-            rows.append([f"part {ev.parts[i]}", here, proto, float(ev.b[i]), float(ev.v[i]), float(ev.points[i])])
-        rest = ev.points[top:].sum()
-        rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", float(rest)])
-        rows.append([Html("<b>sum = logit</b>"), "", "", "", "", float(ev.logit)])
-        return (f"<div><p class='note'>class <b>{html.escape(self.classes[cls])}</b>: this looks like that</p>"
-                + _table(["part", "here", "looks like", "b_p", "v_cp", "points"], rows) + "</div>")
+            rows.append([Html(self.part_label(int(ev.parts[i]), 24)), here, proto, float(ev.b[i]), float(ev.dv[i]),
+                         float(ev.margin[i])])
+        rest = float(ev.margin[top:].sum())
+        rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", rest])
+        rows.append([Html("<b>sum = margin</b>"), "", "", "", "", ev.total])
+        share = 100 * (ev.total - rest) / ev.total if ev.total else float("nan")
+        hidden = 100 * float(np.abs(ev.margin[top:]).sum()) / ev.total if ev.total else float("nan")
+        pred, runner = (html.escape(self.classes[c]) for c in (ev.pred, ev.runner))
+        return (f"<div><p class='note'>why <b>{pred}</b> and not <b>{runner}</b> (logit margin {ev.total:.3f}): "
+                f"the {min(top, len(ev.parts))} weightiest parts carry <b>{share:.0f}%</b> of it; the others, each "
+                f"counted by its size, weigh <b>{hidden:.0f}%</b> of it</p>"
+                + _table(["part", "here", "looks like", "b_p", "v_pred - v_runner", "margin"], rows) + "</div>")
 
     def gallery(self) -> str:
         st, blocks = self.an.stats, []

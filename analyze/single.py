@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpnet.errors import DpnetError, OutputExistsError
-from dpnet.files import mark_owned, output_errors, read_json, remove, remove_stale_temps, replace_owned_folder
+from dpnet.errors import OutputExistsError
+from dpnet.files import mark_owned, output_errors, remove, remove_stale_temps, replace_owned_folder
 from dpnet.files import safe_name, temp_path
 from extract.cache import RegionCache
 from extract.images import load_rgb
 from extract.pipeline import extractor_for
 from extract.regions import boxes_to_pixels
-from train.estimator import DPNetClassifier
 
 from . import draw
 from .explain import DPNetExplainer

@@ -50,15 +50,18 @@ def main() -> int:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--names", nargs="+", default=None)
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--block", default="measures", help="the README block to write (<!-- BLOCK:start --> ...)")
+    ap.add_argument("--skip-empty", action="store_true", help="leave out rows that are n/a in every column")
     args = ap.parse_args()
     names = args.names or [Path(r).name for r in args.runs]
     cols = [column(Path(r)) for r in args.runs]
     lines = ["| measure | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    lines += [f"| {row} | " + " | ".join(c[row] for c in cols) + " |" for row in cols[0]]
+    lines += [f"| {row} | " + " | ".join(c[row] for c in cols) + " |" for row in cols[0]
+              if not (args.skip_empty and all(c[row] in ("n/a", "not run") for c in cols))]
     text = "\n".join(lines)
     print(text)
     if args.write_readme:
-        write_block("<!-- measures:start -->", "<!-- measures:end -->", text)
+        write_block(f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->", text)
     return 0
 
 

@@ -4,4 +4,50 @@ The stages are the packages ``extract`` (stage 1), ``train`` (stage 2) and ``ana
 (stage 3); imports flow dpnet -> extract -> train -> analyze.
 """
 
+import os
+
 __version__ = "0.2.0"
+
+# How OpenMP threads wait for work, set before torch starts its OpenMP runtime (each stage imports
+# dpnet first). "passive": idle threads sleep, so a process sharing the cores (a report beside a
+# training, a shared CI machine) is not slowed by threads spinning for a core they do not get;
+# "runtime": OpenMP's own default (spin about 300,000 times, then sleep), faster on a quiet machine;
+# "brief": spin GOMP_SPINCOUNT=BRIEF_SPINS times; "active": always spin. "auto" (the default) takes
+# passive when other processes already keep this machine's CPUs busy when the job starts (1-minute
+# load average at least half the CPUs this process may use), else runtime. Measured side by side by
+# benchmarks/bench_contention.py (README, "Sharing the cores"). OMP_WAIT_POLICY or
+# DPNET_OMP_WAIT_POLICY override it.
+OMP_WAIT_POLICY_DEFAULT = "auto"
+WAIT_POLICIES = ("auto", "passive", "brief", "active", "runtime")
+BRIEF_SPINS = 10_000
+BUSY_LOAD_PER_CPU = 0.5
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
+    return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def wait_policy(policy: str) -> str:
+    """The policy "auto" resolves to here and now (see OMP_WAIT_POLICY_DEFAULT)."""
+    if policy != "auto":
+        return policy
+    try:
+        load = float(open("/proc/loadavg").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "runtime"
+    return "passive" if load >= BUSY_LOAD_PER_CPU * cpus() else "runtime"
+
+
+def _thread_defaults() -> None:
+    """Thread pools sized to the CPUs this process may use (not the machine's), waiting as measured."""
+    policy = wait_policy(os.environ.get("DPNET_OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT).lower())
+    if policy in ("passive", "active"):
+        os.environ.setdefault("OMP_WAIT_POLICY", policy.upper())
+    elif policy == "brief" and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(BRIEF_SPINS))
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(cpus())
+
+
+_thread_defaults()

@@ -184,7 +184,38 @@ def owned_by(folder: Path, what: str, legacy: str = "") -> bool:
     if mark.is_file() and not mark.is_symlink():
         return mark.read_text(encoding="utf-8", errors="replace").strip() == what
     names = {p.name for p in folder.iterdir()}
-    return bool(legacy) and bool(names) and all(re.fullmatch(legacy, n) for n in names)
+    return bool(legacy) and bool(names) and all(re.fullmatch(legacy, n) or TEMP_NAME.search(n) for n in names)
+
+
+def claim_folder(folder: Path, what: str, legacy: str = "") -> Path:
+    """Make sure ``folder`` is dpnet's to write in for ``what``, before anything is written there.
+
+    A missing or empty folder is fine (it is marked once created); so is one that ``what`` wrote
+    (:func:`owned_by`, ``legacy`` naming what an older version left). Anything else is a user's
+    folder: refused, untouched.
+
+    Raises:
+        OutputExistsError: the folder holds files dpnet did not write (names a few).
+    """
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise OutputExistsError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist: "
+                                f"remove the link, or make the folder it points to")
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} exists and is not a folder: pass another path")
+    if folder.is_dir() and any(folder.iterdir()) and not owned_by(folder, what, legacy):
+        theirs = sorted(p.name for p in folder.iterdir())[:5]
+        raise OutputExistsError(f"{folder} already holds files dpnet's {what} did not write ({', '.join(theirs)}"
+                                f"{', ...' if len(theirs) == 5 else ''}): nothing there was touched. Pass a new "
+                                f"folder (or an empty one).")
+    return folder
+
+
+def keep_mark(folder: Path, what: str) -> None:
+    """Mark a claimed folder (see :func:`claim_folder`) once it exists, unless it is marked already."""
+    mark = Path(folder) / OWNER_MARK
+    if not mark.exists():
+        mark_owned(folder, what)
 
 
 def replace_owned_folder(tmp: Path, final: Path, what: str, legacy: str = "") -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from .backbones import list_backbones
 from .cache import STORES

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
 from dpnet.errors import BadImagesError, CacheMismatchError, ConfigError, DatasetLayoutError, DpnetError
-from dpnet.files import FolderLock, disk_full_as_error, read_json, remove, remove_stale_temps, write_json_atomic
-from dpnet.files import write_text_atomic
+from dpnet.files import FolderLock, claim_folder, disk_full_as_error, keep_mark, read_json, remove, remove_stale_temps
+from dpnet.files import write_json_atomic, write_text_atomic
 from dpnet.memory import large_buffers_reused
 
 from . import __version__
@@ -84,7 +84,11 @@ class ExtractConfig:
         Raises:
             ConfigError: the first option out of its range.
         """
-        checks = [("REGIONS (--regions)", self.regions, self.regions >= 1, ">= 1"),
+        from .datasets import list_datasets
+
+        checks = [("DATASET (--dataset)", self.dataset, self.dataset in list_datasets(),
+                   f"one of the known datasets: {', '.join(list_datasets())}"),
+                  ("REGIONS (--regions)", self.regions, self.regions >= 1, ">= 1"),
                   ("IMAGE_SIZE (--image-size)", self.image_size, self.image_size >= MIN_IMAGE_SIZE,
                    f">= {MIN_IMAGE_SIZE} pixels"),
                   ("TEST_FRACTION (--test-fraction)", self.test_fraction, 0.0 <= self.test_fraction <= 1.0, "in [0, 1]"),
@@ -376,11 +380,16 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
     cfg.resolved_device()  # an unknown device, or CUDA where there is none: said before anything is written
     if cfg.ranks > 1 and cfg.rank < 0:
         return _run_ranks(cfg)
-    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    cache_dir = claim_folder(Path(cfg.out_root) / cfg.cache_name(), "extraction", CACHE_FILES)
     rank, world = cfg.resolved_rank()
     with FolderLock(cache_dir, "extraction", ".lock" if world == 1 else f".lock-rank{rank}"), \
             disk_full_as_error(cache_dir):
+        keep_mark(cache_dir, "extraction")
         return _extract_locked(cfg, cache_dir, rank, world)
+
+
+# What a cache folder of an older version (before marks) holds: such a folder is still a cache.
+CACHE_FILES = r"\.lock(-rank\d+)?|plan\.json|images\.tsv|manifest\.json|shards"
 
 
 def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) -> ExtractSummary:
@@ -485,8 +494,9 @@ def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     load_index(cfg)  # generate the synthetic set once, before the ranks read it
     ctx = mp.get_context("spawn")
-    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    cache_dir = claim_folder(Path(cfg.out_root) / cfg.cache_name(), "extraction", CACHE_FILES)
     with FolderLock(cache_dir, "extraction"):
+        keep_mark(cache_dir, "extraction")
         for folder in (cache_dir, cache_dir / "shards"):
             remove_stale_temps(folder)
         procs = [ctx.Process(target=_rank_main, args=(replace(cfg, rank=r, world_size=cfg.ranks,

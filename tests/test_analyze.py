@@ -196,6 +196,9 @@ def test_report_builds_and_every_image_exists(tiny_run):
         assert 0 <= loc[key] <= 100, key
     assert 0 <= loc["purity"] <= 1
     assert 0 <= own["own_top3_share"] <= 100 and 0 <= own["own_evidence_share"] <= 100
+    ex = numbers["explanation"]
+    assert 0 < ex["margin_shown_share"] and 1 <= ex["parts_for_90pct"] <= numbers["parts"]["P"]
+    assert "of it</p>" in text and "sum = margin" in text
     assert set(faith) >= {"k1", "k3", "k5", "images", "deletion_auc", "deletion_auc_random", "insertion_auc",
                           "insertion_auc_random"}
     assert all(0 <= faith[k] <= 1 for k in faith if k.endswith(("auc", "random")))

@@ -24,9 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dpnet.errors import DatasetLayoutError, InUseError
+from dpnet.errors import DatasetLayoutError
 from dpnet.files import FolderLock
-from dpnet.stop import STOP_LINE
 from extract.cache import RegionCache
 from tests.helpers import ROOT, python, spawn, tiny_config, train_config, wait_for
 
@@ -124,6 +123,36 @@ def test_explaining_an_image_with_a_254_character_name(copy, capsys):
     assert explain(long, copy.run) == 0, capsys.readouterr().err
     (page,) = (copy.run / "explain").iterdir()
     assert len(page.name) <= 100 and (page / "index.html").is_file()
+
+
+def test_training_never_writes_into_a_users_folder(copy, capsys):
+    user = copy.tmp / "Documents"
+    files = plant_user_files(user)
+    (user / "model.pt").write_bytes(b"my own model")
+    files[user / "model.pt"] = b"my own model"
+    argv = ["--cache", str(copy.cache), "--run-dir", str(user), "--q", "2", "--epochs", "1", "--val-fraction", "0",
+            "--no-baselines", "--no-progress"]
+    assert main("train", argv) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "Traceback" not in err
+    assert intact(files) and sorted(p.name for p in user.iterdir()) == ["model.pt", "notes", "thesis.txt"]
+    empty = copy.tmp / "empty"
+    empty.mkdir()
+    assert main("train", argv[:3] + [str(empty)] + argv[4:]) == 0  # an empty folder is fine
+    assert main("train", argv[:3] + [str(empty)] + argv[4:]) == 0  # and it is dpnet's from then on
+
+
+def test_extraction_never_writes_into_a_users_folder(tmp_path, capsys):
+    user = tmp_path / "cache" / "photos"
+    files = plant_user_files(user)
+    assert main("extract", extract_argv(tmp_path, "--name", "photos")) == 2
+    assert "did not write" in capsys.readouterr().err and intact(files)
+    assert sorted(p.name for p in user.iterdir()) == ["notes", "thesis.txt"]
+
+
+def test_an_unknown_dataset_creates_no_folder(tmp_path, capsys):
+    assert main("extract", ["--dataset", "nope", "--out-root", str(tmp_path / "cache"), "--no-progress"]) == 2
+    assert "DATASET" in capsys.readouterr().err and not (tmp_path / "cache").exists()
 
 
 def test_a_temporary_name_never_passes_the_file_name_limit(tmp_path):
@@ -564,7 +593,7 @@ def _stop_and_rerun(stage: str, argv: list[str], ready, sig: int, rng: random.Ra
             stops += 1
         out, err = proc.communicate(timeout=300)
         if proc.returncode == 128 + sig:
-            assert STOP_LINE in err and "Traceback" not in err, err
+            assert "stopped; run the same command to resume" in err and "Traceback" not in err, err
         else:
             assert proc.returncode == 0, err
     return stops

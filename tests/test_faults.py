@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from PIL import Image
 from dpnet.errors import CacheIncompleteError, CacheMismatchError, DatasetLayoutError, DpnetError
 from extract.cache import RegionCache
 from extract.pipeline import run_extraction
-from tests.helpers import ROOT, alive, children_of, python, spawn, tiny_config, tiny_run, train_config, wait_for
+from tests.helpers import ROOT, alive, children_of, python, spawn, tiny_config, train_config, wait_for
 from train.estimator import DPNetClassifier
 
 

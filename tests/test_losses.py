@@ -382,3 +382,45 @@ def test_centred_scores_against_a_loop(gen, similarity):
         want.append(rows)
     with torch.no_grad():
         torch.testing.assert_close(m.scores(raw), torch.tensor(want, dtype=torch.float64))
+
+
+def test_a_positive_class_layer_weighs_no_part_against_a_class():
+    """class_layer="positive": V as used is ReLU(V); logits and contributions agree with a loop."""
+    from train.model import DPNetModule
+
+    torch.manual_seed(0)
+    m = DPNetModule(6, 6, 3, 2, (), {}, similarity="cosine", class_layer="positive")
+    m.classifier.data.normal_()
+    b = torch.rand(4, 6)
+    v = m.class_weights()
+    assert (v >= 0).all() and torch.equal(v, m.classifier.clamp_min(0))
+    want = torch.tensor([[sum(b[n, p] * max(float(m.classifier[c, p]), 0.0) for p in range(6)) for c in range(3)]
+                         for n in range(4)])
+    assert torch.allclose(m.logits(b), want, atol=1e-6)
+    assert torch.allclose(m.contributions(b).sum(-1), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_the_refit_meets_the_bags_the_model_predicts_with(similarity):
+    """train.finish.pooled_bags (the last-layer refit's input) equals the model's own bag, for both
+    similarities (it once L2-normalised every bag, which the cosine model does not)."""
+    from train.finish import pooled_bags
+    from train.model import DPNetModule
+
+    torch.manual_seed(0)
+    m = DPNetModule(8, 6, 3, 2, (), {}, basis_dim=5, similarity=similarity)
+    m.parts.data.normal_()
+    m.basis.copy_(torch.linalg.qr(torch.randn(8, 5))[0])
+    x, y = torch.randn(4, 7, 8), torch.tensor([0, 1, 2, 0])
+    bags, labels = pooled_bags(m, [(m.prepare(x), y)])
+    assert torch.allclose(bags, m.pool(m.scores(x)).b, atol=1e-6) and torch.equal(labels, y)
+
+
+def test_a_presence_bag_counts_a_part_only_past_its_threshold():
+    from train.model import DPNetModule
+
+    m = DPNetModule(4, 3, 3, 1, (), {}, similarity="cosine", presence=0.3)
+    best = torch.tensor([[0.1, 0.3, 0.75], [-0.2, 0.31, 0.0]])
+    want = torch.tensor([[max(v - 0.3, 0.0) for v in row] for row in best.tolist()])
+    assert torch.allclose(m.bag(best), want, atol=1e-6)
+    assert torch.equal(DPNetModule(4, 3, 3, 1, (), {}, similarity="cosine").bag(best), best)

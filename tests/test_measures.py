@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from extract.cache import RegionCache
+
 from analyze.localize import (keypoint_hits, on_object_share, part_consistency, part_purity, part_stability,
                               peak_boxes)
 from analyze.ownership import own_evidence_share, own_top3_share, owned_parts
@@ -216,3 +218,57 @@ def test_stability_is_complete_without_noise(run_with_baselines, monkeypatch):
     monkeypatch.setattr(px, "NOISE_STD", 5.0)  # heavy noise moves parts
     clean, noisy = px.stability_hits(probe, sample, kp, frames)
     assert not np.array_equal(clean, noisy)
+
+
+# ------------------------------------------------------------ the decision the table shows (issue 16)
+def _slow_margin_shares(contrib: np.ndarray, shown: int, share: float):
+    shown_out, hidden_out, needed_out = [], [], []
+    for n in range(contrib.shape[0]):
+        logits = [sum(contrib[n, c]) for c in range(contrib.shape[1])]
+        pred = max(range(len(logits)), key=lambda c: (logits[c], -c))
+        runner = max((c for c in range(len(logits)) if c != pred), key=lambda c: (logits[c], -c))
+        m = [contrib[n, pred, p] - contrib[n, runner, p] for p in range(contrib.shape[2])]
+        total = sum(m)
+        ranked = sorted(m, key=abs, reverse=True)
+        shown_out.append(sum(ranked[:shown]) / abs(total))
+        hidden_out.append(sum(abs(x) for x in ranked[shown:]) / abs(total))
+        needed_out.append(next(k for k in range(1, len(m) + 1)
+                               if sum(abs(x) for x in ranked[k:]) <= (1 - share) * abs(total) + 1e-12))
+    return np.array(shown_out), np.array(hidden_out), np.array(needed_out)
+
+
+def test_margin_shares_match_a_loop():
+    from analyze.explain import margin_contributions, margin_shares
+
+    rng = np.random.default_rng(3)
+    contrib = rng.normal(size=(40, 5, 30)).astype(np.float64)
+    preds, runners, m = margin_contributions(contrib)
+    logits = contrib.sum(-1)
+    assert np.allclose(m.sum(1), logits[np.arange(40), preds] - logits[np.arange(40), runners])
+    assert (m.sum(1) >= 0).all()
+    for shown in (1, 5, 10):
+        got = margin_shares(m, shown, 0.9)
+        want = _slow_margin_shares(contrib, shown, 0.9)
+        assert np.allclose(got[0], want[0]) and np.allclose(got[1], want[1]) and np.array_equal(got[2], want[2])
+    sparse = np.zeros((2, 3, 8))  # a decision that rests on two parts: 2 parts carry it whole
+    sparse[:, 0, :2] = [3.0, 1.0]
+    shown, hidden, needed = margin_shares(margin_contributions(sparse)[2], 2, 0.9)
+    assert np.allclose(shown, 1) and np.allclose(hidden, 0) and (needed == 2).all()
+
+
+def test_the_margin_table_of_an_image_adds_up_to_its_margin(base):
+    from analyze.explain import DPNetExplainer
+    from train.estimator import DPNetClassifier
+
+    run = base / "run"
+    est = DPNetClassifier.load(run / "model.pt")
+    cache = RegionCache(next((base / "cache").glob("synth-*")))
+    expl = DPNetExplainer(est)
+    regions = next(cache.iter_shards("test", ("regions",)))[1]["regions"][:3]
+    for scores in expl.scores(regions):
+        ev = expl.margin_evidence(scores)
+        logits = expl.contributions(expl.pool(scores[None])[0]).sum(-1)[0]
+        assert ev.pred == int(np.argmax(logits)) and ev.runner == int(np.argsort(-logits, kind="stable")[1])
+        assert np.isclose(ev.margin.sum(), logits[ev.pred] - logits[ev.runner], atol=1e-5)
+        assert np.isclose(ev.total, logits[ev.pred] - logits[ev.runner], atol=1e-5)
+        assert (np.diff(np.abs(ev.margin)) <= 1e-7).all()

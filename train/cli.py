@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from dpnet.errors import ConfigError, DpnetError
@@ -54,8 +53,8 @@ def pick_cache(args: argparse.Namespace) -> Path | str:
                               ("image_size", getattr(args, "image_size", None))) if v is not None}
     if args.cache or not args.dataset:
         if want and not args.cache:
-            raise DpnetError(f"--backbone / --regions / --image-size pick among a dataset's caches: give DATASET= too "
-                             f"(or CACHE=<name>)")
+            raise DpnetError("--backbone / --regions / --image-size pick among a dataset's caches: give DATASET= too "
+                             "(or CACHE=<name>)")
         return resolve_cache(args.cache, args.cache_root)
     found = [p for p in sorted(Path(args.cache_root).glob(f"{args.dataset}-*/manifest.json"),
                                key=lambda p: p.stat().st_mtime) if _has(p, want)]

@@ -29,7 +29,7 @@ from extract.cache import RegionCache, check_compatible
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import KNOWN_CONSTRAINTS
 from .finish import pooled_bags, project_parts, refit_class_layer
-from .model import CLASS_LAYERS, SIMILARITIES, DPNetModule
+from .model import CLASS_LAYERS, POSITIVE_FOREIGN_INIT, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def _check_ranges(est: "DPNetClassifier") -> None:
               ("lr_gamma", 0 < est.lr_gamma <= 1, "in (0, 1]"), ("val_fraction", 0 <= est.val_fraction < 1, "in [0, 1)"),
               ("seed", est.seed >= 0, ">= 0"), ("micro_batch", est.micro_batch >= 0, ">= 0 (0: auto)"),
               ("last_layer_steps", est.last_layer_steps >= 0, ">= 0"),
+              ("presence", 0 <= est.presence < 1, "in [0, 1) (a cosine)"),
               ("memory_budget_mb", est.memory_budget_mb is None or est.memory_budget_mb >= 0, ">= 0")]
     checks += [(k, getattr(est, k) >= 0, ">= 0") for k in ("lambda_orth", "lambda_assign", "lambda_cs", "lambda_clst")]
     checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts")]
@@ -89,7 +90,8 @@ class DPNetClassifier:
         lambda_assign: weight of C_assign.
         lambda_cs: weight of C_cs.
         lambda_clst: weight of C_clst.
-        init: "random" (Gaussian U and V) or "regions" (each part starts at a random training
+        init: "random" (Gaussian U; V Gaussian with dot similarity, else +1 on a part's own class and
+            -0.5 elsewhere, or a small positive weight with the positive class layer) or "regions" (each part starts at a random training
             region of its class, V at +1 for its own class and -0.5 elsewhere).
         backward: "dense" (dW = dS^T X, a second GEMM) or "sparse" (the max-pool's gradient as a
             gather of the argmax rows); the same gradient either way.
@@ -99,10 +101,14 @@ class DPNetClassifier:
             training descriptors and trains on descriptors projected once (D / D' times less work
             per pass); the parts are still scored in descriptor space. 0, or D' >= D: no projection.
         similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
-        class_layer: "free" (V weighs any part for any class) or "owned" (each class weighs only its
-            own parts: its explanation is its parts).
+        class_layer: "free" (V weighs any part for any class), "owned" (each class weighs only its
+            own parts: its explanation is its parts) or "positive" (PIP-Net's non-negative V: a
+            decision is a sum of parts found, none weighted against).
         centre: subtract from each image's standardised regions their mean over the image before
             scoring: parts then meet what distinguishes a region within its image.
+        presence: with cosine similarity, a part's entry in the bag is how far its best cosine passes
+            this value (0 below it): parts absent from an image add nothing to any class. 0: the
+            best cosine itself.
         project_parts: after training, replace each part by its best-scoring training region among
             its own class's images (ProtoPNet's projection): every part is then a real patch.
         last_layer_steps: after training (and projection), optimise the class layer alone for this
@@ -126,7 +132,7 @@ class DPNetClassifier:
                  constraints: tuple[str, ...] = ("orth", "assign", "cs", "clst"), lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
                  lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "sparse",
                  entropy_regions: int = 32, pca_dim: int = 256, similarity: str = "cosine", class_layer: str = "free",
-                 centre: bool = False,
+                 centre: bool = False, presence: float = 0.0,
                  project_parts: bool = False,
                  last_layer_steps: int = 0, gemm_dtype: str = "auto", val_fraction: float = 0.15, patience: int = 3, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
@@ -136,7 +142,7 @@ class DPNetClassifier:
         self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
         self.lambda_clst = lambda_clst
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
-        self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
+        self.similarity, self.class_layer, self.centre, self.presence = similarity, class_layer, centre, presence
         self.project_parts, self.last_layer_steps, self.gemm_dtype = project_parts, last_layer_steps, gemm_dtype
         self.val_fraction, self.patience, self.memory_budget_mb = val_fraction, patience, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
@@ -197,7 +203,7 @@ class DPNetClassifier:
                            {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs,
                             "clst": self.lambda_clst},
                            basis_dim=self._basis_dim(dim), similarity=self.similarity, class_layer=self.class_layer,
-                           centre=self.centre)
+                           centre=self.centre, presence=self.presence)
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
@@ -297,7 +303,8 @@ class DPNetClassifier:
             module.classifier.data.copy_(torch.randn(c, p, generator=gen) * 0.01)
         else:
             owner = torch.arange(p) // q
-            module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, -0.5))
+            foreign = POSITIVE_FOREIGN_INIT if self.class_layer == "positive" else -0.5
+            module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, foreign))
 
     def _region_prototypes(self, module: DPNetModule, source: ShardSource, gen: torch.Generator) -> torch.Tensor:
         """Each part starts at a random standardised region of a random training image of its class."""
@@ -548,7 +555,7 @@ class DPNetClassifier:
         return self.decision_function(regions).argmax(1)
 
     def part_scores(self, regions: np.ndarray) -> np.ndarray:
-        """b, the L2-normalised bag of parts, float32 (N, P)."""
+        """b, the bag of parts (see :meth:`train.model.DPNetModule.bag`), float32 (N, P)."""
         return self._batched(regions, lambda x: self.module_.pool(self.module_.scores(x)).b)
 
     def region_scores(self, regions: np.ndarray) -> np.ndarray:

@@ -56,11 +56,11 @@ def project_parts(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, tor
 @torch.no_grad()
 def pooled_bags(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bags of parts b (N, P) and labels (N,) of prepared batches."""
-    units = module.unit_parts()
+    """The bags of parts b (N, P) and labels (N,) of prepared batches: the model's own scores, pool
+    and bag (:class:`~train.model.DPNetModule`), so V is refitted on the bags it predicts with."""
     bags, labels = [], []
     for z, y in batches:
-        bags.append(F.normalize((z @ units.T).max(1).values, dim=1))
+        bags.append(module.pool(module.scores(z, prepared=True)).b)
         labels.append(y)
     return torch.cat(bags), torch.cat(labels)
 
@@ -75,8 +75,8 @@ def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Ten
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(module.logits(bags), labels)
-        if "cs" in module.constraints and module.class_layer == "free":
-            loss = loss + module.lambdas["cs"] * class_specific(v, module.parts_per_class)
+        if "cs" in module.constraints and module.class_layer != "owned":
+            loss = loss + module.lambdas["cs"] * class_specific(module.class_weights(), module.parts_per_class)
         loss.backward()
         opt.step()
     return float(loss.detach())

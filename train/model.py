@@ -33,7 +33,8 @@ from .losses import CONSTRAINTS, class_specific, orthogonality
 
 LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8}
 SIMILARITIES = ("dot", "cosine")
-CLASS_LAYERS = ("free", "owned")
+CLASS_LAYERS = ("free", "owned", "positive")
+POSITIVE_FOREIGN_INIT = 0.01  # a positive layer's start for other classes' parts: alive (ReLU), nearly silent
 COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (softmax over P parts of values in
 # [-1, 1] would be nearly uniform whatever the parts)
 
@@ -41,7 +42,7 @@ COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (soft
 class Pooled(NamedTuple):
     """The max-pool of scores (N, R, P) over regions."""
 
-    b: torch.Tensor  # (N, P) the bag of parts (L2-normalised for dot similarity)
+    b: torch.Tensor  # (N, P) the bag of parts (see DPNetModule.bag)
     raw: torch.Tensor  # (N, P) each part's best score, before normalisation
     where: torch.Tensor  # (N, P) int64, each part's best region
 
@@ -141,10 +142,8 @@ def _gemm_grad(ds: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> tor
 
 def _argmax_grad(x: torch.Tensor, where: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum_n g_np x_{n, where_np}: the max-pool's dW as a gather of N P rows. -> float32 (P, D)."""
-    out = torch.zeros(where.shape[1], x.shape[2], dtype=g.dtype, device=x.device)
-    for i in range(x.shape[0]):
-        out.addcmul_(g[i].unsqueeze(1), x[i].index_select(0, where[i]).to(g.dtype))
-    return out
+    rows = x.gather(1, where.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (N, P, D): each part's argmax row
+    return torch.einsum("np,npd->pd", g, rows.to(g.dtype))  # one batched op, no per-image Python loop
 
 
 class DPNetModule(nn.Module):
@@ -172,7 +171,8 @@ class DPNetModule(nn.Module):
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
-                 basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False):
+                 basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False,
+                 presence: float = 0.0):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
@@ -185,6 +185,7 @@ class DPNetModule(nn.Module):
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
                              f"got {similarity!r} and {class_layer!r}")
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
+        self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
 
     # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
@@ -243,13 +244,21 @@ class DPNetModule(nn.Module):
         return Pooled(self.bag(raw), raw, where)
 
     def bag(self, best: torch.Tensor) -> torch.Tensor:
-        """Each part's best score (N, P) -> the bag of parts b: L2-normalised (dot), as is (cosine)."""
-        return best if self.similarity == "cosine" else F.normalize(best, dim=1)
+        """Each part's best score (N, P) -> the bag of parts b: L2-normalised (dot); with cosine, as is, or
+        with ``presence`` > 0 how far it passes that cosine (0 below): a part then counts only where it is
+        found, so an image's decision rests on the few parts present, not on every part a little."""
+        if self.similarity != "cosine":
+            return F.normalize(best, dim=1)
+        return F.relu(best - self.presence) if self.presence > 0 else best
 
     def class_weights(self) -> torch.Tensor:
-        """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts."""
+        """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts;
+        with a positive one (PIP-Net's), its non-negative part, so that every point of evidence is a part
+        found, never a part missed."""
         if self.class_layer == "free":
             return self.classifier
+        if self.class_layer == "positive":
+            return F.relu(self.classifier)
         c, p = self.classifier.shape
         owner = torch.arange(p, device=self.classifier.device) // self.parts_per_class
         return self.classifier * (owner[None, :] == torch.arange(c, device=owner.device)[:, None])
@@ -323,8 +332,8 @@ class DPNetModule(nn.Module):
         terms = {}
         if "orth" in self.constraints:
             terms["orth"] = orthogonality(self.parts)
-        if "cs" in self.constraints and self.class_layer == "free":  # owned: foreign weights are 0 already
-            terms["cs"] = class_specific(self.classifier, self.parts_per_class)
+        if "cs" in self.constraints and self.class_layer != "owned":  # owned: foreign weights are 0 already
+            terms["cs"] = class_specific(self.class_weights(), self.parts_per_class)
         loss = sum((self.lambdas[k] * v for k, v in terms.items()), self.parts.new_zeros(()))
         return loss, terms
 

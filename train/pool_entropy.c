@@ -1,7 +1,7 @@
 /* Fused max-pool over regions and assignment entropy of DP-Net's training step (float32, CPU).
 
    Glossary: N images, R regions, P parts. s (N, R, P) are one batch's part scores, row-major.
-   The torch composition this replaces is train/model.py's _PoolAndEntropy (the reference the
+   The torch composition this replaces is the torch path of train/model.py's _TrainOp (the reference the
    tests compare against); here each (N, R, P) score is read once forward and once backward.
 
    Forward, per image n:   best[n, p] = max_r s[n, r, p], where[n, p] its first argmax r

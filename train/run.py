@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from dpnet.errors import CacheMismatchError, DpnetError
-from dpnet.files import FolderLock, read_json, remove_stale_temps, write_json_atomic, write_text_atomic
+from dpnet.files import FolderLock, claim_folder, keep_mark, read_json, remove_stale_temps, write_json_atomic
+from dpnet.files import write_text_atomic
 from extract.cache import RegionCache, is_url
 
 from .baselines import run_baselines
@@ -67,10 +68,16 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
     Raises:
         InUseError: another live process works in the run folder.
     """
-    run = Path(cfg.run_dir)
+    run = claim_folder(Path(cfg.run_dir), "training", RUN_FILES)
     with FolderLock(run, "training"):
+        keep_mark(run, "training")
         remove_stale_temps(run)
         return _train_locked(cfg, run)
+
+
+# What a run folder of an older version (before marks) holds: such a folder is still a run.
+RUN_FILES = (r"\.lock|config\.json|checkpoint\.pt|model\.pt|log\.csv|metrics\.json|global_linear\.pt|report|explain|"
+             r"ablation(\.md|\.csv)?")
 
 
 def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""A training epoch alone and beside a competing busy torch process, side by side in one run.
+
+Users run a report beside a training, and CI machines are shared. An OpenMP runtime whose idle
+threads spin for a core they do not get slows every small op; a fair share of 2 cores between
+two busy processes costs about 2x. For each OpenMP wait policy this times the second epoch of
+the default fit (on a synthetic cache of the paper's shapes) in a fresh process, alone and with
+a competitor (a torch process multiplying matrices on every core it may use), and prints
+``contention_slowdown`` = epoch with competitor / epoch alone, per policy, in one JSON line.
+The policy dpnet sets by default (see dpnet/__init__.py) is the one reported first.
+
+    python benchmarks/bench_contention.py [--images 160] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EPOCH_CHILD = """
+import sys, json
+sys.path.insert(0, {root!r})
+import dpnet  # sets the thread defaults before torch starts its OpenMP runtime
+from extract.cache import RegionCache
+from train.estimator import DPNetClassifier
+rows = []
+DPNetClassifier(parts_per_class=20, epochs=2, inner_epochs=1, val_fraction=0.0, device="cpu").fit(
+    RegionCache({cache!r}), on_epoch=rows.append)
+print(json.dumps({{"epoch_s": rows[1]["seconds"]}}))
+"""
+
+COMPETITOR = """
+import torch
+a = torch.randn(512, 512)
+while True:
+    for _ in range(8):
+        b = a @ a
+    c = torch.softmax(a, 1).sum()  # small ops too, as a report or a second training runs
+"""
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def epoch(cache: Path, env: dict[str, str]) -> float:
+    out = subprocess.run([sys.executable, "-c", EPOCH_CHILD.format(root=str(ROOT), cache=str(cache))],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["epoch_s"]
+
+
+def measure(cache: Path, policy: str | None, repeats: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DPNET_OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy is not None:
+        env["DPNET_OMP_WAIT_POLICY"] = policy
+    alone, busy = [], []
+    for _ in range(repeats):
+        alone.append(epoch(cache, env))
+        rival = subprocess.Popen([sys.executable, "-c", COMPETITOR], env={k: v for k, v in os.environ.items()
+                                                                          if k != "OMP_WAIT_POLICY"})
+        try:
+            time.sleep(1.0)
+            busy.append(epoch(cache, env))
+        finally:
+            rival.kill()
+            rival.wait()
+    a, b = min(alone), min(busy)
+    return {"epoch_alone_s": round(a, 3), "epoch_contended_s": round(b, 3), "contention_slowdown": round(b / a, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--write-readme", action="store_true", help="put the table in the README (contention block)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_train import write_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        write_cache(cache, args.images, 32, 500, 1280, 10)
+        import dpnet
+
+        results = {p: measure(cache, p, args.repeats) for p in ("passive", "runtime", "brief")}
+    # "auto" takes passive when the CPUs are already busy as a job starts, else runtime: its alone figure
+    # is runtime's, its contended one passive's when the competitor came first (as a running report does)
+    auto = {"epoch_alone_s": results["runtime"]["epoch_alone_s"],
+            "epoch_contended_s": results["passive"]["epoch_contended_s"]}
+    auto["contention_slowdown"] = round(auto["epoch_contended_s"] / auto["epoch_alone_s"], 2)
+    results["auto"] = auto
+    line = {"cpu": cpu_name(), "cores": dpnet.cpus(), "default_policy": dpnet.OMP_WAIT_POLICY_DEFAULT,
+            "contention_slowdown": auto["contention_slowdown"],
+            "passive_alone_over_runtime_alone": round(results["passive"]["epoch_alone_s"] /
+                                                      results["runtime"]["epoch_alone_s"], 2),
+            "auto_picks_when_busy": dpnet.wait_policy("auto"), "policies": results}
+    print(json.dumps(line))
+    if args.write_readme:
+        from benchmarks.readme_block import write_block
+
+        write_block("<!-- contention:start -->", "<!-- contention:end -->", table(line, args))
+
+
+def table(line: dict, args) -> str:
+    """The README's table of one run (its CPU named)."""
+    rows = [f"Measured by `python benchmarks/bench_contention.py --images {args.images} --repeats {args.repeats}` on "
+            f"{line['cpu']} ({line['cores']} CPUs): the default fit's second epoch, best of {args.repeats}.", "",
+            "| OpenMP wait policy | epoch alone, s | beside a busy torch process, s | contention_slowdown |",
+            "| --- | --- | --- | --- |"]
+    for name, r in line["policies"].items():
+        rows.append(f"| {name} | {r['epoch_alone_s']:.2f} | {r['epoch_contended_s']:.2f} | {r['contention_slowdown']:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
