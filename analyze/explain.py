@@ -160,7 +160,7 @@ class DPNetExplainer:
         """The n parts that matter most for ``cls``: by d(p, c) when known, else its own parts by v."""
         if self.d is not None:
             return np.argsort(-self.d[cls], kind="stable")[:n]
-        own = np.arange(cls * self.q, (cls + 1) * self.q)
+        own = self.module.own_parts(cls).cpu().numpy()
         return own[np.argsort(-self.v[cls, own], kind="stable")][:n]
 
     def heatmaps(self, scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int], classes: np.ndarray,
@@ -199,7 +199,7 @@ class DPNetExplainer:
         for i in range(n):
             cls = int(classes[i])
             best = np.full((h, w), -np.inf)
-            for p in range(cls * self.q, (cls + 1) * self.q):
+            for p in self.module.own_parts(cls).tolist():
                 r = where[i, p]
                 x0, y0, x1, y1 = (int(t) for t in boxes[i, r])
                 cell = best[y0:y1, x0:x1]

@@ -302,9 +302,8 @@ class DPNetClassifier:
         if self.init == "random" and self.similarity == "dot":
             module.classifier.data.copy_(torch.randn(c, p, generator=gen) * 0.01)
         else:
-            owner = torch.arange(p) // q
             foreign = POSITIVE_FOREIGN_INIT if self.class_layer == "positive" else -0.5
-            module.classifier.data.copy_(torch.where(owner[None, :] == torch.arange(c)[:, None], 1.0, foreign))
+            module.classifier.data.copy_(torch.where(module.own_mask().cpu(), 1.0, foreign))
 
     def _region_prototypes(self, module: DPNetModule, source: ShardSource, gen: torch.Generator) -> torch.Tensor:
         """Each part starts at a random standardised region of a random training image of its class."""

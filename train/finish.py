@@ -34,7 +34,7 @@ def project_parts(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, tor
     """
     units = module.unit_parts()  # (P, W)
     p, width = units.shape
-    owner = torch.arange(p, device=units.device) // module.parts_per_class
+    owner = module.owner.to(units.device)
     best = torch.full((p,), float("-inf"), device=units.device)
     best_z = module.parts.detach().clone()
     for z, labels in batches:

@@ -180,6 +180,8 @@ class DPNetModule(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("basis", torch.zeros(dim, basis_dim) if basis_dim else None)
         self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
+        # part p belongs to class owner[p] = p // q: the one place that says so (not saved: it follows from q)
+        self.register_buffer("owner", torch.arange(n_parts) // parts_per_class, persistent=False)
         self.lambdas = {**LAMBDAS, **(lambdas or {})}
         if similarity not in SIMILARITIES or class_layer not in CLASS_LAYERS:
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
@@ -259,9 +261,16 @@ class DPNetModule(nn.Module):
             return self.classifier
         if self.class_layer == "positive":
             return F.relu(self.classifier)
-        c, p = self.classifier.shape
-        owner = torch.arange(p, device=self.classifier.device) // self.parts_per_class
-        return self.classifier * (owner[None, :] == torch.arange(c, device=owner.device)[:, None])
+        return self.classifier * self.own_mask()
+
+    def own_mask(self) -> torch.Tensor:
+        """(C, P) bool: true where part p belongs to class c."""
+        c = self.classifier.shape[0]
+        return self.owner[None, :] == torch.arange(c, device=self.owner.device)[:, None]
+
+    def own_parts(self, cls: int) -> torch.Tensor:
+        """The ids (q,) of the parts class ``cls`` owns."""
+        return torch.nonzero(self.owner == cls).flatten()
 
     def logits(self, b: torch.Tensor) -> torch.Tensor:
         """Bag of parts (N, P) -> logits (N, C) = V b."""
