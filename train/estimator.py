@@ -293,7 +293,7 @@ class DPNetClassifier:
         module.std.copy_(torch.from_numpy(std))
         if pca:
             module.basis.copy_(torch.from_numpy(pca_basis(corr, module.basis.shape[1])))
-        p, c, q = module.parts.shape[0], module.classifier.shape[0], self.parts_per_class
+        p, c = module.parts.shape[0], module.classifier.shape[0]
         gen = torch.Generator().manual_seed(self.seed)
         if self.init == "random":
             module.parts.data.copy_(torch.randn(p, module.parts.shape[1], generator=gen) / module.parts.shape[1] ** 0.5)
