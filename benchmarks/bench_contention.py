@@ -106,7 +106,7 @@ def main() -> None:
             "contention_slowdown": auto["contention_slowdown"],
             "passive_alone_over_runtime_alone": round(results["passive"]["epoch_alone_s"] /
                                                       results["runtime"]["epoch_alone_s"], 2),
-            "auto_picks_when_busy": dpnet.wait_policy("auto"), "policies": results}
+            "auto_picks_here_now": dpnet.wait_policy("auto"), "policies": results}
     print(json.dumps(line))
     if args.write_readme:
         from benchmarks.readme_block import write_block

@@ -34,6 +34,7 @@ def column(run: Path) -> dict[str, str]:
     analysis = json.loads((run / "report" / "analysis.json").read_text())
     baselines = {k: v["top1"] for k, v in metrics.items() if k.startswith("global_") and isinstance(v, dict)}
     out = {"top-1": f"{metrics['dpnet']['top1']:.1f}",
+           "validation top-1 (what defaults are chosen on)": f"{metrics['dpnet'].get('val_top1', float('nan')):.1f}",
            "best global baseline top-1": (f"{max(baselines.values()):.1f} ({max(baselines, key=baselines.get)})"
                                           if baselines else "not run")}
     for section, key, name, *_ in MEASURES:
