@@ -102,12 +102,16 @@ def refuse_unsafe_names(index: DatasetIndex) -> None:
     """Image paths holding a tab, a line break of any kind (``\\n``, ``\\r``, U+0085, U+2028, ...) or
     another control character cannot be stored one per line in a cache's image table: refused here,
     before anything is written, naming every such file."""
-    bad = [r.path for r in index.records if _unsafe(r.path)]
+    _refuse_files([ascii(r.path) for r in index.records if _unsafe(r.path)],
+                  f"image path(s) under {index.root} hold a tab, a line break or another control character, which a "
+                  f"cache's image table cannot store", "rename them (or move them out), then run again.")
+
+
+def _refuse_files(bad: list[str], what: str, fix: str) -> None:
+    """A DatasetLayoutError listing (up to 20 of) the files in ``bad``, when there are any."""
     if bad:
-        shown = "\n".join(f"  {ascii(p)}" for p in bad[:20])
-        raise DatasetLayoutError(f"{len(bad)} image path(s) under {index.root} hold a tab, a line break or another "
-                                 f"control character, which a cache's image table cannot store:\n{shown}\nrename "
-                                 f"them (or move them out), then run again.")
+        shown = "\n".join(f"  {b}" for b in bad[:20])
+        raise DatasetLayoutError(f"{len(bad)} {what}:\n{shown}\n{fix}")
 
 
 def _unsafe(path: str) -> bool:
@@ -271,11 +275,9 @@ def _refuse_undecodable(paths: list[Path], root: Path) -> None:
             str(p).encode("utf-8")
         except UnicodeEncodeError:
             bad.append(str(os.fsencode(p)))
-    if bad:
-        shown = "\n".join(f"  {b}" for b in bad[:20])
-        raise DatasetLayoutError(f"{len(bad)} file name(s) under {root} are not valid UTF-8:\n{shown}\nrename them "
-                                 f"(for example with `convmv -f latin1 -t utf8 -r --notest {root}`) or move them out, "
-                                 f"then run again.")
+    _refuse_files(bad, f"file name(s) under {root} are not valid UTF-8",
+                  f"rename them (for example with `convmv -f latin1 -t utf8 -r --notest {root}`) or move them out, "
+                  f"then run again.")
 
 
 def hash_fraction(text: str) -> float:

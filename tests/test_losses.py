@@ -394,7 +394,7 @@ def test_a_positive_class_layer_weighs_no_part_against_a_class():
     b = torch.rand(4, 6)
     v = m.class_weights()
     assert (v >= 0).all() and torch.equal(v, m.classifier.clamp_min(0))
-    want = torch.tensor([[sum(b[n, p] * max(float(m.classifier[c, p]), 0.0) for p in range(6)) for c in range(3)]
+    want = torch.tensor([[sum(b[n, p] * max(float(m.classifier[c, p].detach()), 0.0) for p in range(6)) for c in range(3)]
                          for n in range(4)])
     assert torch.allclose(m.logits(b), want, atol=1e-6)
     assert torch.allclose(m.contributions(b).sum(-1), want, atol=1e-6)
