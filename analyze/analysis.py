@@ -26,7 +26,7 @@ from train.estimator import DPNetClassifier
 from train.serialize import load_file
 
 from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
-from .localize import (box_centres, defining_part_hits, keypoint_hits, landmark_error, on_object_share,
+from .localize import (box_centres, defining_part_hits, keypoint_hits, landmark_error, on_object_share, on_part_share,
                        part_consistency, part_purity, part_stability, peak_boxes, pointing_game)
 from .ownership import own_evidence_share, own_top3_share, owned_parts
 from .pixels import PixelProbe, auc, deletion_curves, sample_test_images, stability_hits
@@ -300,6 +300,8 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     out["consistency_evalprotopnet"], _ = part_consistency(peak_boxes(box_centres(best_pix), frames), kp,
                                                            test["labels"], q)
     out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], q)
+    evidence_pix = np.take_along_axis(pix, test["evidence"][..., None], 1)  # (N, 5, 4) the top parts' best regions
+    out["on_part_share"] = on_part_share(peak_boxes(box_centres(evidence_pix), frames), kp)
     out["purity"] = _purity(cache, index, obj, stats)
     out["keypoints"] = list(index.part_names)
     if index.bboxes:

@@ -127,6 +127,12 @@ def part_purity(hits: np.ndarray) -> float:
     return float((hits.sum(1).max(-1) / hits.shape[1]).mean())
 
 
+def on_part_share(boxes: np.ndarray, kp: np.ndarray) -> float:
+    """Percent of evidence peak boxes (N, M, 4) holding at least one of their image's visible keypoints (N, K, 3):
+    evidence that sits on the bird's parts, not beside them (on water inside a cropped box, say)."""
+    return float(100 * keypoint_hits(boxes, kp).any(-1).mean()) if boxes.size else float("nan")
+
+
 def on_object_share(centres: np.ndarray, obj: np.ndarray) -> float:
     """Percent of region centres (N, M, 2) inside their image's object box (N, 4 as x, y, w, h)."""
     box = np.concatenate([obj[:, :2], obj[:, :2] + obj[:, 2:]], -1)[:, None, :]  # (N, 1, 4)

@@ -58,6 +58,10 @@ MEASURES = [
     ("localisation", "on_object_share", "evidence on the object, %", "higher", "",
      "The share of the top-5 evidence regions (the best regions of the predicted class's five highest-scoring "
      "parts) whose centre lies in the object box."),
+    ("localisation", "on_part_share", "evidence on the bird's parts, %", "higher", "goal 90",
+     "The share of the top-5 evidence regions of the predicted class (the best regions of its five highest-scoring "
+     "parts) whose peak box (0.32 of the bird's side, as for consistency) holds at least one visible keypoint: "
+     "unlike the on-object share, it can fail on cropped images (evidence on water inside the bird's box)."),
     ("localisation", "landmark_error_x100", "landmark error x100", "lower",
      "region grouping 11.51 (ResNet-101, fine-tuned)",
      "The centres of every part's best region, normalised by the bird box, regress each keypoint (one ridge "

@@ -192,7 +192,7 @@ def test_report_builds_and_every_image_exists(tiny_run):
     assert numbers["test_top1_recomputed"] == pytest.approx(metrics["dpnet"]["top1"])
     loc, own, faith = numbers["localisation"], numbers["ownership"], numbers["faithfulness"]
     for key in ("pointing_game", "consistency_evalprotopnet", "consistency_region_box", "stability_evalprotopnet",
-                "on_object_share", "landmark_error_x100", "top_part_on_defining_part"):
+                "on_object_share", "on_part_share", "landmark_error_x100", "top_part_on_defining_part"):
         assert 0 <= loc[key] <= 100, key
     assert 0 <= loc["purity"] <= 1
     assert 0 <= own["own_top3_share"] <= 100 and 0 <= own["own_evidence_share"] <= 100

@@ -272,3 +272,17 @@ def test_the_margin_table_of_an_image_adds_up_to_its_margin(base):
         assert np.isclose(ev.margin.sum(), logits[ev.pred] - logits[ev.runner], atol=1e-5)
         assert np.isclose(ev.total, logits[ev.pred] - logits[ev.runner], atol=1e-5)
         assert (np.diff(np.abs(ev.margin)) <= 1e-7).all()
+
+
+def test_on_part_share_matches_a_loop():
+    from analyze.localize import on_part_share
+
+    rng = np.random.default_rng(5)
+    boxes = np.sort(rng.uniform(0, 100, (6, 5, 2, 2)), axis=2).transpose(0, 1, 3, 2).reshape(6, 5, 4)
+    kp = np.concatenate([rng.uniform(0, 100, (6, 4, 2)), rng.integers(0, 2, (6, 4, 1))], -1)
+    hits = 0
+    for n in range(6):
+        for m in range(5):
+            x0, y0, x1, y1 = boxes[n, m]
+            hits += any(kp[n, k, 2] > 0 and x0 <= kp[n, k, 0] <= x1 and y0 <= kp[n, k, 1] <= y1 for k in range(4))
+    assert on_part_share(boxes, kp) == pytest.approx(100 * hits / 30)
