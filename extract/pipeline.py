@@ -419,10 +419,29 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
         # another rank still works: whichever rank finishes last gathers the manifest
         return ExtractSummary(cache_dir, 0, len(todo), len(bounds), 0, time.perf_counter() - t0, [])
     manifest = finish_manifest(cache_dir, plan)
-    write_text_atomic(Path(cfg.out_root) / "LATEST", cache_dir.name + "\n")
+    write_latest(Path(cfg.out_root), cache_dir.name)
     summary = _summary(cache_dir, manifest, len(todo), time.perf_counter() - t0)
     log.debug("extracted %s", summary.line())
     return summary
+
+
+def write_latest(out_root: Path, name: str) -> None:
+    """Point ``<out_root>/LATEST`` at the cache ``name``. A LATEST that dpnet did not write (not one line
+    naming a cache folder beside it) is a user's file: left as it is, with a warning."""
+    latest = out_root / "LATEST"
+    if latest.is_symlink() or (latest.exists() and not _is_latest(latest)):
+        log.warning("warning: %s is not a file dpnet wrote; it is left as it is (pass CACHE=%s to use this cache)",
+                    latest, name)
+        return
+    write_text_atomic(latest, name + "\n")
+
+
+def _is_latest(path: Path) -> bool:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) == 1 and "/" not in lines[0] and (path.parent / lines[0] / "plan.json").is_file()
 
 
 def _shard_whole(cache_dir: Path, shard: int, plan: dict[str, Any]) -> bool:

@@ -662,3 +662,19 @@ def test_a_report_stopped_by_sigint_and_sigterm_ends_identical(copy):
     assert not leftovers(copy.run)
     python(CLI_CHILD.format(root=str(ROOT), stage="analyze", argv=argv), check=True)
     assert json.loads((copy.run / "report" / "analysis.json").read_text()) == ref
+
+
+def test_a_latest_file_dpnet_did_not_write_is_left_alone(tmp_path, caplog):
+    from extract.pipeline import run_extraction
+
+    (tmp_path / "cache").mkdir()
+    mine = tmp_path / "cache" / "LATEST"
+    mine.write_text("my notes, not a cache name\nsecond line\n")
+    run_extraction(tiny_config(tmp_path))
+    assert mine.read_text() == "my notes, not a cache name\nsecond line\n"
+    assert any("not a file dpnet wrote" in r.getMessage() for r in caplog.records)
+    mine.unlink()
+    cache = run_extraction(tiny_config(tmp_path, regions=14)).cache_dir
+    assert mine.read_text() == cache.name + "\n"
+    run_extraction(tiny_config(tmp_path))  # dpnet's own LATEST is moved on
+    assert mine.read_text() == tiny_config(tmp_path).cache_name() + "\n"
