@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from extract.cache import cache_name
-from dpnet.errors import ConfigError, DpnetError
+from dpnet.errors import ConfigError, DpnetError, check_options
 from dpnet.stop import run_command
 from train.cli import add_cache_arguments, pick_cache
 from train.run import read_run
@@ -36,11 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse option values the analysis cannot take, naming the option."""
-    for name, ok, want in (("--pixel-steps", args.pixel_steps >= 1, ">= 1"),
-                           ("--pixel-images", args.pixel_images >= 0, ">= 0 (0 skips the pixel measures)"),
-                           ("--top-k", args.top_k >= 1, ">= 1"), ("--images", args.images >= 0, ">= 0")):
-        if not ok:
-            raise ConfigError(f"{name} must be {want}, got {getattr(args, name[2:].replace('-', '_'))}")
+    check_options([("--pixel-steps", args.pixel_steps, args.pixel_steps >= 1, ">= 1"),
+                   ("--pixel-images", args.pixel_images, args.pixel_images >= 0, ">= 0 (0 skips the pixel measures)"),
+                   ("--top-k", args.top_k, args.top_k >= 1, ">= 1"), ("--images", args.images, args.images >= 0, ">= 0")])
     if args.boxes_csv is not None and not Path(args.boxes_csv).is_file():
         raise ConfigError(f"BOXES={args.boxes_csv} (--boxes-csv): no such file. Give a CSV with the columns "
                           f"image_name,xmin,ymin,xmax,ymax, or leave BOXES out")

@@ -15,6 +15,14 @@ class ConfigError(DpnetError, ValueError):
     """An option has a value outside what it can take; the message names the option, the value and the range."""
 
 
+def check_options(checks: list[tuple[str, object, bool, str]]) -> None:
+    """Raise :class:`ConfigError` for the first ``(name, value, ok, wanted)`` whose ``ok`` is false:
+    "NAME must be WANTED, got VALUE". Every stage's option check goes through here."""
+    for name, value, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"{name} must be {want}, got {value!r}")
+
+
 class DatasetLayoutError(DpnetError):
     """A dataset folder lacks a file of its layout, or a line of it is malformed."""
 
@@ -74,6 +82,3 @@ class NotWritableError(DpnetError):
 class OutputExistsError(DpnetError):
     """An output path is taken by something dpnet did not write; dpnet never replaces it."""
 
-
-class StoppedError(DpnetError):
-    """SIGINT or SIGTERM stopped the job; what was finished is kept and the same command resumes."""

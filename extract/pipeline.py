@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
 from dpnet.errors import BadImagesError, CacheMismatchError, ConfigError, DatasetLayoutError, DpnetError
+from dpnet.errors import check_options
 from dpnet.files import FolderLock, claim_folder, disk_full_as_error, keep_mark, read_json, remove, remove_stale_temps
 from dpnet.files import write_json_atomic, write_text_atomic
 from dpnet.memory import large_buffers_reused
@@ -101,9 +102,7 @@ class ExtractConfig:
                    "window sizes >= 1 (grid cells), e.g. 2 or 1,2, or none"),
                   ("STORE (--store)", self.store, self.store in STORES, f"one of {', '.join(STORES)}"),
                   ("RUNTIME (--runtime)", self.runtime, self.runtime in RUNTIMES, f"one of {', '.join(RUNTIMES)}")]
-        for name, value, ok, want in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {want}, got {value!r}")
+        check_options(checks)
         return self
 
     def resolved_rank(self) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import CacheMismatchError, ConfigError, DpnetError, NonFiniteError
+from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError, check_options
 from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
@@ -67,9 +67,7 @@ def _check_ranges(est: "DPNetClassifier") -> None:
               ("memory_budget_mb", est.memory_budget_mb is None or est.memory_budget_mb >= 0, ">= 0")]
     checks += [(k, getattr(est, k) >= 0, ">= 0") for k in ("lambda_orth", "lambda_assign", "lambda_cs", "lambda_clst")]
     checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts")]
-    for name, ok, want in checks:
-        if not ok:
-            raise ConfigError(f"{name} must be {want}, got {getattr(est, name)!r} (--{name.replace('_', '-')})")
+    check_options([(f"{k} (--{k.replace('_', '-')})", getattr(est, k), ok, want) for k, ok, want in checks])
 
 
 class DPNetClassifier:
