@@ -18,7 +18,6 @@ __version__ = "0.2.0"
 # benchmarks/bench_contention.py (README, "Sharing the cores"). OMP_WAIT_POLICY or
 # DPNET_OMP_WAIT_POLICY override it.
 OMP_WAIT_POLICY_DEFAULT = "auto"
-WAIT_POLICIES = ("auto", "passive", "brief", "active", "runtime")
 BRIEF_SPINS = 10_000
 BUSY_LOAD_PER_CPU = 0.5
 
@@ -33,7 +32,8 @@ def wait_policy(policy: str) -> str:
     if policy != "auto":
         return policy
     try:
-        load = float(open("/proc/loadavg").read().split()[0])
+        with open("/proc/loadavg", encoding="ascii") as f:
+            load = float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return "runtime"
     return "passive" if load >= BUSY_LOAD_PER_CPU * cpus() else "runtime"

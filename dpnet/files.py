@@ -198,9 +198,7 @@ def claim_folder(folder: Path, what: str, legacy: str = "") -> Path:
         OutputExistsError: the folder holds files dpnet did not write (names a few).
     """
     folder = Path(folder)
-    if folder.is_symlink() and not folder.exists():
-        raise OutputExistsError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist: "
-                                f"remove the link, or make the folder it points to")
+    _refuse_dangling_link(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder} exists and is not a folder: pass another path")
     if folder.is_dir() and any(folder.iterdir()) and not owned_by(folder, what, legacy):
@@ -319,11 +317,16 @@ class FolderLock:
         self.release()
 
 
-def _check_folder(folder: Path) -> None:
-    """Refuse a folder given as a dangling link; warn when anyone may write in it."""
+def _refuse_dangling_link(folder: Path) -> None:
+    """A folder given as a link to nothing is refused (making it would make the link's target)."""
     if folder.is_symlink() and not folder.exists():
         raise OutputExistsError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist: "
                                 f"remove the link, or make the folder it points to")
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder given as a dangling link; warn when anyone may write in it."""
+    _refuse_dangling_link(folder)
     if folder.is_dir():
         mode = folder.stat().st_mode
         if mode & stat.S_IWOTH:
