@@ -56,7 +56,8 @@ class DatasetIndex:
     image_dir: str = ""  # the folder under ``root`` that record paths start in ("images" in the CUB layout)
 
     def image_file(self, rel: str) -> Path:
-        return self.root / self.image_dir / rel if self.image_dir else self.root / rel
+        """The file of a record's ``path``."""
+        return Path(self.root) / self.image_dir / rel  # an empty image_dir adds nothing
 
 
 @dataclass

@@ -408,8 +408,8 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     device = cfg.resolved_device()
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"], cfg.dense)
     with large_buffers_reused():
-        bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor, Path(index.root),
-                              _crop_boxes(cfg, index, order), index.image_dir)
+        bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor,
+                              [index.image_file(r.path) for r in order], _crop_boxes(cfg, index, order))
     if bad and not cfg.skip_bad:
         raise BadImagesError(bad, f"Fix or remove these files and run again (finished shards are kept), or "
                                   f"pass SKIP_BAD=1 (--skip-bad) to leave them out; they are then listed in "
@@ -548,14 +548,13 @@ def _crop_boxes(cfg: ExtractConfig, index: DatasetIndex, order: list[ImageRecord
 
 
 def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord], bounds: list[tuple[int, int]],
-                    todo: list[int], extractor: FeatureExtractor, root: Path, crops: list | None,
-                    image_dir: str = "") -> list[tuple[str, str]]:
+                    todo: list[int], extractor: FeatureExtractor, paths: list[Path],
+                    crops: list | None) -> list[tuple[str, str]]:
     """Run the loader over the shards in ``todo``; returns the bad files met."""
     cuda = extractor.cuda
     batch = cfg.batch_size or (64 if cuda else 8)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(cuda, os.cpu_count() or 1)
     batches = _batches(bounds, todo, batch)
-    paths = [root / image_dir / r.path for r in order]
     shard_of = {p: s for s in todo for p in range(*bounds[s])}
     bad: list[tuple[str, str]] = []
     writer: ShardWriter | None = None

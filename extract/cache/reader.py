@@ -283,8 +283,7 @@ def image_file(manifest: dict[str, Any], rel: str) -> Path:
     image_dir = manifest.get("image_dir")
     if image_dir is None:
         image_dir = "images" if manifest.get("dataset") in ("cub", "synth") else ""
-    root = Path(manifest["dataset_root"])
-    return root / image_dir / rel if image_dir else root / rel
+    return Path(manifest["dataset_root"]) / image_dir / rel  # an empty image_dir adds nothing
 
 
 def check_compatible(manifest: dict[str, Any], expect: dict[str, Any], where: str) -> None:
