@@ -25,7 +25,7 @@ from extract.regions import boxes_to_pixels
 
 from . import draw
 from .analysis import FAITH_K, Analysis, TestImage, analyse
-from .explain import EVIDENCE_ROWS
+from .explain import EVIDENCE_ROWS, margin_shares
 from .ownership import owned_parts
 
 log = logging.getLogger(__name__)
@@ -433,11 +433,10 @@ class _Renderer:
         rest = float(ev.margin[top:].sum())
         rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", rest])
         rows.append([Html("<b>sum = margin</b>"), "", "", "", "", ev.total])
-        share = 100 * (ev.total - rest) / ev.total if ev.total else float("nan")
-        hidden = 100 * float(np.abs(ev.margin[top:]).sum()) / ev.total if ev.total else float("nan")
+        shown, hidden, _ = (100 * float(x[0]) for x in margin_shares(ev.margin[None], top))
         pred, runner = (html.escape(self.classes[c]) for c in (ev.pred, ev.runner))
         return (f"<div><p class='note'>why <b>{pred}</b> and not <b>{runner}</b> (logit margin {ev.total:.3f}): "
-                f"the {min(top, len(ev.parts))} weightiest parts carry <b>{share:.0f}%</b> of it; the others, each "
+                f"the {min(top, len(ev.parts))} weightiest parts carry <b>{shown:.0f}%</b> of it; the others, each "
                 f"counted by its size, weigh <b>{hidden:.0f}%</b> of it</p>"
                 + _table(["part", "here", "looks like", "b_p", "v_pred - v_runner", "margin"], rows) + "</div>")
 
