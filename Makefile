@@ -52,6 +52,7 @@ IMG ?=
 BOXES ?=
 OUT ?=
 DASK ?=
+MEASURES ?=
 ANALYZE_ARGS = $(if $(RUN),--run "$(RUN)",$(if $(CACHE),--cache "$(CACHE)",$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET) $(PICK_ARGS)))) \
 	$(if $(BOXES),--boxes-csv "$(BOXES)") $(if $(DASK),--dask $(DASK))
 
@@ -84,7 +85,7 @@ demo: setup
 	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544 --pixel-images 40
 
 report: setup
-	$(PY) -m analyze report $(ANALYZE_ARGS)
+	$(PY) -m analyze report $(ANALYZE_ARGS) $(if $(MEASURES),--measures $(MEASURES))
 
 explain: setup
 	$(PY) -m analyze explain "$(IMG)" $(ANALYZE_ARGS) $(if $(OUT),--out "$(OUT)")

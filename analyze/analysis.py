@@ -19,24 +19,27 @@ from dpnet.errors import DpnetError
 from extract.cache import RegionCache
 from extract.datasets import DatasetIndex
 from extract.regions import boxes_to_pixels, crop_box
-from train.class_parts import pooled_shards
 from train.data import check_finite
 from train.baselines import LINEAR_KIND
 from train.estimator import DPNetClassifier
 from train.serialize import load_file
 
 from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
-from .localize import (box_centres, defining_part_hits, keypoint_hits, landmark_error, on_object_share, on_part_share,
-                       part_consistency, part_purity, part_stability, peak_boxes, pointing_game)
+from .localize import (CONSISTENT, activation_map, consistency_rates, defining_part_hits, keypoint_hits, landmark_error, on_object_share, on_part_share,
+                       part_consistency, part_peaks, part_purity, part_stability, peak_boxes, peaks_to_pixels,
+                       pointing_game)
 from .ownership import own_evidence_share, own_top3_share, owned_parts
-from .pixels import PixelProbe, auc, deletion_curves, sample_test_images, stability_hits
-from .stats import PartStats, part_stats
+from .pixels import PixelProbe, areas, auc, deletion_curves, sample_test_images, stability_hits
+from .stats import PartStats, bootstrap_interval, part_stats
 
 log = logging.getLogger(__name__)
 
 FAITH_K = (1, 3, 5)
 EVIDENCE_TOP = 5  # the evidence regions on-object counts: the best regions of the top-5 parts
 PURITY_K = 10  # PIP-Net's purity looks at each part's top-10 training regions
+# (test images, curve steps) of the measures that send images through the backbone again: quick
+# (the report's default, in about the time of extraction on CUB-sized sets) and full
+PIXEL_MEASURES = {"quick": (24, 4), "full": (200, 8)}
 
 
 @dataclass
@@ -53,6 +56,17 @@ class TestImage:
 
 
 @dataclass
+class PartPictures:
+    """How each part is shown (ProtoPNet's way): its best training image, its activation map there
+    (:func:`analyze.localize.activation_map`) and the peak box around its peak
+    (:func:`analyze.localize.part_peaks`), all in grid units of the image the model saw."""
+
+    image_id: np.ndarray  # (P,) each part's best training image
+    maps: np.ndarray  # (P, H, W) float32 its activation map there
+    peak_box: np.ndarray  # (P, 4) x0, y0, x1, y1 grid units: the peak box (peak_boxes) around its peak there
+
+
+@dataclass
 class Analysis:
     est: DPNetClassifier
     cache: RegionCache
@@ -62,6 +76,8 @@ class Analysis:
     shown: list[TestImage]
     deletion: dict[str, np.ndarray] = field(default_factory=dict)
     index: DatasetIndex | None = None  # the cache's dataset, when readable
+    pictures: PartPictures | None = None
+    obj: dict[int, tuple] = field(default_factory=dict)  # object boxes (x, y, w, h) by image id, when known
 
 
 def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClassifier, RegionCache, dict[str, Any]]:
@@ -131,7 +147,9 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
 
     With ``use_dask`` the training-set pass runs as a dask graph (on the active client, if any).
     ``pixel_images`` test images (a seeded sample; 0: none) go through the backbone again for
-    the stability and pixel-space deletion / insertion measures.
+    the stability and pixel-space deletion / insertion measures, each given with its 95%
+    bootstrap interval over those images (``<key>_ci95``); :data:`PIXEL_MEASURES` names the
+    command line's two sample sizes.
     """
     est, cache, metrics = load_run(run_dir, cache)
     top_k = max(k, PURITY_K)
@@ -156,7 +174,8 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
                          "parts_in_no_top_q": int((stats.f == 0).sum())},
                "test_images": int(len(test["labels"])),
                "test_top1_recomputed": float(100 * (test["preds"] == test["labels"]).mean())}
-    numbers["localisation"] = _localisation(est, expl, cache, index, obj, test, stats)
+    train = _train_pass(expl, cache, index, obj, stats)
+    numbers["localisation"] = _localisation(est, expl, cache, index, obj, test, stats, train)
     pixel = _pixel_measures(est, cache, index, obj, run_dir, pixel_images, pixel_steps, seed, progress)
     numbers["localisation"].update(pixel.pop("localisation", {}))
     numbers["faithfulness"].update(pixel.pop("faithfulness", {}))
@@ -164,7 +183,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     numbers["history"] = _read_csv(run_dir / "log.csv")
     return Analysis(est, cache, stats, expl, numbers, test["shown"],
                     {"named": test["named"].mean(0), "random": test["random"].mean(0), **pixel.get("curves", {})},
-                    index)
+                    index, train["pictures"], obj)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -184,7 +203,7 @@ def _num(v: str) -> Any:
 def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith: int) -> dict[str, Any]:
     """Stream the test split: predictions, deletion curves, per-image best regions, shown images."""
     out: dict[str, list] = {k: [] for k in ("ids", "labels", "preds", "named", "random", "where", "raw", "boxes", "sizes",
-                                            "heat_true", "points", "evidence", "margin")}
+                                            "heat_true", "points", "evidence", "margin", "peaks")}
     shown: list[TestImage] = []
     faith_left, grid = max_faith, tuple(cache.manifest["grid"])
     fields = ("regions", "boxes", "sizes", "labels", "image_ids")
@@ -203,7 +222,8 @@ def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith:
             out["margin"].append(margin_contributions(contributions)[2])  # (n, P): why pred, not the runner-up
             top = np.argsort(-points, axis=1, kind="stable")[:, :EVIDENCE_TOP]  # its top parts
             out["points"].append(points)
-            out["evidence"].append(np.take_along_axis(where, top, 1))  # (n, 5) their best regions
+            out["evidence"].append(top)  # (n, 5) the prediction's top parts
+            out["peaks"].append(part_peaks(scores, a["boxes"][sl]).astype(np.float32))  # (n, P, 2) grid points
             m = min(faith_left, len(scores))
             if m:
                 named, rand = deletion_scores(expl, scores[:m], preds[:m], steps=max(FAITH_K) * 2)
@@ -279,37 +299,39 @@ def _ownership(est: DPNetClassifier, stats: PartStats, test: dict[str, Any]) -> 
 
 
 def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | None,
-                  obj: dict[int, tuple], test: dict[str, Any], stats: PartStats) -> dict[str, Any]:
+                  obj: dict[int, tuple], test: dict[str, Any], stats: PartStats, train: dict[str, Any]
+                  ) -> dict[str, Any]:
     """Landmark error, consistency (EvalProtoPNet's and the region-box variant), purity, on-object
     evidence, pointing game and (synth) defining-part hits, where the dataset is annotated."""
     grid, out = tuple(cache.manifest["grid"]), {}
     ids = test["ids"]
     pix = boxes_to_pixels(test["boxes"], grid, test["sizes"], test["crops"])  # (N, R, 4)
     best_pix = np.take_along_axis(pix, test["where"][..., None], 1)  # (N, P, 4)
+    peaks = peaks_to_pixels(test["peaks"], grid, test["sizes"], test["crops"])  # (N, P, 2)
+    evidence = np.take_along_axis(peaks, test["evidence"][..., None], 1)  # (N, 5, 2) the top parts' peaks
     has_boxes = bool(obj) and all(int(i) in obj for i in ids)
     if has_boxes:
         box = np.array([obj[int(i)] for i in ids], np.float64)
         out["pointing_game"] = pointing_game(test["heat_true"], grid, test["sizes"], box, test["crops"])
-        evidence = np.take_along_axis(pix, test["evidence"][..., None], 1)  # (N, 5, 4)
-        out["on_object_share"] = on_object_share(box_centres(evidence), box)
+        out["on_object_share"] = on_object_share(evidence, box)
     if index is None or not index.part_locs or not all(int(i) in index.part_locs for i in ids):
         return out
     kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)  # (N, K, 3)
     q = est.parts_per_class
     frames = _frames(ids, test["sizes"], test["crops"], obj)
-    out["consistency_evalprotopnet"], _ = part_consistency(peak_boxes(box_centres(best_pix), frames), kp,
-                                                           test["labels"], q)
+    rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], q)  # (P, K)
+    out["consistency_evalprotopnet"] = float(100 * (rates.max(1) >= CONSISTENT).mean())
+    out["part_hit_rate"] = [round(float(r), 4) for r in rates.max(1)]  # each part's consistency on its keypoint
+    out["part_keypoint"] = [int(k) for k in rates.argmax(1)]  # that keypoint (an index into "keypoints")
     out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], q)
-    evidence_pix = np.take_along_axis(pix, test["evidence"][..., None], 1)  # (N, 5, 4) the top parts' best regions
-    out["on_part_share"] = on_part_share(peak_boxes(box_centres(evidence_pix), frames), kp)
-    out["purity"] = _purity(cache, index, obj, stats)
+    out["on_part_share"] = on_part_share(peak_boxes(evidence, frames), kp)
     out["keypoints"] = list(index.part_names)
+    out["purity"] = _purity(index, stats, train)
     if index.bboxes:
-        train = _train_centres(est, cache, index)
         box_te = np.array([index.bboxes[int(i)] for i in ids], np.float64)
         box_tr = np.array([index.bboxes[int(i)] for i in train["ids"]], np.float64)
         kp_tr = np.stack([index.part_locs[int(i)] for i in train["ids"]]).astype(np.float64)
-        out["landmark_error_x100"] = landmark_error(train["centres"], kp_tr, box_tr, box_centres(best_pix), kp, box_te)
+        out["landmark_error_x100"] = landmark_error(train["centres"], kp_tr, box_tr, peaks, kp, box_te)
     if index.name == "synth":
         from extract.synth import CLASS_DEFINING_PARTS
 
@@ -333,25 +355,20 @@ def _frames(ids: np.ndarray, sizes: np.ndarray, crops: np.ndarray | None, obj: d
     return np.asarray(sizes, np.float64)
 
 
-def _purity(cache: RegionCache, index: DatasetIndex, obj: dict[int, tuple], stats: PartStats) -> float:
-    """PIP-Net's purity of the parts' top training regions, with the same peak boxes as consistency."""
-    top_image, top_region = stats.top_image[:, :PURITY_K], stats.top_region[:, :PURITY_K]
-    want = set(int(i) for i in top_image.ravel())
-    rows = {}
-    for _, a in cache.iter_shards("train", ("boxes", "sizes", "image_ids"), prefetch=False):
-        for r, iid in enumerate(a["image_ids"]):
-            if int(iid) in want:
-                rows[int(iid)] = (a["boxes"][r], a["sizes"][r])
-    if not all(i in index.part_locs for i in want):
+def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray]) -> float:
+    """PIP-Net's purity of each part's top-10 training images (one region per image, the part's
+    best), with the part's peak there (:func:`analyze.localize.part_peaks`) and the same peak boxes
+    as consistency."""
+    top_image = stats.top_image[:, :PURITY_K]  # (P, k)
+    if not all(int(i) in index.part_locs for i in top_image.ravel()):
         return float("nan")
-    ids = top_image.ravel()
-    boxes = np.stack([rows[int(i)][0][r] for i, r in zip(ids, top_region.ravel())])[:, None, :]  # (P k, 1, 4)
-    sizes = np.stack([rows[int(i)][1] for i in ids])
-    crops = crop_boxes(cache, index, ids, sizes)
-    pix = boxes_to_pixels(boxes, tuple(cache.manifest["grid"]), sizes, crops)  # (P k, 1, 4)
-    frames = _frames(ids, sizes, crops, obj)
-    kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)
-    hits = keypoint_hits(peak_boxes(box_centres(pix), frames), kp)  # (P k, 1, K)
+    row = {int(i): n for n, i in enumerate(train["ids"])}
+    rows = np.array([[row[int(i)] for i in line] for line in top_image])  # (P, k) rows of the training pass
+    parts = np.broadcast_to(np.arange(len(top_image))[:, None], top_image.shape)
+    centres = train["centres"][rows, parts]  # (P, k, 2)
+    frames = train["frames"][rows.ravel()]
+    kp = np.stack([index.part_locs[int(i)] for i in top_image.ravel()]).astype(np.float64)
+    hits = keypoint_hits(peak_boxes(centres.reshape(-1, 1, 2), frames), kp)  # (P k, 1, K)
     return part_purity(hits.reshape(top_image.shape + (kp.shape[1],)))
 
 
@@ -377,14 +394,24 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
         crops = crop_boxes(cache, index, sample.ids, sample.sizes)
         clean, noisy = stability_hits(probe, sample, kp, _frames(sample.ids, sample.sizes, crops, obj), seed,
                                       progress=progress)
-        out["localisation"]["stability_evalprotopnet"] = part_stability(
-            *(_all_parts(h, sample.labels, est) for h in (clean, noisy)), sample.labels, est.parts_per_class)
+        clean, noisy = (_all_parts(h, sample.labels, est) for h in (clean, noisy))
+        q = est.parts_per_class
+        out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, q)
+        out["localisation"]["stability_evalprotopnet_ci95"] = bootstrap_interval(
+            len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], q), reps=200, seed=seed)
     linear_file = run_dir / "global_linear.pt"
     linear = load_file(linear_file, (LINEAR_KIND,))[2] if linear_file.is_file() else None
     curves = deletion_curves(probe, sample, linear, steps, seed, progress=progress)
     for name, c in curves.items():
         kind, order = name.split("_")
-        out["faithfulness"][f"{kind}_auc" + ("" if order == "dpnet" else f"_{order}")] = auc(c)
+        key = f"{kind}_auc" + ("" if order == "dpnet" else f"_{order}")
+        a = areas(c)
+        out["faithfulness"][key] = auc(c)
+        out["faithfulness"][key + "_ci95"] = bootstrap_interval(len(a), lambda i: float(a[i].mean()), seed=seed)
+        if order != "dpnet":  # paired over the same images: is DP-Net's order better than this one?
+            diff = areas(curves[f"{kind}_dpnet"]) - a
+            out["faithfulness"][f"{kind}_auc_minus_{order}_ci95"] = bootstrap_interval(
+                len(diff), lambda i: float(diff[i].mean()), seed=seed)
     out["curves"] = {name: c.mean(0) for name, c in curves.items()}
     return out
 
@@ -398,12 +425,36 @@ def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np
     return out
 
 
-def _train_centres(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None) -> dict[str, np.ndarray]:
-    """Pixel centres (N, P, 2) of every part's best region in each training image."""
-    grid, ids, centres = tuple(cache.manifest["grid"]), [], []
-    for _, a, (_, _, where) in pooled_shards(est, cache, "train", ("boxes", "sizes")):
-        crops = crop_boxes(cache, index, a["image_ids"], a["sizes"])
-        pix = boxes_to_pixels(np.take_along_axis(a["boxes"], where[..., None], 1), grid, a["sizes"], crops)
-        centres.append(box_centres(pix).astype(np.float32))
-        ids.append(a["image_ids"])
-    return {"ids": np.concatenate(ids), "centres": np.concatenate(centres)}
+def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
+                stats: PartStats) -> dict[str, Any]:
+    """One pass over the training regions: every image's part peaks in pixels (ids (N,), centres
+    (N, P, 2), frames (N, 2): the width and height a peak box is a share of) and each part's
+    :class:`PartPictures` in its best training image."""
+    grid, ids, centres, frames = tuple(cache.manifest["grid"]), [], [], []
+    best = stats.top_image[:, 0]  # (P,) each part's best training image
+    p = len(best)
+    maps, boxes = np.zeros((p,) + grid, np.float32), np.zeros((p, 4))
+    for _, a in cache.iter_shards("train", ("regions", "boxes", "sizes", "image_ids")):
+        for s in range(0, len(a["image_ids"]), 32):
+            sl = slice(s, s + 32)
+            iid, size = a["image_ids"][sl], a["sizes"][sl]
+            crops = crop_boxes(cache, index, iid, size)
+            scores = expl.scores(a["regions"][sl])  # (n, R, P)
+            peaks = part_peaks(scores, a["boxes"][sl])  # (n, P, 2) grid
+            centres.append(peaks_to_pixels(peaks, grid, size, crops).astype(np.float32))
+            frames.append(_frames(iid, size, crops, obj))
+            ids.append(iid)
+            for row, part in zip(*np.nonzero(iid[:, None] == best[None, :])):
+                maps[part] = activation_map(scores[row, :, part], a["boxes"][sl][row], grid)
+                frame = grid_frame(grid, crops is not None, obj.get(int(iid[row])), size[row])
+                boxes[part] = peak_boxes(peaks[None, row, part:part + 1], frame[None])[0, 0]
+    return {"ids": np.concatenate(ids), "centres": np.concatenate(centres), "frames": np.concatenate(frames),
+            "pictures": PartPictures(best, maps, boxes)}
+
+
+def grid_frame(grid: tuple[int, int], cropped: bool, box: tuple | None, size_wh: np.ndarray) -> np.ndarray:
+    """(2,) the frame of a peak box (see :func:`_frames`) in grid units (width, height) of the image the model saw."""
+    h, w = grid
+    if cropped or box is None:
+        return np.array([w, h], np.float64)
+    return np.array([box[2] * w / size_wh[0], box[3] * h / size_wh[1]], np.float64)

@@ -12,6 +12,8 @@ from dpnet.stop import run_command
 from train.cli import add_cache_arguments, pick_cache
 from train.run import read_run
 
+from .analysis import PIXEL_MEASURES
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analyze", description=__doc__)
@@ -26,18 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
     p.add_argument("--dask", default=None, help="run the training-set pass on dask: 'local' (a local cluster) "
                                                 "or a distributed scheduler address (tcp://host:8786)")
-    p.add_argument("--pixel-images", type=int, default=200,
-                   help="report: test images (a seeded sample) described again for stability and pixel-space "
-                        "deletion / insertion; 0 skips them, a large number takes every test image")
-    p.add_argument("--pixel-steps", type=int, default=8, help="report: steps of the deletion / insertion curves")
+    p.add_argument("--measures", choices=tuple(PIXEL_MEASURES), default="quick",
+                   help="report: the pixel-space measures (stability, deletion, insertion) on "
+                        + " or ".join(f"{n} test images in {s} steps ({k})" for k, (n, s) in PIXEL_MEASURES.items())
+                        + "; each is given with its 95%% interval")
+    p.add_argument("--pixel-images", type=int, default=None,
+                   help="report: test images (a seeded sample) described again for the pixel-space measures, in "
+                        "place of --measures' number; 0 skips them, a large number takes every test image")
+    p.add_argument("--pixel-steps", type=int, default=None,
+                   help="report: steps of the deletion / insertion curves, in place of --measures' number")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def pixel_plan(args: argparse.Namespace) -> tuple[int, int]:
+    """(test images, curve steps) of the pixel-space measures: --measures' pair, overridden by
+    --pixel-images / --pixel-steps when given."""
+    images, steps = PIXEL_MEASURES[args.measures]
+    return (images if args.pixel_images is None else args.pixel_images,
+            steps if args.pixel_steps is None else args.pixel_steps)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse option values the analysis cannot take, naming the option."""
-    check_options([("--pixel-steps", args.pixel_steps, args.pixel_steps >= 1, ">= 1"),
-                   ("--pixel-images", args.pixel_images, args.pixel_images >= 0, ">= 0 (0 skips the pixel measures)"),
+    images, steps = pixel_plan(args)
+    check_options([("--pixel-steps", steps, steps >= 1, ">= 1"),
+                   ("--pixel-images", images, images >= 0, ">= 0 (0 skips the pixel measures)"),
                    ("--top-k", args.top_k, args.top_k >= 1, ">= 1"), ("--images", args.images, args.images >= 0, ">= 0")])
     if args.boxes_csv is not None and not Path(args.boxes_csv).is_file():
         raise ConfigError(f"BOXES={args.boxes_csv} (--boxes-csv): no such file. Give a CSV with the columns "
@@ -78,10 +94,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .report import build_report
 
+        images, steps = pixel_plan(args)
         with _dask_client(args.dask):
             page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
                                 progress=not args.no_progress, use_dask=args.dask is not None,
-                                pixel_images=args.pixel_images, pixel_steps=args.pixel_steps)
+                                pixel_images=images, pixel_steps=steps)
         print(f"report: {page}")
         return 0
     if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb

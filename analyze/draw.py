@@ -53,6 +53,20 @@ def overlay_heatmap(img: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> I
     return Image.blend(img, Image.fromarray(colour), alpha)
 
 
+def part_picture(img: Image.Image, amap: np.ndarray, box: np.ndarray, side: int = 128) -> Image.Image:
+    """ProtoPNet's picture of a part: the image shrunk to ``side``, its activation map (H, W) over it
+    (scaled to its own range) and the pixel box (x0, y0, x1, y1 in ``img``'s pixels) drawn on it."""
+    from PIL import ImageDraw
+
+    lo, hi = float(amap.min()), float(amap.max())
+    out = overlay_heatmap(img, (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap), alpha=0.4)
+    scale = side / max(img.size)
+    out = out.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.BILINEAR)
+    x0, y0, x1, y1 = (float(t) * scale for t in box)
+    ImageDraw.Draw(out).rectangle((x0, y0, x1, y1), outline=(255, 255, 0), width=max(2, side // 64))
+    return out
+
+
 def palette(n: int) -> np.ndarray:
     """n distinct RGB colours (uint8 (n, 3))."""
     from matplotlib import colormaps

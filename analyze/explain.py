@@ -241,7 +241,8 @@ def deletion_scores(expl: DPNetExplainer, scores: np.ndarray, cls: np.ndarray, s
         for k in range(steps + 1):
             keep[k, order[:named_count[k]]] = False
             keep[steps + 1 + k, perm[:named_count[k]]] = False
-        b, _ = expl.pool(np.broadcast_to(scores[i], (len(keep),) + scores[i].shape), keep)
-        logit = b @ expl.v[c]
+        with torch.no_grad():
+            b = expl.module.pool_removed(torch.from_numpy(np.ascontiguousarray(scores[i])), torch.from_numpy(~keep))
+        logit = b.numpy() @ expl.v[c]
         named[i], rand[i] = logit[:steps + 1], logit[steps + 1:]
     return named, rand

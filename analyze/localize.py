@@ -4,15 +4,18 @@ All positions are in original-image pixels. Glossary: N images, P parts, K keypo
 
 EvalProtoPNet (Huang et al., ICCV 2023) and PIP-Net (Nauta et al., CVPR 2023) judge a part by the
 keypoints inside a fixed-size box around its peak: 72 px in their 224 px crops of the bird, i.e.
-0.32 of the bird box's side (:data:`EVAL_BOX`). :func:`peak_boxes` draws that box around the
-centre of a part's best region, sized by the object box when there is one (as their crops are),
-else by the image.
+0.32 of the bird box's side (:data:`EVAL_BOX`). A part's peak is :func:`part_peaks` (the mean
+centre of its 10 best regions in the image); :func:`peak_boxes` draws that box around it, sized by
+the object box when there is one (as their crops are), else by the image.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.linear_model import Ridge
+
+from extract.regions import boxes_to_pixels
 
 
 def box_centres(pixel_boxes: np.ndarray) -> np.ndarray:
@@ -56,6 +59,43 @@ def landmark_error(train_parts: np.ndarray, train_kp: np.ndarray, train_box: np.
     return float(100 * np.concatenate(errors).mean()) if errors else float("nan")
 
 
+PEAK_REGIONS = 10  # a part is where its 10 best regions of the image are (PIP-Net's top-k, as purity)
+
+
+def best_regions(scores: np.ndarray, k: int = PEAK_REGIONS) -> np.ndarray:
+    """Each part's ``k`` best-scoring regions (in no order): scores (..., R, P) -> indices (..., min(k, R), P)."""
+    k = min(int(k), scores.shape[-2])
+    return torch.topk(torch.as_tensor(np.asarray(scores)), k, dim=-2, sorted=False).indices.numpy()
+
+
+def part_peaks(scores: np.ndarray, boxes: np.ndarray, k: int = PEAK_REGIONS) -> np.ndarray:
+    """Where each part is in each image: the mean centre of its ``k`` best-scoring regions there.
+
+    The one definition of a part's place that the report, ``explain`` and every localisation
+    measure use. Among hundreds of overlapping random regions the single best one is a near-tie
+    with many others, and its centre jumps with them; the mean of the k best is the centre of
+    mass of the part's activation (each of its k best regions one unit of it).
+
+    Args:
+        scores: (N, R, P) raw part scores of every region.
+        boxes: (N, R, 4) grid boxes ``(x0, y0, x1, y1)``.
+        k: regions averaged (all R when k >= R; k = 1 gives the best region's centre).
+
+    Returns:
+        float64 (N, P, 2) grid points ``(x, y)``.
+    """
+    top = best_regions(scores, k)  # (N, k, P)
+    centres = (np.asarray(boxes, np.float64)[..., :2] + np.asarray(boxes, np.float64)[..., 2:]) / 2  # (N, R, 2)
+    return np.take_along_axis(centres[:, :, None, :], top[..., None], 1).mean(1)
+
+
+def peaks_to_pixels(points: np.ndarray, grid_hw: tuple[int, int], image_wh: np.ndarray,
+                    crops: np.ndarray | None = None) -> np.ndarray:
+    """Grid points (N, P, 2) -> original-image pixel points (N, P, 2) (see :func:`extract.regions.boxes_to_pixels`)."""
+    return boxes_to_pixels(np.concatenate([points, points], -1), grid_hw, image_wh, crops)[..., :2].astype(np.float64)
+
+
+CONSISTENT = 0.8  # EvalProtoPNet's rule: a part is consistent above this hit rate
 EVAL_BOX = 0.32  # EvalProtoPNet's 72 px box at 224 px, as a share of the (bird's) side
 
 
@@ -63,7 +103,7 @@ def peak_boxes(centres: np.ndarray, frame_wh: np.ndarray, share: float = EVAL_BO
     """Boxes (..., 4) x0, y0, x1, y1 of ``share`` of the frame's width and height around ``centres`` (..., 2).
 
     Args:
-        centres: (N, ..., 2) pixel points (a part's peak: the centre of its best region).
+        centres: (N, ..., 2) pixel points (a part's peak, :func:`part_peaks`).
         frame_wh: (N, 2) the width and height the box is a share of: the object box, or the image.
     """
     half = (share / 2) * np.asarray(frame_wh, np.float64).reshape((len(centres),) + (1,) * (centres.ndim - 2) + (2,))
@@ -75,30 +115,61 @@ def keypoint_hits(boxes: np.ndarray, kp: np.ndarray) -> np.ndarray:
     return inside(kp[:, None, :, :2], boxes[:, :, None, :]) & (kp[:, None, :, 2] > 0)
 
 
-def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int,
-                     threshold: float = 0.8) -> tuple[float, np.ndarray]:
-    """EvalProtoPNet's consistency: a part is consistent when its box covers the same keypoint in
-    >= ``threshold`` of the test images of its class where that keypoint is visible.
+def consistency_rates(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int) -> np.ndarray:
+    """Each part's hit rate on each keypoint: the share of its class's test images where the
+    keypoint is visible whose part box holds it.
 
     Args:
-        part_boxes: (N, P, 4) pixel boxes of each part: its best region (the region-box variant),
-            or :func:`peak_boxes` around its best region's centre (EvalProtoPNet's protocol).
+        part_boxes: (N, P, 4) pixel boxes of each part (see :func:`part_consistency`).
         kp: (N, K, 3). labels: (N,).
 
     Returns:
-        The share of consistent parts (percent, higher is better) and each part's best hit rate (P,).
+        float64 (P, K); zero for a part whose class has no image here.
     """
     n, p, _ = part_boxes.shape
-    rate = np.zeros(p)
+    rates = np.zeros((p, kp.shape[1]))
     for part in range(p):
         mine = labels == part // parts_per_class
         if not mine.any():
             continue
         hit = inside(kp[mine, :, :2], part_boxes[mine, part][:, None, :])  # (n_c, K)
         vis = kp[mine, :, 2] > 0
-        per_kp = (hit & vis).sum(0) / np.maximum(vis.sum(0), 1)
-        rate[part] = per_kp.max()
+        rates[part] = (hit & vis).sum(0) / np.maximum(vis.sum(0), 1)
+    return rates
+
+
+def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int,
+                     threshold: float = CONSISTENT) -> tuple[float, np.ndarray]:
+    """EvalProtoPNet's consistency: a part is consistent when its box covers the same keypoint in
+    >= ``threshold`` of the test images of its class where that keypoint is visible.
+
+    Args:
+        part_boxes: (N, P, 4) pixel boxes of each part: its best region (the region-box variant),
+            or :func:`peak_boxes` around its peak (EvalProtoPNet's protocol).
+        kp: (N, K, 3). labels: (N,).
+
+    Returns:
+        The share of consistent parts (percent, higher is better) and each part's best hit rate (P,).
+    """
+    rate = consistency_rates(part_boxes, kp, labels, parts_per_class).max(1)
     return float(100 * (rate >= threshold).mean()), rate
+
+
+def activation_map(scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A part's activation over the grid: each cell takes the best score of the regions covering it
+    (cells no region covers take the lowest score).
+
+    Args:
+        scores: (R,) the part's score of each region. boxes: (R, 4) grid boxes. grid: (H, W).
+
+    Returns:
+        float64 (H, W).
+    """
+    out = np.full(grid, float(np.min(scores)))
+    for r in np.argsort(scores, kind="stable"):  # best last: it stays
+        x0, y0, x1, y1 = (int(t) for t in boxes[r])
+        out[y0:y1, x0:x1] = scores[r]
+    return out
 
 
 def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray, parts_per_class: int) -> float:

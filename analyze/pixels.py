@@ -6,8 +6,9 @@
 - Deletion and insertion (RISE): the image's grid cells blanked (deletion) or revealed on a
   blank image (insertion) in the order an explanation ranks them, the class probability after
   each step; the area under that curve. Orders compared on the same model: DP-Net's evidence
-  (each part's positive points spread over its best region), the same number of cells at
+  (each part's positive points spread over its best regions), the same number of cells at
   random, and the class activation map of the global linear baseline on the same backbone.
+  Every pixel measure comes with a 95% bootstrap interval over the sample's images.
 
 Images go through exactly extraction's path (:func:`extract.pipeline.extractor_for`); the
 forward passes of a sample are batched. Glossary: N images, R regions, D descriptor size,
@@ -28,10 +29,10 @@ from tqdm.auto import tqdm
 from extract.cache import RegionCache
 from extract.images import load_rgb
 from extract.pipeline import extractor_for
-from extract.regions import boxes_to_pixels, crop_box
+from extract.regions import crop_box
 from train.estimator import DPNetClassifier
 
-from .localize import box_centres, keypoint_hits, peak_boxes
+from .localize import best_regions, keypoint_hits, part_peaks, peak_boxes, peaks_to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class PixelProbe:
 # --------------------------------------------------------------------------------- stability
 def stability_hits(probe: PixelProbe, sample: Sample, kp: np.ndarray, frames: np.ndarray, seed: int = 0,
                    batch: int = 8, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints in the peak box of each part of the image's class, clean and perturbed: two (N, q, K) bool.
+    """Keypoints in the peak box (around :func:`analyze.localize.part_peaks`) of each part of the image's
+    class, clean and perturbed: two (N, q, K) bool.
 
     Args:
         kp: (N, K, 3) keypoints of the sample. frames: (N, 2) the width and height the peak box
@@ -110,11 +112,9 @@ def stability_hits(probe: PixelProbe, sample: Sample, kp: np.ndarray, frames: np
         own = torch.from_numpy(sample.labels[idx] * q)[:, None] + torch.arange(q)  # (n, q) the class's parts
         for images, out in ((x, clean), (x + noise, noisy)):
             s, _ = probe.scores(images, sample.boxes[idx])
-            where = probe.module.pool(s).where.gather(1, own).numpy()  # (n, q)
-            grid_boxes = np.take_along_axis(sample.boxes[idx], where[..., None], 1)  # (n, q, 4)
-            crops = _crops(sample, idx, sizes)
-            pix = boxes_to_pixels(grid_boxes, probe.grid, sizes, crops)
-            out.append(keypoint_hits(peak_boxes(box_centres(pix), frames[idx]), kp[idx]))
+            mine = s.gather(2, own[:, None, :].expand(-1, s.shape[1], -1)).numpy()  # (n, R, q)
+            peaks = peaks_to_pixels(part_peaks(mine, sample.boxes[idx]), probe.grid, sizes, _crops(sample, idx, sizes))
+            out.append(keypoint_hits(peak_boxes(peaks, frames[idx]), kp[idx]))
     return np.concatenate(clean), np.concatenate(noisy)
 
 
@@ -125,19 +125,22 @@ def _crops(sample: Sample, idx: np.ndarray, sizes: np.ndarray) -> np.ndarray | N
 
 
 # ----------------------------------------------------------------------- deletion, insertion
-def evidence_map(boxes: np.ndarray, where: np.ndarray, points: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """DP-Net's evidence on the grid: each part's positive points spread evenly over its best region.
+def evidence_map(boxes: np.ndarray, top: np.ndarray, points: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """DP-Net's evidence on the grid: each part's positive points spread over its best regions (the
+    regions that say where it is, :func:`analyze.localize.best_regions`), each region's share evenly
+    over its cells.
 
     Args:
-        boxes: (R, 4) grid boxes. where: (P,) each part's best region. points: (P,) v_cp b_p.
+        boxes: (R, 4) grid boxes. top: (k, P) each part's k best regions. points: (P,) v_cp b_p.
 
     Returns:
         float64 (H, W), summing to the positive points.
     """
     out = np.zeros(grid)
     for p in np.flatnonzero(points > 0):
-        x0, y0, x1, y1 = (int(t) for t in boxes[where[p]])
-        out[y0:y1, x0:x1] += points[p] / ((x1 - x0) * (y1 - y0))
+        for r in top[:, p]:
+            x0, y0, x1, y1 = (int(t) for t in boxes[r])
+            out[y0:y1, x0:x1] += points[p] / (len(top) * (x1 - x0) * (y1 - y0))
     return out
 
 
@@ -183,7 +186,7 @@ def deletion_curves(probe: PixelProbe, sample: Sample, linear: dict[str, torch.T
         pooled = probe.module.pool(s)
         cls = int(probe.module.logits(pooled.b).argmax())
         points = (pooled.b[0] * v[cls]).numpy()
-        saliency = {"dpnet": evidence_map(sample.boxes[i], pooled.where[0].numpy(), points, probe.grid),
+        saliency = {"dpnet": evidence_map(sample.boxes[i], best_regions(s[0].numpy()), points, probe.grid),
                     "random": np.zeros(probe.grid)}
         if linear is not None:
             saliency["cam"] = cam_map(fmap[0], linear, cls)
@@ -211,9 +214,11 @@ def _class_probs(probe: PixelProbe, images: torch.Tensor, boxes: np.ndarray, cls
     return np.concatenate(out)
 
 
+def areas(curves: np.ndarray) -> np.ndarray:
+    """Area under each of (N, steps + 1) curves over x in [0, 1] (trapezoids): (N,)."""
+    return ((curves[:, 1:] + curves[:, :-1]) / 2).mean(1)
+
+
 def auc(curves: np.ndarray) -> float:
-    """Mean area under (N, steps + 1) curves over x in [0, 1] (trapezoids)."""
-    if not len(curves):
-        return float("nan")
-    y = curves.mean(0)
-    return float(((y[1:] + y[:-1]) / 2).mean())
+    """Mean area under (N, steps + 1) curves over x in [0, 1] (the mean of :func:`areas`)."""
+    return float(areas(curves).mean()) if len(curves) else float("nan")

@@ -24,8 +24,9 @@ from extract.cache import RegionCache
 from extract.regions import boxes_to_pixels
 
 from . import draw
-from .analysis import FAITH_K, Analysis, TestImage, analyse
+from .analysis import FAITH_K, PIXEL_MEASURES, Analysis, TestImage, grid_frame, analyse
 from .explain import EVIDENCE_ROWS, margin_shares
+from .localize import CONSISTENT, activation_map, part_peaks, peak_boxes
 from .ownership import owned_parts
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,12 @@ th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}.cards{displ
 .card{background:#f0f4ff;border-radius:8px;padding:10px 16px;min-width:150px}.card b{font-size:22px;display:block}
 .row{display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start}.row img{border-radius:4px}
 .part{display:inline-block;margin:4px 10px 8px 0;vertical-align:top}.part span{display:block;font-size:12px;color:#5b6475}
-.ok{color:#1a7f37}.bad{color:#cf222e}.img-view{border-top:1px solid #e3e6eb;padding-top:10px;margin-top:10px}"""
+.ci{color:#5b6475;font-size:12px}.ok{color:#1a7f37}.bad{color:#cf222e}.img-view{border-top:1px solid #e3e6eb;padding-top:10px;margin-top:10px}"""
 
 
 def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k: int = 6, n_show: int = 8,
                  boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False,
-                 pixel_images: int = 200, pixel_steps: int = 8) -> Path:
+                 pixel_images: int = PIXEL_MEASURES["quick"][0], pixel_steps: int = PIXEL_MEASURES["quick"][1]) -> Path:
     """Analyse the run and write ``<run>/report/index.html``, its images and ``analysis.json``.
 
     Raises:
@@ -157,6 +158,14 @@ def _fmt(v: Any, digits: int = 2) -> str:
             return "&infin; (random removal: no drop above 0.1%)"
         return "n/a" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
     return html.escape(str(v))
+
+
+def _with_interval(numbers: dict[str, Any], key: str, digits: int = 3) -> Any:
+    """numbers[key] with its 95% interval (numbers[key + '_ci95']) when there is one."""
+    v, ci = numbers[key], numbers.get(key + "_ci95")
+    if ci is None:
+        return v
+    return Html(f"{_fmt(v, digits)} <span class='ci'>[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]</span>")
 
 
 def _pct(v: float) -> str:
@@ -245,6 +254,32 @@ class _Renderer:
         img = self.image(image_id)  # the picture the model saw (the crop, with CROP=1)
         pix = boxes_to_pixels(boxes[region:region + 1], self.grid, np.array(img.size))[0]
         return draw.crop(img, pix, size)
+
+    def part_picture(self, part: int, side: int = 128):
+        """The part in its best training image: activation map, and its peak box in yellow."""
+        pics = self.an.pictures
+        iid = int(pics.image_id[part])
+        img = self.image(iid)
+        box = boxes_to_pixels(pics.peak_box[part][None], self.grid, np.array(img.size))[0]
+        return draw.part_picture(img, pics.maps[part], box, side)
+
+    def here_picture(self, t: TestImage, part: int, side: int = 96):
+        """The part in a test image, drawn as :meth:`part_picture` draws it in its training image."""
+        img = self.image(t.image_id)
+        peak = part_peaks(t.scores[None, :, part:part + 1], t.boxes[None])[0, 0]
+        frame = grid_frame(self.grid, self.crop_index is not None, self.an.obj.get(t.image_id), t.size_wh)
+        box = boxes_to_pixels(peak_boxes(peak[None, None], frame[None])[0], self.grid, np.array(img.size))[0]
+        return draw.part_picture(img, activation_map(t.scores[:, part], t.boxes, self.grid), box, side)
+
+    def trust(self, part: int) -> str:
+        """Its consistency on test images (hit rate on its keypoint), marked when it passes the 80% rule."""
+        loc = self.an.numbers.get("localisation", {})
+        if "part_hit_rate" not in loc:
+            return ""
+        rate, kp = loc["part_hit_rate"][part], loc["keypoints"][loc["part_keypoint"][part]]
+        if rate >= CONSISTENT:
+            return f"<span class='ok' title='passes the 80% rule'>&#10003; {100 * rate:.0f}% on {esc(kp)}</span>"
+        return f"<span title='below the 80% rule'>{100 * rate:.0f}% on {esc(kp)}</span>"
 
     def part_crop(self, part: int, rank: int = 0, size: int = 96):
         iid = int(self.an.stats.top_image[part, rank])
@@ -338,7 +373,15 @@ class _Renderer:
         def key(kind, o):
             return f"{kind}_auc" + ("" if o == "dpnet" else f"_{o}")
 
-        rows = [[label[o], f[key("deletion", o)], f[key("insertion", o)]] for o in orders]
+        rows = [[label[o], _with_interval(f, key("deletion", o)), _with_interval(f, key("insertion", o))]
+                for o in orders]
+        if "cam" in orders:
+            rows.append([Html("DP-Net's minus the CAM's (paired; <b>deletion below 0</b> and <b>insertion above 0</b> "
+                              "mean DP-Net's evidence is the more faithful)"),
+                         _with_interval({"d": f["deletion_auc"] - f["deletion_auc_cam"],
+                                         "d_ci95": f.get("deletion_auc_minus_cam_ci95")}, "d"),
+                         _with_interval({"d": f["insertion_auc"] - f["insertion_auc_cam"],
+                                         "d_ci95": f.get("insertion_auc_minus_cam_ci95")}, "d")])
         x = np.linspace(0, 1, f["pixel_steps"] + 1)
         pics = []
         for kind in ("deletion", "insertion"):
@@ -352,7 +395,10 @@ class _Renderer:
                 f"(insertion) in {f['pixel_steps']} steps, in the order an explanation ranks them, and the image goes "
                 "through the backbone and the model again; the area under the predicted class's probability. "
                 "Deletion: lower is better; insertion: higher is better. All orders are judged on DP-Net's own "
-                "probability; DP-Net's order spreads each part's positive points over its best region.</p>"
+                "probability; DP-Net's order spreads each part's positive points over its best regions. In "
+                "brackets: the 95% interval (bootstrap over the images); <code>make report MEASURES=full</code> "
+                f"(<code>--measures full</code>) takes {PIXEL_MEASURES['full'][0]} images in "
+                f"{PIXEL_MEASURES['full'][1]} steps.</p>"
                 + _table(["cells ordered by", "deletion AUC", "insertion AUC"], rows)
                 + f"<div class='row'>{''.join(pics)}</div>")
 
@@ -362,7 +408,8 @@ class _Renderer:
         if not present:
             return ("<section><h2>Parts: localisation and ownership</h2><p class='note'>This dataset has no keypoints "
                     "or object boxes (pass BOXES=file.csv for boxes), so localisation is not measured.</p></section>")
-        rows = [[title, n[group][key], better, anchor] for group, key, title, better, anchor, _ in present]
+        rows = [[title, _with_interval(n[group], key, 1), better, anchor]
+                for group, key, title, better, anchor, _ in present]
         protocols = "".join(f"<li><b>{html.escape(title)}</b>: {html.escape(text)}</li>"
                             for _, _, title, _, _, text in present)
         loc = n["localisation"]
@@ -387,15 +434,20 @@ class _Renderer:
         blocks = []
         for c, name in enumerate(self.classes):
             parts = np.argsort(-d[c], kind="stable")[:3]
-            cells = "".join(f"<div class='part'>{self.tag(self.part_crop(int(p)), f'class{c}', f'part {p}')}"
-                            f"<span>{self.part_label(int(p))}<br>d={d[c, p]:.2f}, f={f[p]}</span></div>" for p in parts)
+            cells = "".join(f"<div class='part'>{self.tag(self.part_picture(int(p)), f'class{c}', f'part {p}')}"
+                            f"<span>{self.part_label(int(p))}<br>d={d[c, p]:.2f}, f={f[p]}<br>{self.trust(int(p))}"
+                            f"</span></div>" for p in parts)
             blocks.append(f"<div><b>{html.escape(name)}</b><div class='row'>{cells}</div></div>")
         return ("<section><h2>Classes: their top-3 parts</h2><p class='note'>d(p, c) = sum over the training images "
                 "of class c of v_cp b_p, divided by log(1 + f(p)), where f(p) counts the classes having part p "
                 "among their top-q parts (the paper divides by log f(p), which is zero at f = 1). Higher d means "
                 "the part speaks for this class more than for others. A part is named after the class it was made "
                 "for only when that class gives it the highest d of all (ownership holds); otherwise it is marked "
-                "not owned. Each crop is the part's best training region.</p>" + "".join(blocks) + "</section>")
+                "not owned. Each part is shown in its best training image: its activation map (each cell the best "
+                "score of the regions covering it) and, in yellow, the box the localisation measures use around its "
+                "peak (the mean centre of its 10 best regions). Under it: the share of its class's test images "
+                "where that box holds its most frequent keypoint; &#10003; marks a part that passes "
+                "EvalProtoPNet's 80% rule (a consistent part).</p>" + "".join(blocks) + "</section>")
 
     def image_view(self) -> str:
         blocks = [self._one_image(t) for t in self.an.shown]
@@ -426,10 +478,11 @@ class _Renderer:
         ev = self.an.explainer.margin_evidence(t.scores)
         rows = []
         for i in range(min(top, len(ev.parts))):
-            here = self.tag(self.region_crop(t.image_id, t.boxes, int(ev.region[i]), 64), "here", "this image")
-            proto = self.tag(self.part_crop(int(ev.parts[i]), 0, 64), "proto", "best training region")
-            rows.append([Html(self.part_label(int(ev.parts[i]), 24)), here, proto, float(ev.b[i]), float(ev.dv[i]),
-                         float(ev.margin[i])])
+            part = int(ev.parts[i])
+            here = self.tag(self.here_picture(t, part), "here", "this image")
+            proto = self.tag(self.part_picture(part, 96), "proto", "its best training image")
+            rows.append([Html(f"{self.part_label(part, 24)}<br>{self.trust(part)}"), here, proto, float(ev.b[i]),
+                         float(ev.dv[i]), float(ev.margin[i])])
         rest = float(ev.margin[top:].sum())
         rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", rest])
         rows.append([Html("<b>sum = margin</b>"), "", "", "", "", ev.total])

@@ -23,6 +23,7 @@ from extract.regions import boxes_to_pixels
 
 from . import draw
 from .explain import DPNetExplainer
+from .localize import activation_map, part_peaks, peak_boxes
 
 
 @dataclass
@@ -100,7 +101,7 @@ def explain_image(path: str | Path, run_dir: str | Path, out_dir: str | Path | N
         out.mkdir()
         try:
             mark_owned(out, "explain")
-            _write_page(out, path, est.classes_[pred], ev, heat, boxes[0], grid, size_wh, crop)
+            _write_page(out, path, est.classes_[pred], ev, heat, scores[0], boxes[0], grid, crop)
         except BaseException:
             remove(out)
             raise
@@ -128,21 +129,25 @@ def output_folder(image: str | Path, run: Path, out_dir: str | Path | None) -> P
     return final
 
 
-def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, boxes: np.ndarray,
-                grid: tuple[int, int], size_wh: np.ndarray, crop_bbox) -> None:
-    """Into ``out``: the heatmap, crops of the top parts' regions (boxes (R, 4)) and index.html."""
+def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
+                grid: tuple[int, int], crop_bbox) -> None:
+    """Into ``out``: the heatmap, the top parts drawn as the report draws them (activation map and
+    peak box: :func:`analyze.localize.activation_map`, :func:`analyze.localize.part_peaks`; scores
+    (R, P), boxes (R, 4)) and index.html."""
     img = draw.open_rgb(path, crop_bbox)  # what the model saw (the crop, with CROP=1), at a bounded size
-    size_wh = np.array(img.size)
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")
+    peaks = part_peaks(scores[None], boxes[None])[0]  # (P, 2) grid
+    frame = np.array([grid[::-1]], np.float64)  # the box is a share of the image the model saw (grid units)
     rows = []
     for i in range(min(5, len(ev.parts))):
-        pix = boxes_to_pixels(boxes[ev.region[i]:ev.region[i] + 1], grid, size_wh)[0]
-        draw.crop(img, pix, 96).save(out / f"part{ev.parts[i]}.png")
-        rows.append(f"<tr><td>part {ev.parts[i]}</td><td><img src='part{ev.parts[i]}.png'></td><td>{ev.b[i]:.3f}</td>"
+        p = int(ev.parts[i])
+        box = boxes_to_pixels(peak_boxes(peaks[None, p:p + 1], frame)[0], grid, np.array(img.size))[0]
+        draw.part_picture(img, activation_map(scores[:, p], boxes, grid), box, 128).save(out / f"part{p}.png")
+        rows.append(f"<tr><td>part {p}</td><td><img src='part{p}.png'></td><td>{ev.b[i]:.3f}</td>"
                     f"<td>{ev.v[i]:.3f}</td><td>{ev.points[i]:.3f}</td></tr>")
     (out / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(name)}</title><body style='font-family:sans-serif'>"
         f"<h2>{html.escape(Path(path).name)}: predicted {html.escape(name)}</h2><img src='heatmap.png' height='320'>"
         f"<p>Evidence for {html.escape(name)} (points = b_p x v_cp; all {len(ev.parts)} parts sum to the logit "
-        f"{ev.logit:.3f}):</p><table border='1' cellpadding='4'><tr><th>part</th><th>region</th><th>b_p</th>"
+        f"{ev.logit:.3f}):</p><table border='1' cellpadding='4'><tr><th>part</th><th>where (activation, peak box)</th><th>b_p</th>"
         f"<th>v_cp</th><th>points</th></tr>{''.join(rows)}</table></body>")

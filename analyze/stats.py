@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -80,3 +81,21 @@ def finish_stats(est: DPNetClassifier, top_score: np.ndarray, top_image: np.ndar
     v = est.module_.class_weights().detach().cpu().numpy().astype(np.float64)
     d, f = class_part_weights(v, class_sum, class_count, est.parts_per_class)
     return PartStats(top_score, top_image, top_region, class_sum, class_count, d, f)
+
+
+def bootstrap_interval(n: int, statistic: Callable[[np.ndarray], float], reps: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of n images, resampling the images.
+
+    Args:
+        n: how many images the statistic is over.
+        statistic: takes (n,) row indices drawn with replacement and returns the statistic of those rows.
+        reps: resamples (each ``rng.integers(0, n, n)`` in turn, from ``default_rng(seed)``).
+
+    Returns:
+        The (1 - level) / 2 and (1 + level) / 2 quantiles of the resampled statistic.
+    """
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(reps)])
+    tail = (1 - level) / 2
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))

@@ -206,6 +206,19 @@ def test_report_builds_and_every_image_exists(tiny_run):
     for section in ("Accuracy", "Faithfulness", "localisation and ownership", "Classes", "Test images explained",
                     "Part gallery", "How each is measured", "EvalProtoPNet", "PIP-Net", "RISE"):
         assert section in text, section
+    # each part is drawn ProtoPNet's way, with its consistency and keypoint; a consistent one is marked
+    p_all = numbers["parts"]["P"]
+    assert len(loc["part_hit_rate"]) == p_all and len(loc["part_keypoint"]) == p_all
+    rates = np.array(loc["part_hit_rate"])
+    assert loc["consistency_evalprotopnet"] == pytest.approx(100 * (rates >= 0.8).mean())
+    assert re.search(r"\d+% on " + re.escape(loc["keypoints"][loc["part_keypoint"][0]]), text) or rates[0] == 0
+    assert ("title='passes the 80% rule'" in text) == any(rates >= 0.8)
+    pictures = [s for s in srcs if "/class" in s]
+    assert pictures
+    from PIL import Image
+
+    yellow = np.asarray(Image.open(page.parent / pictures[0]).convert("RGB")).astype(int)
+    assert ((yellow[..., 0] > 200) & (yellow[..., 1] > 200) & (yellow[..., 2] < 90)).any()  # the peak box
 
 
 CHROMIUM_INSTALL = "sudo apt-get install -y chromium  (make setup does this where apt-get is available)"
@@ -260,6 +273,7 @@ def test_explain_gives_the_runs_prediction_for_a_dataset_image(tiny_run, tmp_pat
         res = explain_image(root / table[int(a["image_ids"][i])], tiny_run, tmp_path / f"e{i}")
         assert res.pred == pred[i]
         assert res.page.is_file() and (res.page.parent / "heatmap.png").is_file()
+        assert "where (activation, peak box)" in res.page.read_text()
         np.testing.assert_allclose(res.logits, est.decision_function(a["regions"][i:i + 1])[0], rtol=1e-4, atol=1e-5)
 
 

@@ -424,3 +424,20 @@ def test_a_presence_bag_counts_a_part_only_past_its_threshold():
     want = torch.tensor([[max(v - 0.3, 0.0) for v in row] for row in best.tolist()])
     assert torch.allclose(m.bag(best), want, atol=1e-6)
     assert torch.equal(DPNetModule(4, 3, 3, 1, (), {}, similarity="cosine").bag(best), best)
+
+
+@pytest.mark.parametrize("similarity,presence", [("dot", 0.0), ("cosine", 0.0), ("cosine", 0.2)])
+def test_pooling_with_regions_removed_equals_the_masked_max(similarity, presence):
+    """One image's bag with a few regions left out, from each part's best few: the masked pool's bag."""
+    from train.model import DPNetModule
+
+    gen = torch.Generator().manual_seed(4)
+    m = DPNetModule(6, 7, 3, 1, (), {}, similarity=similarity, presence=presence)
+    s = torch.randn(30, 7, generator=gen)
+    s[3, :] = s[4, :]  # a tie between two regions
+    removed = torch.rand(9, 30, generator=gen) < 0.2
+    removed[0] = False
+    removed[1, s.argmax(0)] = True  # every part's best region
+    removed[2] = True  # nothing left: a part with no region scores 0
+    want = m.pool(s.expand(9, -1, -1), ~removed).b
+    torch.testing.assert_close(m.pool_removed(s, removed), want)

@@ -11,6 +11,7 @@ from extract.cache import RegionCache
 from analyze.localize import (keypoint_hits, on_object_share, part_consistency, part_purity, part_stability,
                               peak_boxes)
 from analyze.ownership import own_evidence_share, own_top3_share, owned_parts
+from analyze.localize import best_regions
 from analyze.pixels import auc, cam_map, cell_order, evidence_map, step_masks
 
 
@@ -114,14 +115,16 @@ def test_ownership_measures_against_loops(rng):
 
 
 # ------------------------------------------------------------------------- pixel-space pieces
-def test_evidence_map_spreads_each_parts_points_over_its_region():
-    boxes = np.array([[0, 0, 2, 2], [1, 1, 3, 2], [0, 0, 3, 3]])
-    where = np.array([0, 1, 2])
+def test_evidence_map_spreads_each_parts_points_over_its_best_regions():
+    boxes = np.array([[0, 0, 2, 2], [1, 1, 3, 2], [0, 0, 3, 3], [2, 2, 3, 3]])
+    top = np.array([[0, 1, 2], [3, 2, 0]])  # (k = 2, P = 3): each part's two best regions
     points = np.array([4.0, 2.0, -5.0])  # the negative part is not evidence
-    m = evidence_map(boxes, where, points, (3, 3))
+    m = evidence_map(boxes, top, points, (3, 3))
     want = np.zeros((3, 3))
-    want[0:2, 0:2] += 1.0  # 4 points over 4 cells
-    want[1:2, 1:3] += 1.0  # 2 points over 2 cells
+    want[0:2, 0:2] += 2.0 / 4  # part 0: half its 4 points over region 0's 4 cells
+    want[2:3, 2:3] += 2.0  # and half over region 3's one cell
+    want[1:2, 1:3] += 1.0 / 2  # part 1: half its 2 points over region 1's 2 cells
+    want[0:3, 0:3] += 1.0 / 9  # and half over region 2's 9 cells
     np.testing.assert_allclose(m, want)
     assert m.sum() == pytest.approx(6.0)
 
@@ -190,7 +193,7 @@ def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_basel
             assert c[0 if kind == "deletion" else -1] == pytest.approx(p0, rel=1e-5)  # the intact image
     # step 1 of DP-Net's deletion, by hand: blank the most evident quarter of the cells
     points = (pooled.b[0] * est.module_.classifier[cls]).numpy()
-    sal = evidence_map(sample.boxes[0], pooled.where[0].numpy(), points, probe.grid)
+    sal = evidence_map(sample.boxes[0], best_regions(s[0].numpy()), points, probe.grid)
     order = cell_order(sal, np.random.default_rng(0))  # the seed's first draw, as deletion_curves makes it
     grid_mask = np.ones(probe.grid[0] * probe.grid[1])
     grid_mask[order[:round(len(order) / 4)]] = 0
@@ -286,3 +289,131 @@ def test_on_part_share_matches_a_loop():
             x0, y0, x1, y1 = boxes[n, m]
             hits += any(kp[n, k, 2] > 0 and x0 <= kp[n, k, 0] <= x1 and y0 <= kp[n, k, 1] <= y1 for k in range(4))
     assert on_part_share(boxes, kp) == pytest.approx(100 * hits / 30)
+
+
+# ------------------------------------------------------------ where a part is: one definition (issue 16)
+def test_part_peaks_are_the_mean_centre_of_each_parts_best_regions():
+    from analyze.localize import part_peaks
+
+    rng = np.random.default_rng(6)
+    n, r, p, k = 3, 40, 4, 5
+    scores = rng.normal(size=(n, r, p)).astype(np.float32)
+    lo = rng.integers(0, 10, (n, r, 2))
+    boxes = np.concatenate([lo, lo + rng.integers(1, 6, (n, r, 2))], -1)
+    got = part_peaks(scores, boxes, k)
+    assert got.shape == (n, p, 2)
+    for i in range(n):
+        for j in range(p):
+            best = sorted(range(r), key=lambda t: -scores[i, t, j])[:k]
+            want = [sum((boxes[i, t, a] + boxes[i, t, a + 2]) / 2 for t in best) / k for a in (0, 1)]
+            assert np.allclose(got[i, j], want)
+    assert np.allclose(part_peaks(scores, boxes, 1)[0, 0], (boxes[0, scores[0, :, 0].argmax(), :2]
+                                                           + boxes[0, scores[0, :, 0].argmax(), 2:]) / 2)
+    assert part_peaks(scores, boxes, r + 10).shape == (n, p, 2)  # more regions asked than there are: all of them
+
+
+def test_a_near_copy_of_the_best_region_does_not_decide_where_a_part_is():
+    """Two overlapping regions far from the other eight best: one stray region moves the peak only a tenth."""
+    from analyze.localize import PEAK_REGIONS, part_peaks
+
+    r = 30
+    boxes = np.tile(np.array([10, 10, 12, 12]), (1, r, 1))
+    boxes[0, 0] = [0, 0, 2, 2]  # the best region, alone in a corner
+    scores = np.zeros((1, r, 1), np.float32)
+    scores[0, :PEAK_REGIONS, 0] = np.linspace(1.0, 0.5, PEAK_REGIONS)
+    peak = part_peaks(scores, boxes)[0, 0]
+    assert np.allclose(peak, (1 + (PEAK_REGIONS - 1) * 11) / PEAK_REGIONS)
+
+
+def test_the_report_measures_use_the_part_peaks(base, monkeypatch):
+    """Consistency, on-part share and landmark error all read where parts are from part_peaks."""
+    import analyze.analysis as an
+    import analyze.localize as lz
+
+    calls = []
+    real = lz.part_peaks
+
+    def spy(scores, boxes, k=lz.PEAK_REGIONS):
+        calls.append(scores.shape)
+        return real(scores, boxes, k)
+
+    monkeypatch.setattr(an, "part_peaks", spy)
+    out = an.analyse(base / "run", pixel_images=0)
+    loc = out.numbers["localisation"]
+    assert calls and {"consistency_evalprotopnet", "on_part_share", "landmark_error_x100"} <= set(loc)
+    assert sum(s[0] for s in calls) >= out.numbers["test_images"]  # every test image (and the training pass)
+
+
+# ------------------------------------------------------------ pixel measures with their intervals (issue 18)
+def test_bootstrap_interval_matches_a_loop_and_narrows_with_more_images():
+    from analyze.stats import bootstrap_interval
+
+    values = np.random.default_rng(7).normal(0.3, 0.1, 400)
+    lo, hi = bootstrap_interval(len(values), lambda idx: float(values[idx].mean()), reps=300, seed=1)
+    rng = np.random.default_rng(1)  # the same draws, one resample at a time
+    means = sorted(float(values[rng.integers(0, len(values), len(values))].mean()) for _ in range(300))
+    assert lo == pytest.approx(np.quantile(means, 0.025)) and hi == pytest.approx(np.quantile(means, 0.975))
+    assert lo < values.mean() < hi
+    lo_small, hi_small = bootstrap_interval(40, lambda idx: float(values[:40][idx].mean()), reps=300, seed=1)
+    assert hi_small - lo_small > hi - lo
+
+
+def test_areas_are_the_per_image_trapezoids_whose_mean_is_the_auc():
+    from analyze.pixels import areas
+
+    curves = np.random.default_rng(8).uniform(0, 1, (5, 9))
+    want = [sum((c[i] + c[i + 1]) / 2 for i in range(8)) / 8 for c in curves]
+    assert np.allclose(areas(curves), want) and auc(curves) == pytest.approx(np.mean(want))
+
+
+def test_the_quick_and_full_pixel_measures(run_with_baselines):
+    """--measures quick (the default) and full pick the sample; the report gives each pixel measure's
+    interval and the paired difference against the CAM."""
+    from analyze.analysis import PIXEL_MEASURES, analyse
+    from analyze.cli import build_parser, pixel_plan
+
+    assert pixel_plan(build_parser().parse_args(["report"])) == PIXEL_MEASURES["quick"]
+    assert pixel_plan(build_parser().parse_args(["report", "--measures", "full"])) == PIXEL_MEASURES["full"]
+    assert pixel_plan(build_parser().parse_args(["report", "--measures", "full", "--pixel-images", "7"])) == (
+        7, PIXEL_MEASURES["full"][1])
+    assert PIXEL_MEASURES["full"][0] > PIXEL_MEASURES["quick"][0]
+    f = analyse(run_with_baselines, pixel_images=6, pixel_steps=3).numbers["faithfulness"]
+    for key in ("deletion_auc", "insertion_auc", "deletion_auc_cam", "insertion_auc_random"):
+        lo, hi = f[key + "_ci95"]
+        assert lo <= f[key] <= hi
+    for kind in ("deletion", "insertion"):
+        lo, hi = f[f"{kind}_auc_minus_cam_ci95"]
+        assert lo <= f[f"{kind}_auc"] - f[f"{kind}_auc_cam"] <= hi
+
+
+def test_activation_map_takes_each_cells_best_covering_region():
+    from analyze.localize import activation_map
+
+    rng = np.random.default_rng(9)
+    lo = rng.integers(0, 5, (12, 2))
+    boxes = np.concatenate([lo, lo + rng.integers(1, 4, (12, 2))], -1)
+    scores = rng.normal(size=12)
+    got = activation_map(scores, boxes, (8, 8))
+    for y in range(8):
+        for x in range(8):
+            cover = [scores[r] for r in range(12) if boxes[r, 0] <= x < boxes[r, 2] and boxes[r, 1] <= y < boxes[r, 3]]
+            assert got[y, x] == pytest.approx(max(cover) if cover else scores.min())
+
+
+def test_consistency_rates_per_keypoint_against_a_loop(rng):
+    from analyze.localize import consistency_rates
+
+    n, q, c, k = 24, 2, 3, 4
+    labels = rng.integers(0, c, n)
+    lo = rng.uniform(0, 60, (n, q * c, 2))
+    boxes = np.concatenate([lo, lo + 40], -1)
+    kp = _keypoints(rng, n, k)
+    got = consistency_rates(boxes, kp, labels, q)
+    for p in range(q * c):
+        for j in range(k):
+            mine = [i for i in range(n) if labels[i] == p // q and kp[i, j, 2] > 0]
+            hit = [i for i in mine if boxes[i, p, 0] <= kp[i, j, 0] <= boxes[i, p, 2]
+                   and boxes[i, p, 1] <= kp[i, j, 1] <= boxes[i, p, 3]]
+            assert got[p, j] == pytest.approx(len(hit) / max(len(mine), 1))
+    score, rate = part_consistency(boxes, kp, labels, q)
+    assert np.allclose(rate, got.max(1)) and score == pytest.approx(100 * (got.max(1) >= 0.8).mean())

@@ -245,6 +245,22 @@ class DPNetModule(nn.Module):
             raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
         return Pooled(self.bag(raw), raw, where)
 
+    def pool_removed(self, scores: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+        """One image's bag with regions left out, for M sets at once: scores (R, P), removed (M, R)
+        bool -> b (M, P), equal to ``pool(scores.expand(M, R, P), ~removed).b``.
+
+        Only each part's k best regions are looked at (k = the most regions a set removes, plus
+        one): the best region left is among them. Cost M k P, not M R P.
+        """
+        r = scores.shape[0]
+        k = min(int(removed.sum(1).max()) + 1, r)
+        top, idx = scores.topk(k, dim=0)  # (k, P), best first
+        left = ~removed[:, idx]  # (M, k, P): which of each part's k best are still there
+        first = left.to(torch.uint8).argmax(1, keepdim=True)  # (M, 1, P) the best one left
+        raw = top.expand(len(removed), -1, -1).gather(1, first)[:, 0]
+        raw = torch.where(left.any(1), raw, torch.zeros_like(raw))  # none left: 0, as pool gives
+        return self.bag(raw)
+
     def bag(self, best: torch.Tensor) -> torch.Tensor:
         """Each part's best score (N, P) -> the bag of parts b: L2-normalised (dot); with cosine, as is, or
         with ``presence`` > 0 how far it passes that cosine (0 below): a part then counts only where it is
