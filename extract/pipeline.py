@@ -567,7 +567,7 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
             if writer is None:
                 a, b = bounds[s]
                 writer = open_shard_writer(cache_dir, s, cfg.store, b - a, cfg.regions, extractor.bb.dim)
-                shard_bad = []
+                shard_bad, shard_start = [], time.perf_counter()
             for pos, why in decoded.errors:
                 bad.append((str(paths[pos]), why))
                 shard_bad.append({"path": order[pos].path, "reason": why})
@@ -578,7 +578,8 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
                 if shard_bad and not cfg.skip_bad:
                     writer.abort()  # not committed: the bad files must be fixed or skipped first
                 else:
-                    writer.commit({"shard": s, "skipped": json.dumps(shard_bad)})
+                    writer.commit({"shard": s, "skipped": json.dumps(shard_bad),
+                                   "seconds": round(time.perf_counter() - shard_start, 3)})
                 writer = None
     finally:
         bar.close()
@@ -604,13 +605,14 @@ def finish_manifest(cache_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """Gather the shards' row counts into manifest.json (written atomically, last), with the
     cache's identity (a hash of plan.json and images.tsv as written)."""
     loc = Location(cache_dir)
-    shards, skipped = [], []
+    shards, skipped, seconds = [], [], []
     for s in range(len(plan["shard_bounds"])):
         path = shard_path(cache_dir, s, plan["store"])
         handle = loc.open_store(path.relative_to(cache_dir).as_posix(), plan["store"])
         try:
             is_train = np.asarray(handle["is_train"][:])
             skipped += json.loads(handle.attrs.get("skipped", "[]"))
+            seconds.append(handle.attrs.get("seconds"))
         finally:
             if plan["store"] == "h5":
                 handle.close()
@@ -620,6 +622,9 @@ def finish_manifest(cache_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     manifest.update(shards=shards, skipped=skipped, n_images=sum(s["n"] for s in shards),
                     n_train=sum(s["n_train"] for s in shards), n_classes=len(plan["classes"]))
     manifest["n_test"] = manifest["n_images"] - manifest["n_train"]
+    # the extraction's work, summed over shards (a resumed run counts each shard once); None when
+    # a shard was written by a version that did not time it
+    manifest["extract_seconds"] = None if None in seconds else round(float(sum(seconds)), 1)
     written_plan = read_json(cache_dir / "plan.json", f"delete {cache_dir} and extract again")
     tsv = cache_dir / "images.tsv"
     manifest["cache_id"] = cache_identity(written_plan, tsv.read_text(encoding="utf-8") if tsv.is_file() else "")

@@ -179,6 +179,30 @@ def test_part_stats_topk_matches_brute_force(tiny_run):
             assert s[ids.tolist().index(img), r, p] == pytest.approx(best[ids.tolist().index(img), p], rel=1e-6)
 
 
+
+def test_the_reports_training_pass_gives_the_part_stats_and_pictures_of_their_best_images(tiny_run):
+    """The report pools the training regions once: its statistics equal part_stats', and each part's
+    picture is of its best training image, with that image's activation map and peak."""
+    from analyze.analysis import _train_pass, dataset_index
+    from analyze.localize import activation_map
+
+    est, cache, _ = _test_arrays(tiny_run)
+    want = part_stats(est, cache, k=3)
+    index = dataset_index(cache)
+    got = _train_pass(DPNetExplainer(est), cache, index, dict(index.bboxes), 3, False)
+    for field in ("top_score", "top_image", "top_region", "class_sum", "class_count", "d", "f"):
+        np.testing.assert_allclose(getattr(got["stats"], field), getattr(want, field), rtol=1e-5, err_msg=field)
+    pics = got["pictures"]
+    assert np.array_equal(pics.image_id, want.top_image[:, 0])
+    parts = [a for _, a in cache.iter_shards("train", ("regions", "boxes", "image_ids"))]
+    ids = np.concatenate([p["image_ids"] for p in parts]).tolist()
+    p = 1
+    row = ids.index(int(pics.image_id[p]))
+    regions, boxes = (np.concatenate([q[f] for q in parts])[row] for f in ("regions", "boxes"))
+    s = DPNetExplainer(est).scores(regions[None])[0, :, p]
+    np.testing.assert_allclose(pics.maps[p], activation_map(s, boxes, tuple(cache.manifest["grid"])), rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------ report, browser
 def test_report_builds_and_every_image_exists(tiny_run):
     from analyze.report import build_report

@@ -25,7 +25,7 @@ def assert_same_cache(a: Path, b: Path) -> None:
         assert np.array_equal(x[f], y[f]), f
     ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
     for m in (ma, mb):  # the identity hashes the dataset folder too, which differs here by design
-        m.pop("dataset_root"), m["config"].pop("data_dir"), m.pop("cache_id")
+        m.pop("dataset_root"), m["config"].pop("data_dir"), m.pop("cache_id"), m.pop("extract_seconds")  # and time
     assert ma == mb
 
 
@@ -100,6 +100,8 @@ def test_interrupted_extraction_resumes_to_identical_cache(tmp_path, monkeypatch
     assert summary.shards_written == 4 - len(done)
     assert not [p for p in (cache_dir / "shards").iterdir() if ".tmp" in p.name]
     assert_same_cache(ref, cache_dir)
+    # each shard's extraction time is kept in it, so a resumed cache still says what it cost
+    assert RegionCache(cache_dir).manifest["extract_seconds"] > 0
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch):

@@ -441,3 +441,43 @@ def test_pooling_with_regions_removed_equals_the_masked_max(similarity, presence
     removed[2] = True  # nothing left: a part with no region scores 0
     want = m.pool(s.expand(9, -1, -1), ~removed).b
     torch.testing.assert_close(m.pool_removed(s, removed), want)
+
+
+@pytest.mark.parametrize("class_layer", ["free", "owned", "positive"])
+def test_pruning_silences_parts_whose_best_images_are_of_other_classes(class_layer):
+    """ProtoPNet's pruning: a part whose k best training images hold fewer than tau of its own class
+    belongs to no class afterwards and weighs nothing in any logit, whatever the class layer."""
+    from train.finish import prune_parts
+    from train.model import DPNetModule
+
+    gen = torch.Generator().manual_seed(5)
+    m = DPNetModule(4, 6, 3, 2, (), {}, class_layer=class_layer)  # C = 3, q = 2: part p is class p // 2's
+    m.classifier.data = torch.randn(3, 6, generator=gen)
+    labels = torch.arange(12) % 3
+    bags = torch.rand(12, 6, generator=gen) * 0.1
+    bags[labels == 1, 0] += 1.0  # part 0 (class 0's) scores best on class 1's images
+    bags[labels == 0, 1] += 1.0  # part 1 (class 0's) on its own class's
+    pruned = prune_parts(m, bags, labels, k=4, tau=3)
+    slow = [p for p in range(6) if sum(int(labels[i]) == p // 2 for i in torch.argsort(-bags[:, p])[:4]) < 3]
+    assert pruned.tolist() == slow and 0 in slow and 1 not in slow
+    assert (m.owner[slow] == -1).all() and (m.class_weights()[:, slow] == 0).all()
+    b2 = bags.clone()
+    b2[:, slow] = 5.0
+    torch.testing.assert_close(m.logits(b2), m.logits(bags))
+    assert not m.own_mask()[:, slow].any()
+
+
+def test_a_pruned_model_is_saved_and_read_with_its_pruned_parts(tmp_path):
+    """owner travels with the model (pruning changes it); a model saved before pruning existed reads as p // q."""
+    from train.model import DPNetModule
+
+    m = DPNetModule(4, 6, 3, 2, (), {})
+    m.owner[[1, 4]] = -1
+    state = m.state_dict()
+    fresh = DPNetModule(4, 6, 3, 2, (), {})
+    fresh.load_state_dict(state)
+    assert fresh.owner.tolist() == [0, -1, 1, 1, -1, 2]
+    old = {k: v for k, v in state.items() if k != "owner"}
+    fresh = DPNetModule(4, 6, 3, 2, (), {})
+    fresh.load_state_dict(old)
+    assert fresh.owner.tolist() == [0, 0, 1, 1, 2, 2]

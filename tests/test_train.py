@@ -460,3 +460,25 @@ def test_ablation_shows_table_2_the_run_s_setting_and_the_paper_preset(tiny_cach
     paper = json.loads((tmp_path / "run" / "ablation" / "paper_preset_this_schedule" / "config.json").read_text())
     assert paper["preset"] == "paper" and paper["fit"]["similarity"] == "dot" and paper["fit"]["epochs"] == 1
     assert "paper preset, this schedule" in (tmp_path / "run" / "ablation.md").read_text()
+
+
+def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_path, monkeypatch):
+    """prune_parts runs ProtoPNet's pruning after training, before the last-layer refit: a pruned part
+    weighs nothing in the refitted layer, in the saved model, and in its predictions."""
+    import train.estimator as te
+
+    calls = []
+
+    def prune_two(module, bags, labels):  # the real rule on this tiny set may prune nothing: prune two
+        calls.append(bags.shape)
+        module.owner[[0, 3]] = -1
+        return torch.tensor([0, 3])
+
+    monkeypatch.setattr(te, "prune_parts", prune_two)
+    est = quick(epochs=1, prune_parts=True, last_layer_steps=5, class_layer="positive").fit(tiny_cache)
+    assert calls and (est.module_.class_weights()[:, [0, 3]] == 0).all()
+    est.save(tmp_path / "m.pt")
+    again = DPNetClassifier.load(tmp_path / "m.pt", tiny_cache)
+    assert again.module_.owner[[0, 3]].tolist() == [-1, -1]
+    regions = next(tiny_cache.iter_shards("test", ("regions",)))[1]["regions"]
+    np.testing.assert_allclose(again.decision_function(regions), est.decision_function(regions), rtol=1e-5)

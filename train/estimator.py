@@ -28,7 +28,7 @@ from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import KNOWN_CONSTRAINTS
-from .finish import pooled_bags, project_parts, refit_class_layer
+from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
 from .model import CLASS_LAYERS, POSITIVE_FOREIGN_INIT, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
@@ -66,7 +66,7 @@ def _check_ranges(est: "DPNetClassifier") -> None:
               ("presence", 0 <= est.presence < 1, "in [0, 1) (a cosine)"),
               ("memory_budget_mb", est.memory_budget_mb is None or est.memory_budget_mb >= 0, ">= 0")]
     checks += [(k, getattr(est, k) >= 0, ">= 0") for k in ("lambda_orth", "lambda_assign", "lambda_cs", "lambda_clst")]
-    checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts")]
+    checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts", "prune_parts")]
     check_options([(f"{k} (--{k.replace('_', '-')})", getattr(est, k), ok, want) for k, ok, want in checks])
 
 
@@ -109,7 +109,10 @@ class DPNetClassifier:
             best cosine itself.
         project_parts: after training, replace each part by its best-scoring training region among
             its own class's images (ProtoPNet's projection): every part is then a real patch.
-        last_layer_steps: after training (and projection), optimise the class layer alone for this
+        prune_parts: after training (and projection), ProtoPNet's pruning: a part whose 6 best
+            training images hold fewer than 3 of its own class belongs to no class and weighs
+            nothing (:func:`train.finish.prune_parts`); the report counts them (``parts.pruned``).
+        last_layer_steps: after training (projection and pruning), optimise the class layer alone for this
             many full-batch steps on the fixed parts' scores (a convex problem); 0: none.
         gemm_dtype: the dtype of the training GEMMs: "auto" (bfloat16 on CUDA and on CPUs with
             native bfloat16 matrix units, e.g. AMX or AVX512-BF16; float32 elsewhere), "float32"
@@ -131,7 +134,7 @@ class DPNetClassifier:
                  lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "sparse",
                  entropy_regions: int = 32, pca_dim: int = 256, similarity: str = "cosine", class_layer: str = "free",
                  centre: bool = False, presence: float = 0.0,
-                 project_parts: bool = False,
+                 project_parts: bool = False, prune_parts: bool = False,
                  last_layer_steps: int = 0, gemm_dtype: str = "auto", val_fraction: float = 0.15, patience: int = 3, memory_budget_mb: float | None = None, micro_batch: int = 0,
                  seed: int = 0, device: str = "auto"):
         self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
@@ -142,6 +145,7 @@ class DPNetClassifier:
         self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
         self.similarity, self.class_layer, self.centre, self.presence = similarity, class_layer, centre, presence
         self.project_parts, self.last_layer_steps, self.gemm_dtype = project_parts, last_layer_steps, gemm_dtype
+        self.prune_parts = prune_parts
         self.val_fraction, self.patience, self.memory_budget_mb = val_fraction, patience, memory_budget_mb
         self.micro_batch, self.seed, self.device = micro_batch, seed, device
 
@@ -234,7 +238,7 @@ class DPNetClassifier:
                     break
                 self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
         module.load_state_dict(state["best_state"])
-        if self.project_parts or self.last_layer_steps:
+        if self.project_parts or self.prune_parts or self.last_layer_steps:
             with large_buffers_reused():
                 self._finish(module, data, cache, dev)
         del self._buf, self._cache, self._val
@@ -255,8 +259,11 @@ class DPNetClassifier:
         own class's training images, then the class layer refitted alone on the parts' scores."""
         if self.project_parts:
             project_parts(module, self._prepared_batches(module, data, dev))
-        if self.last_layer_steps:
+        if self.prune_parts or self.last_layer_steps:
             bags, labels = pooled_bags(module, self._prepared_batches(module, data, dev))
+        if self.prune_parts:
+            prune_parts(module, bags, labels)
+        if self.last_layer_steps:
             refit_class_layer(module, bags, labels, self.last_layer_steps, self.lr, self.seed)
 
     def _prepared_batches(self, module: DPNetModule, data, dev: torch.device, size: int = 16):

@@ -2,6 +2,8 @@
 
 - :func:`project_parts` replaces each part by the prepared descriptor of its best-scoring region
   among the training images of its own class, so each part is literally a training patch.
+- :func:`prune_parts` (ProtoPNet's pruning) silences each part whose best training images are
+  mostly of other classes.
 - :func:`refit_class_layer` optimises V alone on the fixed bags of parts (a convex problem: a
   multinomial logistic regression on b), with the constraint on foreign weights when V is free.
 
@@ -63,6 +65,28 @@ def pooled_bags(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, torch
         bags.append(module.pool(module.scores(z, prepared=True)).b)
         labels.append(y)
     return torch.cat(bags), torch.cat(labels)
+
+
+PRUNE_K, PRUNE_TAU = 6, 3  # ProtoPNet's pruning: k nearest training patches, at least tau of the part's class
+
+
+@torch.no_grad()
+def prune_parts(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, k: int = PRUNE_K,
+                tau: int = PRUNE_TAU) -> torch.Tensor:
+    """ProtoPNet's pruning: a part whose ``k`` best training images (by its bag entry) hold fewer
+    than ``tau`` of its own class is given to no class (owner -1), so it weighs nothing in any
+    logit (:meth:`DPNetModule.class_weights`); returns the pruned part ids.
+
+    Args:
+        bags: (N, P) the training images' bags (:func:`pooled_bags`). labels: (N,).
+    """
+    top = bags.topk(min(k, len(bags)), dim=0).indices  # (k, P)
+    own = (labels[top] == module.owner[None, :].to(labels.device)).sum(0)  # (P,)
+    pruned = torch.nonzero((own < tau) & (module.owner >= 0).to(own.device)).flatten()
+    module.owner[pruned] = -1
+    log.info("pruned %d of %d parts (fewer than %d of their %d best training images are of their class)",
+             len(pruned), len(own), tau, k)
+    return pruned
 
 
 def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,

@@ -180,14 +180,20 @@ class DPNetModule(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("basis", torch.zeros(dim, basis_dim) if basis_dim else None)
         self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
-        # part p belongs to class owner[p] = p // q: the one place that says so (not saved: it follows from q)
-        self.register_buffer("owner", torch.arange(n_parts) // parts_per_class, persistent=False)
+        # part p belongs to class owner[p] = p // q: the one place that says so; -1 once pruned
+        self.register_buffer("owner", torch.arange(n_parts) // parts_per_class)
         self.lambdas = {**LAMBDAS, **(lambdas or {})}
         if similarity not in SIMILARITIES or class_layer not in CLASS_LAYERS:
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
                              f"got {similarity!r} and {class_layer!r}")
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
         self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; a state saved before pruning existed has no ``owner``: part p is class p // q's."""
+        if "owner" not in state_dict:
+            state_dict = {**state_dict, "owner": self.owner.clone()}
+        return super().load_state_dict(state_dict, strict, assign)
 
     # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
@@ -272,12 +278,12 @@ class DPNetModule(nn.Module):
     def class_weights(self) -> torch.Tensor:
         """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts;
         with a positive one (PIP-Net's), its non-negative part, so that every point of evidence is a part
-        found, never a part missed."""
-        if self.class_layer == "free":
-            return self.classifier
-        if self.class_layer == "positive":
-            return F.relu(self.classifier)
-        return self.classifier * self.own_mask()
+        found, never a part missed. A pruned part (owner -1, :func:`train.finish.prune_parts`) weighs
+        nothing in any class."""
+        if self.class_layer == "owned":
+            return self.classifier * self.own_mask()
+        v = self.classifier if self.class_layer == "free" else F.relu(self.classifier)
+        return v * (self.owner >= 0) if bool((self.owner < 0).any()) else v  # pruned parts weigh nothing
 
     def own_mask(self) -> torch.Tensor:
         """(C, P) bool: true where part p belongs to class c."""
