@@ -73,8 +73,11 @@ $(STAMP): setup.cfg pyproject.toml
 extract: setup
 	$(PY) -m extract $(EXTRACT_ARGS)
 
+# RANKS=N trains under torchrun: N processes share each step (gloo on the CPU, NCCL on CUDA)
+TRAIN_LAUNCH = $(if $(filter-out 1,$(RANKS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(RANKS) -m train,$(PY) -m train)
+
 train: setup
-	$(PY) -m train $(TRAIN_ARGS)
+	$(TRAIN_LAUNCH) $(TRAIN_ARGS)
 
 ablation: setup
 	$(PY) -m train --ablation $(TRAIN_ARGS)

@@ -15,6 +15,7 @@ from dpnet.errors import ConfigError, DpnetError
 from dpnet.stop import run_command
 from extract.cache import cache_name, resolve_cache
 
+from . import distributed
 from .config import PRESETS, SCHEDULES, TrainConfig, add_fit_arguments, fit_options
 from .run import run_ablation, train_run
 
@@ -98,11 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-        if args.ablation:
+        if distributed.init_from_env():  # started by torchrun with several ranks
+            rank = distributed.world()[0]
+            try:
+                metrics = train_run(cfg)
+            finally:
+                distributed.close()
+            if rank > 0:
+                return 0
+        elif args.ablation:
             rows = run_ablation(cfg)
             print((Path(cfg.run_dir) / "ablation.md").read_text())
             return 0 if rows else 1
-        metrics = train_run(cfg)
+        else:
+            metrics = train_run(cfg)
     except ValueError as exc:  # a hyper-parameter the estimator refused
         raise ConfigError(str(exc)) from None
     print(summary_table(metrics))

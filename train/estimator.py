@@ -28,6 +28,7 @@ from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from .losses import KNOWN_CONSTRAINTS
+from . import distributed
 from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
 from .model import CLASS_LAYERS, POSITIVE_FOREIGN_INIT, SIMILARITIES, DPNetModule
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
@@ -286,7 +287,7 @@ class DPNetClassifier:
                          best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        if checkpoint:
+        if checkpoint and distributed.is_main():  # under torchrun, rank 0 writes it
             self._save_checkpoint(Path(checkpoint), module, opt, state)
         if on_epoch:
             on_epoch(row)
@@ -407,8 +408,11 @@ class DPNetClassifier:
             opt.zero_grad(set_to_none=True)
             terms, right = {}, 0
             parts = module.step_parts(prepared)  # U folded once per step; its gradient is carried back below
-            for m in range(0, len(idx), micro):
+            for piece, m in enumerate(range(0, len(idx), micro)):
                 sub = idx[m:m + micro]
+                if not distributed.mine(piece):  # another rank's share of the batch (under torchrun)
+                    self._entropy_rows(rows_rng, len(sub), chunk.regions.shape[1], dev)  # same draws on every rank
+                    continue
                 x = self._micro_input(chunk, sub, dev)  # (b, R, D)
                 if per_batch:
                     with torch.no_grad():
@@ -424,12 +428,23 @@ class DPNetClassifier:
                     terms[k] = terms.get(k, 0.0) + float(v.detach()) * share
                 right += int((logits.argmax(1) == y).sum())
             parts.backward()
+            if distributed.world()[1] > 1:
+                distributed.sum_gradients([p for p in module.parameters() if p.requires_grad])
+                terms, right = self._sum_terms(terms, right)
             weight, weight_terms = module.weight_loss()
             if weight_terms:
                 weight.backward()
                 terms.update({k: float(v.detach()) for k, v in weight_terms.items()})
             opt.step()
             yield terms, right, len(idx)
+
+    @staticmethod
+    def _sum_terms(terms: dict[str, float], right: int) -> tuple[dict[str, float], int]:
+        """The step's loss terms and correct count added up over the ranks (each holds its pieces' share)."""
+        keys = ("ce", "assign", "clst")
+        total = distributed.sum_numbers([float(right)] + [terms.get(k, 0.0) for k in keys]
+                                        + [float(k in terms) for k in keys])
+        return {k: total[1 + i] for i, k in enumerate(keys) if total[1 + len(keys) + i] > 0}, int(round(total[0]))
 
     def _raise_nonfinite(self, logits: torch.Tensor, y: torch.Tensor, chunk: Chunk, idx: np.ndarray, epoch: int):
         check_finite(chunk.batch(idx), chunk.image_ids[idx], self._cache.shard_location(chunk.shard))  # the data?

@@ -28,6 +28,7 @@ from dpnet.files import FolderLock, claim_folder, keep_mark, read_json, remove_s
 from dpnet.files import write_text_atomic
 from extract.cache import RegionCache, is_url
 
+from . import distributed
 from .baselines import run_baselines
 from .class_parts import fit_class_parts
 from .config import SCHEDULE_KEYS, TrainConfig
@@ -68,11 +69,24 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
     Raises:
         InUseError: another live process works in the run folder.
     """
+    rank, ranks = distributed.world()
+    if rank > 0:  # under torchrun: rank 0 claims and locks the folder; the others only fit
+        distributed.barrier()
+        return _follow(cfg)
     run = claim_folder(Path(cfg.run_dir), "training", RUN_FILES)
     with FolderLock(run, "training"):
         keep_mark(run, "training")
         remove_stale_temps(run)
+        distributed.barrier()
         return _train_locked(cfg, run)
+
+
+def _follow(cfg: TrainConfig) -> dict[str, Any]:
+    """A rank > 0's part of a run: the same fit, from the same checkpoint; rank 0 writes everything."""
+    cache = RegionCache(cfg.cache)
+    est = DPNetClassifier(**dataclasses.asdict(cfg.fit_params(cache.manifest["dataset"])))
+    est.fit(cache, checkpoint=Path(cfg.run_dir) / "checkpoint.pt")
+    return {}
 
 
 # What a run folder of an older version (before marks) holds: such a folder is still a run.
