@@ -167,7 +167,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
         train = _train_pass(DPNetExplainer(est), cache, index, obj, top_k, progress)
     stats = train["stats"]
     expl = DPNetExplainer(est, stats.d)
-    test = _test_pass(expl, cache, n_show, max_faith)
+    test = _test_pass(expl, cache, n_show, max_faith, progress)
     test["crops"] = crop_boxes(cache, index, test["ids"], test["sizes"])
     numbers = {"accuracy": metrics, "faithfulness": _faithfulness(test["named"], test["random"]),
                "ownership": _ownership(est, stats, test), "explanation": _explanation(test["margin"]),
@@ -203,14 +203,22 @@ def _num(v: str) -> Any:
         return v
 
 
-def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith: int) -> dict[str, Any]:
+def _split_shards(cache: RegionCache, split: str) -> int:
+    """How many shards hold rows of ``split`` (the length of its pass, for a progress bar's ETA)."""
+    return sum(1 for i in range(cache.n_shards) if cache.rows(i, split)[1] > cache.rows(i, split)[0])
+
+
+def _test_pass(expl: DPNetExplainer, cache: RegionCache, n_show: int, max_faith: int,
+               progress: bool = False) -> dict[str, Any]:
     """Stream the test split: predictions, deletion curves, per-image best regions, shown images."""
     out: dict[str, list] = {k: [] for k in ("ids", "labels", "preds", "named", "random", "where", "raw", "boxes", "sizes",
                                             "heat_true", "points", "evidence", "margin", "peaks")}
     shown: list[TestImage] = []
     faith_left, grid = max_faith, tuple(cache.manifest["grid"])
     fields = ("regions", "boxes", "sizes", "labels", "image_ids")
-    for shard, a in cache.iter_shards("test", fields):
+    shards = cache.iter_shards("test", fields)
+    for shard, a in tqdm(shards, total=_split_shards(cache, "test"), desc="test pass", unit="shard",
+                         disable=not progress):
         for s in range(0, len(a["labels"]), 32):
             sl = slice(s, s + 32)
             scores = expl.scores(a["regions"][sl])  # (n, R, P)
@@ -441,7 +449,8 @@ def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | 
     best_id, best_scores = np.zeros(p, np.int64), np.zeros((p, cache.manifest["R"]), np.float32)
     best_boxes, best_frame = np.zeros((p, cache.manifest["R"], 4), np.float32), np.zeros((p, 2))
     shards = cache.iter_shards("train", ("regions", "boxes", "sizes", "labels", "image_ids"))
-    for _, a in tqdm(shards, total=cache.n_shards, desc="training pass", unit="shard", disable=not progress):
+    for _, a in tqdm(shards, total=_split_shards(cache, "train"), desc="training pass", unit="shard",
+                     disable=not progress):
         for s in range(0, len(a["image_ids"]), 32):
             sl = slice(s, s + 32)
             iid, size, boxes = a["image_ids"][sl], a["sizes"][sl], a["boxes"][sl]

@@ -2,4 +2,4 @@
 
 import dpnet  # noqa: F401 - its thread defaults are set before torch starts OpenMP
 
-__version__ = "0.1.0"
+from dpnet import __version__  # noqa: E402,F401 - one version for the package and its caches

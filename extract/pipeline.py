@@ -26,7 +26,7 @@ from dpnet.files import FolderLock, claim_folder, disk_full_as_error, keep_mark,
 from dpnet.files import write_json_atomic, write_text_atomic
 from dpnet.memory import large_buffers_reused
 
-from . import __version__
+from dpnet import __version__
 from .backbones import Backbone, create_backbone, grid_size
 from .cache import FORMAT, STORES, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
 from .cache.location import Location
@@ -183,6 +183,7 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
         # a resume runs the backbone as the cache was started (caches from before runtimes: eager)
         plan["config"]["runtime"] = old.setdefault("config", {}).setdefault("runtime", "eager")
         old.setdefault("image_dir", plan["image_dir"])  # caches made before it was recorded
+        plan["code_version"] = old.get("code_version", plan["code_version"])  # an upgrade alone changes no descriptor
         defaults = json.loads(json.dumps(asdict(ExtractConfig())))
         new_cfg = plan.get("config", {})
         # options added after a cache was started read as their defaults (so old caches still resume)

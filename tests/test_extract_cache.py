@@ -255,3 +255,21 @@ def test_dense_windows_are_extracted_recorded_and_resumed(tmp_path, monkeypatch)
     run_extraction(tiny_config(tmp_path, regions=20, dense=(1,)))  # the plan (a JSON list) is the same
     with pytest.raises(CacheMismatchError, match="dense"):
         run_extraction(tiny_config(tmp_path, regions=20, dense=(2,), name=cache.path.name))
+
+
+def test_a_cache_started_by_another_dpnet_version_resumes_and_the_version_is_dpnets(tmp_path, monkeypatch):
+    """The version a plan records is the package's (one place); a code upgrade alone never blocks a resume."""
+    import dpnet
+
+    cfg = tiny_config(tmp_path / "run")
+    with monkeypatch.context() as m:
+        _crash_on(m, "commit", 2)
+        with pytest.raises(Crash):
+            run_extraction(cfg)
+    cache_dir = Path(cfg.out_root) / cfg.cache_name()
+    plan = json.loads((cache_dir / "plan.json").read_text())
+    assert plan["code_version"] == dpnet.__version__
+    plan["code_version"] = "0.0.1"  # as an older dpnet wrote it
+    (cache_dir / "plan.json").write_text(json.dumps(plan))
+    run_extraction(cfg)
+    assert RegionCache(cache_dir).manifest["code_version"] == "0.0.1"  # the version that started the cache
