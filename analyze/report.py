@@ -8,7 +8,6 @@ names, file names) is cut first, then escaped.
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from .analysis import FAITH_K, PIXEL_MEASURES, Analysis, TestImage, grid_frame, 
 from .explain import EVIDENCE_ROWS, margin_shares
 from .localize import CONSISTENT, activation_map, part_peaks, peak_boxes
 from .ownership import owned_parts
+from .pages import cut, num, templates
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +82,6 @@ MEASURES = [
      "The share of test images whose heatmap peak (the centre of the hottest grid cell) lies in the object box."),
 ]
 
-CSS = """body{font-family:system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
-header p{margin:4px 0 0;color:#b8c0cc}main{padding:8px 28px 40px;max-width:1280px}
-section{background:#fff;border-radius:10px;padding:14px 20px;margin:18px 0;box-shadow:0 1px 3px #0002}
-h2{font-size:18px;margin:4px 0 10px}.note{color:#5b6475;font-size:13px;margin:4px 0 10px}
-table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border-bottom:1px solid #e3e6eb;padding:4px 8px;text-align:right}
-th{background:#f0f2f5}td:first-child,th:first-child{text-align:left}.cards{display:flex;gap:14px;flex-wrap:wrap}
-.card{background:#f0f4ff;border-radius:8px;padding:10px 16px;min-width:150px}.card b{font-size:22px;display:block}
-.row{display:flex;gap:8px;flex-wrap:wrap;align-items:flex-start}.row img{border-radius:4px}
-.part{display:inline-block;margin:4px 10px 8px 0;vertical-align:top}.part span{display:block;font-size:12px;color:#5b6475}
-.ci{color:#5b6475;font-size:12px}.ok{color:#1a7f37}.bad{color:#cf222e}.img-view{border-top:1px solid #e3e6eb;padding-top:10px;margin-top:10px}"""
-
-
 def build_report(run_dir: str | os.PathLike, cache: RegionCache | None = None, k: int = 6, n_show: int = 8,
                  boxes_csv: str | None = None, progress: bool = False, use_dask: bool = False,
                  pixel_images: int = PIXEL_MEASURES["quick"][0], pixel_steps: int = PIXEL_MEASURES["quick"][1]) -> Path:
@@ -128,14 +115,17 @@ def _write_report(run: Path, out: Path, cache: RegionCache | None, k: int, n_sho
     an = analyse(run, cache, k=k, n_show=n_show, boxes_csv=Path(boxes_csv) if boxes_csv else None, progress=progress,
                  use_dask=use_dask, pixel_images=pixel_images, pixel_steps=pixel_steps)
     pages = _Renderer(an, out, k)
-    body = "\n".join([pages.summary(), pages.accuracy(), pages.faithfulness(), pages.localisation(),
-                      pages.class_view(), pages.image_view(), pages.gallery()])
-    title = f"DP-Net report: {run.name}"
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body><header><h1>{html.escape(title)}</h1><p>{pages.subtitle()}</p>"
-           f"</header><main>{body}</main></body></html>")
+    context = {"title": f"DP-Net report: {run.name}", "subtitle": pages.subtitle(), "cards": pages.summary(),
+               "accuracy": pages.accuracy(), "faith": pages.faithfulness(), "loc": pages.localisation(),
+               "classes": pages.class_view(), "images": pages.image_view(), "evidence_rows": EVIDENCE_ROWS,
+               "gallery": pages.gallery()}
     write_json_atomic(out / "analysis.json", _jsonable(an.numbers))
-    write_text_atomic(out / "index.html", doc)
+    write_text_atomic(out / "index.html", render_page(context))
+
+
+def render_page(context: dict[str, Any]) -> str:
+    """index.html from ``templates/report.html`` and the data of each section."""
+    return templates().get_template("report.html").render(**context)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -148,45 +138,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
-
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    if isinstance(v, (float, np.floating)):
-        if math.isinf(float(v)):
-            return "&infin; (random removal: no drop above 0.1%)"
-        return "n/a" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
-    return html.escape(str(v))
-
-
-def _with_interval(numbers: dict[str, Any], key: str, digits: int = 3) -> Any:
-    """numbers[key] with its 95% interval (numbers[key + '_ci95']) when there is one."""
-    v, ci = numbers[key], numbers.get(key + "_ci95")
-    if ci is None:
-        return v
-    return Html(f"{_fmt(v, digits)} <span class='ci'>[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]</span>")
-
-
-def _pct(v: float) -> str:
-    return f"{v:.1f}%"
-
-
-def esc(text: Any, limit: int | None = None) -> str:
-    """A dataset-derived string for HTML: cut to ``limit`` characters first, then escaped."""
-    text = str(text)
-    if limit is not None and len(text) > limit:
-        text = text[:limit - 1] + "\u2026"
-    return html.escape(text)
-
-
-class Html(str):
-    """Markup this module made itself: a table cell that is not escaped (every other string is)."""
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Html) else _fmt(c)}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 class _Renderer:
@@ -244,9 +195,9 @@ class _Renderer:
         img.save(self.out / name, quality=85)
         return name
 
-    def tag(self, img, stem: str, title: str = "", height: int | None = None) -> Html:
-        h = f" height='{height}'" if height else ""
-        return Html(f"<img src='{self.save(img, stem)}' title='{html.escape(title)}' alt='{html.escape(title)}'{h}>")
+    def pic(self, img, stem: str, title: str = "", height: int | None = None) -> dict[str, Any]:
+        """Save a picture; what the page needs to show it."""
+        return {"src": self.save(img, stem), "title": title, "height": height}
 
     def region_crop(self, image_id: int, boxes: np.ndarray, region: int, size: int = 96):
         img = self.image(image_id)  # the picture the model saw (the crop, with CROP=1)
@@ -269,29 +220,27 @@ class _Renderer:
         box = boxes_to_pixels(peak_boxes(peak[None, None], frame[None])[0], self.grid, np.array(img.size))[0]
         return draw.part_picture(img, activation_map(t.scores[:, part], t.boxes, self.grid), box, side)
 
-    def trust(self, part: int) -> str:
-        """Its consistency on test images (hit rate on its keypoint), marked when it passes the 80% rule."""
+    def trust(self, part: int) -> dict[str, Any] | None:
+        """Its consistency on test images (hit rate on its keypoint), and whether it passes the 80% rule."""
         loc = self.an.numbers.get("localisation", {})
         if "part_hit_rate" not in loc:
-            return ""
+            return None
         rate, kp = loc["part_hit_rate"][part], loc["keypoints"][loc["part_keypoint"][part]]
-        if rate >= CONSISTENT:
-            return f"<span class='ok' title='passes the 80% rule'>&#10003; {100 * rate:.0f}% on {esc(kp)}</span>"
-        return f"<span title='below the 80% rule'>{100 * rate:.0f}% on {esc(kp)}</span>"
+        return {"ok": rate >= CONSISTENT, "rate": f"{100 * rate:.0f}", "keypoint": kp}
 
     def part_crop(self, part: int, rank: int = 0, size: int = 96):
         iid = int(self.an.stats.top_image[part, rank])
         boxes, _ = self._small[iid]
         return self.region_crop(iid, boxes, int(self.an.stats.top_region[part, rank]), size)
 
-    # ------------------------------------------------------------------ sections
+    # ------------------------------------------------------------------ sections (data for the template)
     def subtitle(self) -> str:
         m = self.cache.manifest
-        return html.escape(f"dataset {m['dataset']} · backbone {m['backbone']} · R={m['R']} regions of a "
-                           f"{m['grid'][0]}x{m['grid'][1]} grid · {self.an.numbers['parts']['P']} parts "
-                           f"(q={self.an.est.parts_per_class} per class) · {len(self.classes)} classes")
+        return (f"dataset {m['dataset']} · backbone {m['backbone']} · R={m['R']} regions of a "
+                f"{m['grid'][0]}x{m['grid'][1]} grid · {self.an.numbers['parts']['P']} parts "
+                f"(q={self.an.est.parts_per_class} per class) · {len(self.classes)} classes")
 
-    def summary(self) -> str:
+    def summary(self) -> list[dict[str, Any]]:
         n = self.an.numbers
         acc, loc, own, f = n["accuracy"], n["localisation"], n.get("ownership", {}), n["faithfulness"]
         ex = n.get("explanation", {})
@@ -302,203 +251,136 @@ class _Renderer:
             cards.append((f"best global baseline ({best[7:]})", acc[best]["top1"], "same features, averaged globally"))
         for group, key, title, note in (
                 (loc, "consistency_evalprotopnet", "consistency", "% of parts (EvalProtoPNet)"),
-                (loc, "purity", "purity", "0-1, PIP-Net's measure"), (own, "own_top3_share", "own top-3 parts",
-                                                                       "% of classes"),
-                (loc, "on_object_share", "evidence on the object", "% of top-5 regions"),
+                (loc, "purity", "purity", "0-1, PIP-Net's measure"),
+                (own, "own_top3_share", "own top-3 parts", "% of classes"),
+                (loc, "on_object_share", "evidence on the object", "% of top-5 parts' peaks"),
                 (ex, "margin_shown_share", "margin the table shows", "0-1, goal 0.9"),
                 (ex, "parts_for_90pct", "parts for 90% of the margin", "median, goal 10 or fewer"),
-                (f, "deletion_auc", "deletion AUC", f"lower is better; random {_fmt(f.get('deletion_auc_random'), 3)}")):
+                (f, "deletion_auc", "deletion AUC", f"lower is better; random {num(f.get('deletion_auc_random'), 3)}")):
             if key in group:
                 cards.append((title, group[key], note))
-        html_cards = "".join(f"<div class='card'>{html.escape(t)}<b>{_fmt(v, 3 if isinstance(v, float) and abs(v) < 1 else 1)}"
-                             f"</b><span class='note'>{html.escape(n)}</span></div>" for t, v, n in cards)
-        return f"<section><h2>At a glance</h2><div class='cards'>{html_cards}</div></section>"
+        return [{"title": t, "value": v, "note": note, "digits": 3 if isinstance(v, float) and abs(v) < 1 else 1}
+                for t, v, note in cards]
 
-    def accuracy(self) -> str:
+    def accuracy(self) -> dict[str, Any]:
         acc = self.an.numbers["accuracy"]
-        rows = [[name, acc[name]["top1"], acc[name]["mean_class"]] for name in
-                ("dpnet", "global_linear", "global_mlp", "global_logreg") if name in acc]
-        parts = ["<section><h2>Accuracy</h2>",
-                 "<p class='note'>Test top-1 and mean per-class accuracy (%), higher is better. The global "
-                 "baselines see only the mean of the whole feature map; DP-Net sees the regions.</p>",
-                 _table(["model", "top-1", "mean per class"], rows)]
-        abl = self.an.numbers["ablation"]
-        if abl:
-            parts += ["<p class='note'>Ablation of the constraints (the paper's Table 2), same cache, test top-1 "
-                      "(%), higher is better.</p>",
-                      _table(["constraints", "top-1", "mean per class"], [[r["constraints"], r["top1"], r["mean_class"]] for r in abl])]
+        out = {"rows": [[name, acc[name]["top1"], acc[name]["mean_class"]] for name in
+                        ("dpnet", "global_linear", "global_mlp", "global_logreg") if name in acc],
+               "ablation": [[r["constraints"], r["top1"], r["mean_class"]] for r in self.an.numbers["ablation"]],
+               "curves": None}
         hist = self.an.numbers["history"]
         if hist:
             ep = np.array([r["epoch"] for r in hist])
             series = {"train top-1": (ep, np.array([r["train_top1"] for r in hist]))}
             if all(isinstance(r.get("val_top1"), float) and math.isfinite(r["val_top1"]) for r in hist):
                 series["val top-1"] = (ep, np.array([r["val_top1"] for r in hist]))
-            name = "img/curves.png"
-            draw.line_plot(self.out / name, series, "epoch", "accuracy %", "training curves")
-            parts.append(f"<p class='note'>Training curves: accuracy per epoch on the fitting and validation "
-                         f"splits; the best validation epoch is kept.</p><img src='{name}' alt='training curves'>")
-        return "".join(parts) + "</section>"
+            out["curves"] = "img/curves.png"
+            draw.line_plot(self.out / out["curves"], series, "epoch", "accuracy %", "training curves")
+        return out
 
-    def faithfulness(self) -> str:
+    def faithfulness(self) -> dict[str, Any] | None:
         f = self.an.numbers["faithfulness"]
         if not f:
-            return ""
-        parts = ["<section><h2>Faithfulness</h2>"]
-        if "deletion_auc" in f:
-            parts.append(self._pixel_faithfulness(f))
-        rows = [[f"top-{k} parts", f[f"k{k}"]["drop_named"], _pct(f[f"k{k}"]["drop_named_pct"]),
-                 f[f"k{k}"]["drop_random"], _pct(f[f"k{k}"]["drop_random_pct"]),
-                 ("at least " if f[f"k{k}"]["ratio_is_lower_bound"] else "") + f"{f[f'k{k}']['ratio']:.1f}"]
+            return None
+        rows = [{"k": k, "named": f[f"k{k}"]["drop_named"], "named_pct": f[f"k{k}"]["drop_named_pct"],
+                 "random": f[f"k{k}"]["drop_random"], "random_pct": f[f"k{k}"]["drop_random_pct"],
+                 "ratio": ("at least " if f[f"k{k}"]["ratio_is_lower_bound"] else "") + f"{f[f'k{k}']['ratio']:.1f}"}
                 for k in FAITH_K]
         steps = np.arange(len(self.an.deletion["named"]))
-        name = "img/deletion-regions.png"
-        draw.line_plot(self.out / name, {"regions the explanation names": (steps, self.an.deletion["named"]),
+        plot = "img/deletion-regions.png"
+        draw.line_plot(self.out / plot, {"regions the explanation names": (steps, self.an.deletion["named"]),
                                          "as many random regions": (steps, self.an.deletion["random"])},
                        "top-k contributing parts removed", "mean predicted-class logit", "deletion in region space")
-        parts.append(
-            f"<p class='note'>In region space: for each of {f['images']} test images the best regions of the top-k "
-            "parts behind the predicted class are removed from X (exactly: they leave the max-pool) and the class "
-            "logit recomputed; as many random regions are removed for comparison. With hundreds of overlapping "
-            "regions a few random ones are rarely missed, so the ratio divides by at least 0.1% of the logit.</p>"
-            + _table(["removed", "drop (named)", "% of logit", "drop (random)", "% of logit", "named / random"], rows)
-            + f"<img src='{name}' alt='deletion curves in region space'></section>")
-        return "".join(parts)
+        return {"images": f["images"], "rows": rows, "plot": plot,
+                "pixel": self._pixel_faithfulness(f) if "deletion_auc" in f else None}
 
-    def _pixel_faithfulness(self, f: dict) -> str:
+    def _pixel_faithfulness(self, f: dict) -> dict[str, Any]:
         orders = [o for o in ("dpnet", "random", "cam") if f"deletion_auc{'' if o == 'dpnet' else '_' + o}" in f]
         label = {"dpnet": "DP-Net's evidence", "random": "random cells", "cam": "CAM of the global linear baseline"}
 
         def key(kind, o):
             return f"{kind}_auc" + ("" if o == "dpnet" else f"_{o}")
 
-        rows = [[label[o], _with_interval(f, key("deletion", o)), _with_interval(f, key("insertion", o))]
+        rows = [{"label": label[o], "deletion": f[key("deletion", o)], "deletion_ci": f.get(key("deletion", o) + "_ci95"),
+                 "insertion": f[key("insertion", o)], "insertion_ci": f.get(key("insertion", o) + "_ci95")}
                 for o in orders]
+        minus_cam = None
         if "cam" in orders:
-            rows.append([Html("DP-Net's minus the CAM's (paired; <b>deletion below 0</b> and <b>insertion above 0</b> "
-                              "mean DP-Net's evidence is the more faithful)"),
-                         _with_interval({"d": f["deletion_auc"] - f["deletion_auc_cam"],
-                                         "d_ci95": f.get("deletion_auc_minus_cam_ci95")}, "d"),
-                         _with_interval({"d": f["insertion_auc"] - f["insertion_auc_cam"],
-                                         "d_ci95": f.get("insertion_auc_minus_cam_ci95")}, "d")])
+            minus_cam = {"deletion": f["deletion_auc"] - f["deletion_auc_cam"],
+                         "deletion_ci": f.get("deletion_auc_minus_cam_ci95"),
+                         "insertion": f["insertion_auc"] - f["insertion_auc_cam"],
+                         "insertion_ci": f.get("insertion_auc_minus_cam_ci95")}
         x = np.linspace(0, 1, f["pixel_steps"] + 1)
-        pics = []
+        plots = []
         for kind in ("deletion", "insertion"):
             name = f"img/{kind}-pixels.png"
             draw.line_plot(self.out / name, {label[o]: (x, self.an.deletion[f"{kind}_{o}"]) for o in orders},
                            f"share of grid cells {'blanked' if kind == 'deletion' else 'revealed'}",
                            "mean class probability", f"{kind} in pixel space")
-            pics.append(f"<img src='{name}' alt='{kind} curves'>")
-        return (f"<p class='note'>In pixel space (RISE), on {f['pixel_images']} test images drawn with a fixed seed: "
-                "the image's grid cells are blanked to the mean colour (deletion) or revealed on a blank image "
-                f"(insertion) in {f['pixel_steps']} steps, in the order an explanation ranks them, and the image goes "
-                "through the backbone and the model again; the area under the predicted class's probability. "
-                "Deletion: lower is better; insertion: higher is better. All orders are judged on DP-Net's own "
-                "probability; DP-Net's order spreads each part's positive points over its best regions. In "
-                "brackets: the 95% interval (bootstrap over the images); <code>make report MEASURES=full</code> "
-                f"(<code>--measures full</code>) takes {PIXEL_MEASURES['full'][0]} images in "
-                f"{PIXEL_MEASURES['full'][1]} steps.</p>"
-                + _table(["cells ordered by", "deletion AUC", "insertion AUC"], rows)
-                + f"<div class='row'>{''.join(pics)}</div>")
+            plots.append(name)
+        return {"images": f["pixel_images"], "steps": f["pixel_steps"], "rows": rows, "minus_cam": minus_cam,
+                "plots": plots, "full_images": PIXEL_MEASURES["full"][0], "full_steps": PIXEL_MEASURES["full"][1]}
 
-    def localisation(self) -> str:
+    def localisation(self) -> dict[str, Any]:
         n = self.an.numbers
-        present = [m for m in MEASURES if m[1] in n.get(m[0], {})]
-        if not present:
-            return ("<section><h2>Parts: localisation and ownership</h2><p class='note'>This dataset has no keypoints "
-                    "or object boxes (pass BOXES=file.csv for boxes), so localisation is not measured.</p></section>")
-        rows = [[title, _with_interval(n[group], key, 1), better, anchor]
-                for group, key, title, better, anchor, _ in present]
-        protocols = "".join(f"<li><b>{html.escape(title)}</b>: {html.escape(text)}</li>"
-                            for _, _, title, _, _, text in present)
+        rows = [{"title": title, "value": n[group][key], "ci": n[group].get(key + "_ci95"), "better": better,
+                 "anchor": anchor, "protocol": text, "digits": 2 if not n[group].get(key + "_ci95") else 1}
+                for group, key, title, better, anchor, text in MEASURES if key in n.get(group, {})]
         loc = n["localisation"]
-        synth = ""
-        if "top_part_on_defining_part" in loc:
-            synth = _table(["synthetic set", "%"], [
-                ["top part's best region covers a class-defining part", loc["top_part_on_defining_part"]],
-                ["a random part's best region does (chance)", loc["chance_region_on_defining_part"]]])
-        return ("<section><h2>Parts: localisation and ownership</h2><p class='note'>Measured as the field measures "
-                "them (EvalProtoPNet, PIP-Net, region grouping), on this run's test images.</p>"
-                + _table(["measure", "value", "better", "published figures (CUB)"], rows) + synth
-                + f"<p class='note'>How each is measured:</p><ul class='note'>{protocols}</ul></section>")
+        synth = ([loc["top_part_on_defining_part"], loc["chance_region_on_defining_part"]]
+                 if "top_part_on_defining_part" in loc else None)
+        return {"rows": rows, "synth": synth}
 
     def part_label(self, p: int, limit: int = 18) -> str:
         """"part p (of <owner>)" where ownership holds (see analyze.ownership), else "part p (not owned)"."""
         if self.owned[p]:
-            return f"part {p} (of {esc(self.classes[p // self.an.est.parts_per_class], limit)})"
+            return f"part {p} (of {cut(self.classes[p // self.an.est.parts_per_class], limit)})"
         return f"part {p} (not owned)"
 
-    def class_view(self) -> str:
+    def class_view(self) -> list[dict[str, Any]]:
         d, f = self.an.stats.d, self.an.stats.f
-        blocks = []
+        out = []
         for c, name in enumerate(self.classes):
             parts = np.argsort(-d[c], kind="stable")[:3]
-            cells = "".join(f"<div class='part'>{self.tag(self.part_picture(int(p)), f'class{c}', f'part {p}')}"
-                            f"<span>{self.part_label(int(p))}<br>d={d[c, p]:.2f}, f={f[p]}<br>{self.trust(int(p))}"
-                            f"</span></div>" for p in parts)
-            blocks.append(f"<div><b>{html.escape(name)}</b><div class='row'>{cells}</div></div>")
-        return ("<section><h2>Classes: their top-3 parts</h2><p class='note'>d(p, c) = sum over the training images "
-                "of class c of v_cp b_p, divided by log(1 + f(p)), where f(p) counts the classes having part p "
-                "among their top-q parts (the paper divides by log f(p), which is zero at f = 1). Higher d means "
-                "the part speaks for this class more than for others. A part is named after the class it was made "
-                "for only when that class gives it the highest d of all (ownership holds); otherwise it is marked "
-                "not owned. Each part is shown in its best training image: its activation map (each cell the best "
-                "score of the regions covering it) and, in yellow, the box the localisation measures use around its "
-                "peak (the mean centre of its 10 best regions). Under it: the share of its class's test images "
-                "where that box holds its most frequent keypoint; &#10003; marks a part that passes "
-                "EvalProtoPNet's 80% rule (a consistent part).</p>" + "".join(blocks) + "</section>")
+            out.append({"name": name, "parts": [
+                {"picture": self.pic(self.part_picture(int(p)), f"class{c}", f"part {p}"), "label": self.part_label(int(p)),
+                 "d": float(d[c, p]), "f": int(f[p]), "trust": self.trust(int(p))} for p in parts]})
+        return out
 
-    def image_view(self) -> str:
-        blocks = [self._one_image(t) for t in self.an.shown]
-        return ("<section><h2>Test images explained</h2><p class='note'>For correct and wrong predictions: the "
-                "heatmap of the class's top parts (their best regions painted with their scores), the part "
-                "assignment map (each cell coloured by the class part whose best region covering it scores "
-                "highest), and why the predicted class and not the runner-up: the 10 parts that weigh most in the "
-                "logit margin, for or against (b_p times v_pred,p - v_runner,p), then all the others in one row; "
-                "the rows add up to the margin. The line above each table says how much of the margin the listed "
-                "parts carry and how much weight the others hold between them.</p>" + "".join(blocks) + "</section>")
+    def image_view(self) -> list[dict[str, Any]]:
+        return [self._one_image(t) for t in self.an.shown]
 
-    def _one_image(self, t: TestImage) -> str:
+    def _one_image(self, t: TestImage) -> dict[str, Any]:
         img = self.image(t.image_id)
         expl = self.an.explainer
         heat = expl.heatmaps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
         amap = expl.assignment_maps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
         q = self.an.est.parts_per_class
         own = np.arange(t.pred * q, (t.pred + 1) * q)
-        verdict = "ok" if t.pred == t.label else "bad"
-        head = (f"<p><b>image {t.image_id}</b>: true <b>{html.escape(self.classes[t.label])}</b>, predicted "
-                f"<b class='{verdict}'>{html.escape(self.classes[t.pred])}</b></p>")
-        pics = (f"<div class='row'>{self.tag(img, 'orig', 'image', 160)}{self.tag(draw.overlay_heatmap(img, heat), 'heat', 'heatmap', 160)}"
-                f"{self.tag(draw.overlay_assignment(img, amap, own), 'assign', 'part assignment', 160)}</div>")
-        return f"<div class='img-view'>{head}{pics}<div class='row'>{self._evidence(t)}</div></div>"
+        return {"image_id": t.image_id, "true": self.classes[t.label], "pred": self.classes[t.pred],
+                "ok": t.pred == t.label,
+                "pictures": [self.pic(img, "orig", "image", 160), self.pic(draw.overlay_heatmap(img, heat), "heat", "heatmap", 160),
+                             self.pic(draw.overlay_assignment(img, amap, own), "assign", "part assignment", 160)],
+                "evidence": self._evidence(t)}
 
-    def _evidence(self, t: TestImage, top: int = EVIDENCE_ROWS) -> str:
+    def _evidence(self, t: TestImage, top: int = EVIDENCE_ROWS) -> dict[str, Any]:
         """The parts that carry the decision: each part's share of the margin over the runner-up."""
         ev = self.an.explainer.margin_evidence(t.scores)
         rows = []
         for i in range(min(top, len(ev.parts))):
             part = int(ev.parts[i])
-            here = self.tag(self.here_picture(t, part), "here", "this image")
-            proto = self.tag(self.part_picture(part, 96), "proto", "its best training image")
-            rows.append([Html(f"{self.part_label(part, 24)}<br>{self.trust(part)}"), here, proto, float(ev.b[i]),
-                         float(ev.dv[i]), float(ev.margin[i])])
-        rest = float(ev.margin[top:].sum())
-        rows.append([f"{max(len(ev.parts) - top, 0)} other parts", "", "", "", "", rest])
-        rows.append([Html("<b>sum = margin</b>"), "", "", "", "", ev.total])
+            rows.append({"label": self.part_label(part, 24), "trust": self.trust(part),
+                         "here": self.pic(self.here_picture(t, part), "here", "this image"),
+                         "proto": self.pic(self.part_picture(part, 96), "proto", "its best training image"),
+                         "b": float(ev.b[i]), "dv": float(ev.dv[i]), "margin": float(ev.margin[i])})
         shown, hidden, _ = (100 * float(x[0]) for x in margin_shares(ev.margin[None], top))
-        pred, runner = (html.escape(self.classes[c]) for c in (ev.pred, ev.runner))
-        return (f"<div><p class='note'>why <b>{pred}</b> and not <b>{runner}</b> (logit margin {ev.total:.3f}): "
-                f"the {min(top, len(ev.parts))} weightiest parts carry <b>{shown:.0f}%</b> of it; the others, each "
-                f"counted by its size, weigh <b>{hidden:.0f}%</b> of it</p>"
-                + _table(["part", "here", "looks like", "b_p", "v_pred - v_runner", "margin"], rows) + "</div>")
+        return {"pred": self.classes[ev.pred], "runner": self.classes[ev.runner], "total": ev.total, "rows": rows,
+                "shown": shown, "hidden": hidden, "rest_parts": max(len(ev.parts) - top, 0),
+                "rest": float(ev.margin[top:].sum())}
 
-    def gallery(self) -> str:
-        st, blocks = self.an.stats, []
-        for p in range(st.top_image.shape[0]):
-            crops = "".join(self.tag(self.part_crop(p, r, 72), f"part{p}", f"score {st.top_score[p, r]:.2f}")
-                            for r in range(min(self.k, st.top_image.shape[1])))
-            blocks.append(f"<div class='part'><span>{self.part_label(p, 24)}</span>"
-                          f"<div class='row'>{crops}</div></div>")
-        return ("<section><h2>Part gallery</h2><p class='note'>Each part shown by the training regions that score "
-                "it highest (one per image, best first), found in one streaming pass over the training set.</p>"
-                + "".join(blocks) + "</section>")
-
+    def gallery(self) -> list[dict[str, Any]]:
+        st = self.an.stats
+        return [{"label": self.part_label(p, 24),
+                 "crops": [self.pic(self.part_crop(p, r, 72), f"part{p}", f"score {st.top_score[p, r]:.2f}")
+                           for r in range(min(self.k, st.top_image.shape[1]))]}
+                for p in range(st.top_image.shape[0])]

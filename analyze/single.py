@@ -6,7 +6,6 @@ with boxes drawn for image id 0 and the cache's seed), then through the run's mo
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from extract.regions import boxes_to_pixels
 from . import draw
 from .explain import DPNetExplainer
 from .localize import activation_map, part_peaks, peak_boxes
+from .pages import templates
 
 
 @dataclass
@@ -143,11 +143,8 @@ def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, sc
         p = int(ev.parts[i])
         box = boxes_to_pixels(peak_boxes(peaks[None, p:p + 1], frame)[0], grid, np.array(img.size))[0]
         draw.part_picture(img, activation_map(scores[:, p], boxes, grid), box, 128).save(out / f"part{p}.png")
-        rows.append(f"<tr><td>part {p}</td><td><img src='part{p}.png'></td><td>{ev.b[i]:.3f}</td>"
-                    f"<td>{ev.v[i]:.3f}</td><td>{ev.points[i]:.3f}</td></tr>")
-    (out / "index.html").write_text(
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(name)}</title><body style='font-family:sans-serif'>"
-        f"<h2>{html.escape(Path(path).name)}: predicted {html.escape(name)}</h2><img src='heatmap.png' height='320'>"
-        f"<p>Evidence for {html.escape(name)} (points = b_p x v_cp; all {len(ev.parts)} parts sum to the logit "
-        f"{ev.logit:.3f}):</p><table border='1' cellpadding='4'><tr><th>part</th><th>where (activation, peak box)</th><th>b_p</th>"
-        f"<th>v_cp</th><th>points</th></tr>{''.join(rows)}</table></body>")
+        rows.append({"part": p, "src": f"part{p}.png", "b": float(ev.b[i]), "v": float(ev.v[i]),
+                     "points": float(ev.points[i])})
+    page = templates().get_template("explain.html").render(name=name, file=Path(path).name, n_parts=len(ev.parts),
+                                                          logit=float(ev.logit), rows=rows)
+    (out / "index.html").write_text(page, encoding="utf-8")

@@ -410,3 +410,19 @@ def test_the_dpnet_command_runs_every_stage(tmp_path):
     bad = subprocess.run(base + ["nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
     assert python("import dpnet").returncode == 0
+
+
+def test_the_pages_are_templates_that_escape_every_value():
+    """report.html and explain.html (jinja2, autoescape): a hostile name is shown as text; a value the
+    code forgot to pass is an error, not an empty cell."""
+    import jinja2
+
+    from analyze.pages import templates
+
+    env = templates()
+    hostile = "<svg onload=alert(1)>"
+    page = env.get_template("explain.html").render(name=hostile, file=hostile + ".jpg", n_parts=3, logit=1.0,
+                                                  rows=[{"part": 1, "src": "part1.png", "b": 0.5, "v": 1.0, "points": 0.5}])
+    assert "<svg" not in page and "&lt;svg onload=alert(1)&gt;" in page
+    with pytest.raises(jinja2.UndefinedError):
+        env.get_template("explain.html").render(name="x", file="x.jpg", n_parts=3, rows=[])
