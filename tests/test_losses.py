@@ -481,3 +481,25 @@ def test_a_pruned_model_is_saved_and_read_with_its_pruned_parts(tmp_path):
     fresh = DPNetModule(4, 6, 3, 2, (), {})
     fresh.load_state_dict(old)
     assert fresh.owner.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_the_last_layer_l1_sends_wrong_class_weights_to_zero():
+    """ProtoPNet's last-layer step: with an L1 cost on the weights that link a part to another class,
+    the refit leaves those weights near 0 while the class's own stay."""
+    from train.estimator import DPNetClassifier
+    from train.finish import refit_class_layer
+    from train.model import DPNetModule
+
+    gen = torch.Generator().manual_seed(8)
+    bags = torch.rand(30, 6, generator=gen)
+    labels = torch.arange(30) % 3
+    bags[torch.arange(30), labels * 2] += 1.0
+    foreign = {}
+    for l1 in (0.0, 0.05):
+        m = DPNetModule(4, 6, 3, 2, (), {}, class_layer="positive")
+        m.classifier.data.fill_(0.3)
+        refit_class_layer(m, bags, labels, steps=300, lr=0.05, l1=l1)
+        v = m.class_weights().detach()
+        foreign[l1] = float((v * ~m.own_mask()).abs().sum())
+    assert foreign[0.05] < 0.1 * foreign[0.0]
+    assert DPNetClassifier(last_layer_l1=0.05).last_layer_l1 == 0.05  # a hyper-parameter like any other

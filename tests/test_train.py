@@ -249,7 +249,7 @@ def test_micro_batches_give_the_batch_gradient(micro, backward):
 
 
 def test_the_hyper_parameters_have_one_definition():
-    """get_params, the typed config and the command line all come from the estimator's signature."""
+    """get_params, the estimator's signature, its validation and the command line all come from FitParams."""
     import dataclasses
     import inspect
 
@@ -265,7 +265,8 @@ def test_the_hyper_parameters_have_one_definition():
     assert set(names) <= options
     args = parser.parse_args(["--q", "3", "--constraints", "orth,cs", "--memory-budget-mb", "none", "--lr", "0.5"])
     assert fit_options(args) == {"parts_per_class": 3, "constraints": ("orth", "cs"), "lr": 0.5}
-    assert "passes over each loaded shard" in parser.format_help()  # help from the docstring
+    assert "passes over each loaded shard" in parser.format_help()  # help from the field's metadata
+    assert "passes over each loaded shard" in DPNetClassifier.__doc__
     est = DPNetClassifier(**dataclasses.asdict(TrainConfig.from_options("c", "r", lr=0.5).fit_params("cub")))
     assert est.lr == 0.5 and est.epochs == DPNetClassifier().epochs
 

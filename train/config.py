@@ -1,36 +1,22 @@
 """Stage 2's typed config: the estimator's hyper-parameters, the run's options, and named presets.
 
-The hyper-parameters are defined once, by :class:`~train.estimator.DPNetClassifier`'s signature
-(names, types, defaults) and docstring (help). :data:`FitParams` is a frozen dataclass made
-from that signature; the command line (:func:`add_fit_arguments`) is made from it too, and the
-resolved :class:`FitParams` is passed whole to the estimator and saved with the run.
+The hyper-parameters are declared once, as the fields of :class:`train.params.FitParams` (type,
+default, help, range). The estimator's signature, the command line (:func:`add_fit_arguments`)
+and the saved run config are made from it; the resolved :class:`FitParams` is passed whole to
+the estimator and saved with the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from .estimator import DPNetClassifier
-
-
-def _fit_params_class() -> type:
-    fields = [(name, p.annotation, field(default=p.default))
-              for name, p in inspect.signature(DPNetClassifier.__init__, eval_str=True).parameters.items()
-              if name != "self"]
-    cls = dataclasses.make_dataclass("FitParams", fields, frozen=True)
-    cls.__module__ = __name__
-    cls.__doc__ = "DPNetClassifier's hyper-parameters, typed (made from its signature; see its docstring)."
-    return cls
-
-
-FitParams = _fit_params_class()
+from .params import FIELDS, FitParams
 
 # Named schedules: only how long and how fast the fit runs, on top of a preset's model.
 # "paper": the paper's 40 x 32 batch-level epochs at lr 1e-3 (hours on a CPU; see the README).
@@ -105,26 +91,6 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------- command line
-ALIASES = {"parts_per_class": ["--q"]}
-
-
-def _param_help() -> dict[str, str]:
-    """Each hyper-parameter's help, from the "Args:" section of the estimator's docstring."""
-    doc = inspect.getdoc(DPNetClassifier) or ""
-    section = doc.split("Args:", 1)[-1]
-    out, name = {}, None
-    for line in section.splitlines():
-        found = re.match(r"\s{4}(\w+(?:, \w+)*): (.*)", line)
-        if found:
-            names, text = found.group(1).split(", "), found.group(2)
-            for name in names:
-                out[name] = text
-        elif name and line.strip():
-            for key in [k for k, v in out.items() if v and k == name]:
-                out[key] += " " + line.strip()
-    return out
-
-
 def _converter(tp: Any):
     """A string -> value function for an annotation (int, float, str, bool, X | None, tuple[str, ...])."""
     origin = typing.get_origin(tp)
@@ -153,14 +119,15 @@ _boolean.__name__ = "boolean"
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--name-with-dashes`` option per hyper-parameter (default: unset, so the preset applies)."""
-    helps = _param_help()
     group = parser.add_argument_group("hyper-parameters (unset: the preset's value, then the default)")
-    for f in dataclasses.fields(FitParams):
-        flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
-        group.add_argument(*flags, dest=f.name, type=_converter(f.type), default=None, metavar=f.name.upper(),
-                           help=f"{helps.get(f.name, '')} (default {f.default!r})")
+    hints = typing.get_type_hints(FitParams)
+    for f in FIELDS:
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata["flags"]]
+        group.add_argument(*flags, dest=f.name, type=_converter(hints[f.name]), default=None, metavar=f.name.upper(),
+                           choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} (default {f.default!r})".replace("%", "%%"))
 
 
 def fit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The hyper-parameters given on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(FitParams) if getattr(args, f.name) is not None}
+    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}

@@ -22,22 +22,21 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError, check_options
+from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
 from dpnet.memory import large_buffers_reused
 from extract.cache import RegionCache, check_compatible
 
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
-from .losses import KNOWN_CONSTRAINTS
 from . import distributed
 from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
-from .model import CLASS_LAYERS, POSITIVE_FOREIGN_INIT, SIMILARITIES, DPNetModule
+from .model import POSITIVE_FOREIGN_INIT, DPNetModule
+from .params import FIELDS, check_params, docstring_args
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 log = logging.getLogger(__name__)
 
 MANIFEST_KEYS = ("dataset", "backbone", "R", "D", "image_size", "n_classes", "cache_id")
 PCA_REGIONS = 64  # random regions per training image behind the PCA basis
-BACKWARDS = ("dense", "sparse")
 
 
 GEMM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -58,97 +57,23 @@ class NotFittedError(DpnetError):
     """The estimator was used before ``fit`` or ``load``."""
 
 
-def _check_ranges(est: "DPNetClassifier") -> None:
-    """Each numeric and boolean hyper-parameter inside the range it can take (ConfigError naming it)."""
-    checks = [("lr", est.lr > 0, "> 0"), ("lr_step", est.lr_step >= 1, ">= 1"),
-              ("lr_gamma", 0 < est.lr_gamma <= 1, "in (0, 1]"), ("val_fraction", 0 <= est.val_fraction < 1, "in [0, 1)"),
-              ("seed", est.seed >= 0, ">= 0"), ("micro_batch", est.micro_batch >= 0, ">= 0 (0: auto)"),
-              ("last_layer_steps", est.last_layer_steps >= 0, ">= 0"),
-              ("presence", 0 <= est.presence < 1, "in [0, 1) (a cosine)"),
-              ("memory_budget_mb", est.memory_budget_mb is None or est.memory_budget_mb >= 0, ">= 0")]
-    checks += [(k, getattr(est, k) >= 0, ">= 0") for k in ("lambda_orth", "lambda_assign", "lambda_cs", "lambda_clst")]
-    checks += [(k, isinstance(getattr(est, k), bool), "true or false") for k in ("centre", "project_parts", "prune_parts")]
-    check_options([(f"{k} (--{k.replace('_', '-')})", getattr(est, k), ok, want) for k, ok, want in checks])
-
-
 class DPNetClassifier:
     """Discriminative parts on cached region descriptors.
 
+    Hyper-parameters are keyword arguments, one per field of :class:`train.params.FitParams`
+    (declared there once, with their help and range; the signature is made from it).
+
     Args:
-        parts_per_class: q; P = q * C, part p belongs to class p // q.
-        epochs: outer epochs; the learning rate is multiplied by ``lr_gamma`` every ``lr_step``.
-        inner_epochs: passes over each loaded shard before the next is read (batch-level epochs).
-        lr: Adam's initial learning rate.
-        lr_step: epochs between learning-rate drops.
-        lr_gamma: the factor of each drop.
-        batch_size: images per optimiser step.
-        constraints: subset of ("orth", "assign", "cs", "clst"); clst (cosine similarity only; left
-            out, with a warning, for dot) is ProtoPNet's cluster cost: each part of a class should
-            find a close region in every image of the class.
-        lambda_orth: weight of C_orth.
-        lambda_assign: weight of C_assign.
-        lambda_cs: weight of C_cs.
-        lambda_clst: weight of C_clst.
-        init: "random" (Gaussian U; V Gaussian with dot similarity, else +1 on a part's own class and
-            -0.5 elsewhere, or a small positive weight with the positive class layer) or "regions" (each part starts at a random training
-            region of its class, V at +1 for its own class and -0.5 elsewhere).
-        backward: "dense" (dW = dS^T X, a second GEMM) or "sparse" (the max-pool's gradient as a
-            gather of the argmax rows); the same gradient either way.
-        entropy_regions: regions per image the assignment entropy is averaged over at each step,
-            drawn at random (an unbiased estimate); 0 takes every region.
-        pca_dim: D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised
-            training descriptors and trains on descriptors projected once (D / D' times less work
-            per pass); the parts are still scored in descriptor space. 0, or D' >= D: no projection.
-        similarity: "dot" (the paper's u . x) or "cosine" (parts and standardised regions normalised).
-        class_layer: "free" (V weighs any part for any class), "owned" (each class weighs only its
-            own parts: its explanation is its parts) or "positive" (PIP-Net's non-negative V: a
-            decision is a sum of parts found, none weighted against).
-        centre: subtract from each image's standardised regions their mean over the image before
-            scoring: parts then meet what distinguishes a region within its image.
-        presence: with cosine similarity, a part's entry in the bag is how far its best cosine passes
-            this value (0 below it): parts absent from an image add nothing to any class. 0: the
-            best cosine itself.
-        project_parts: after training, replace each part by its best-scoring training region among
-            its own class's images (ProtoPNet's projection): every part is then a real patch.
-        prune_parts: after training (and projection), ProtoPNet's pruning: a part whose 6 best
-            training images hold fewer than 3 of its own class belongs to no class and weighs
-            nothing (:func:`train.finish.prune_parts`); the report counts them (``parts.pruned``).
-        last_layer_steps: after training (projection and pruning), optimise the class layer alone for this
-            many full-batch steps on the fixed parts' scores (a convex problem); 0: none.
-        gemm_dtype: the dtype of the training GEMMs: "auto" (bfloat16 on CUDA and on CPUs with
-            native bfloat16 matrix units, e.g. AMX or AVX512-BF16; float32 elsewhere), "float32"
-            or "bfloat16". Everything after the GEMMs (pooling, entropy, gradients) is float32.
-        val_fraction: share of training images held out to choose the best epoch.
-        patience: stop when validation top-1 has not improved for this many epochs at the
-            current learning rate (each drop starts a new count; needs a validation split);
-            0: run every epoch.
-        memory_budget_mb: hold the training split in memory when it fits (None: RAM / 4).
-        micro_batch: images per forward/backward piece of a step (0: auto, see ``_micro``);
-            the gradient is the batch's either way, up to float summation order.
-        seed: seeds the initialisation, the shuffles and the entropy's regions.
-        device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+{args}
     """
 
-    def __init__(self, parts_per_class: int = 20, epochs: int = 8, inner_epochs: int = 2, lr: float = 1e-2,
-                 lr_step: int = 4, lr_gamma: float = 0.1, batch_size: int = 32,
-                 constraints: tuple[str, ...] = ("orth", "assign", "cs", "clst"), lambda_orth: float = 1e-2, lambda_assign: float = 1e-3,
-                 lambda_cs: float = 1e-3, lambda_clst: float = 0.8, init: str = "random", backward: str = "sparse",
-                 entropy_regions: int = 32, pca_dim: int = 256, similarity: str = "cosine", class_layer: str = "free",
-                 centre: bool = False, presence: float = 0.0,
-                 project_parts: bool = False, prune_parts: bool = False,
-                 last_layer_steps: int = 0, gemm_dtype: str = "auto", val_fraction: float = 0.15, patience: int = 3, memory_budget_mb: float | None = None, micro_batch: int = 0,
-                 seed: int = 0, device: str = "auto"):
-        self.parts_per_class, self.epochs, self.inner_epochs, self.lr = parts_per_class, epochs, inner_epochs, lr
-        self.lr_step, self.lr_gamma, self.batch_size = lr_step, lr_gamma, batch_size
-        self.constraints = tuple(constraints)
-        self.lambda_orth, self.lambda_assign, self.lambda_cs = lambda_orth, lambda_assign, lambda_cs
-        self.lambda_clst = lambda_clst
-        self.init, self.backward, self.entropy_regions, self.pca_dim = init, backward, entropy_regions, pca_dim
-        self.similarity, self.class_layer, self.centre, self.presence = similarity, class_layer, centre, presence
-        self.project_parts, self.last_layer_steps, self.gemm_dtype = project_parts, last_layer_steps, gemm_dtype
-        self.prune_parts = prune_parts
-        self.val_fraction, self.patience, self.memory_budget_mb = val_fraction, patience, memory_budget_mb
-        self.micro_batch, self.seed, self.device = micro_batch, seed, device
+    def __init__(self, **params: Any):
+        unknown = set(params) - {f.name for f in FIELDS}
+        if unknown:
+            raise TypeError(f"unknown hyper-parameters {sorted(unknown)}; known: {', '.join(f.name for f in FIELDS)}")
+        for f in FIELDS:
+            setattr(self, f.name, params.get(f.name, f.default))
+        self.constraints = tuple(self.constraints)
 
     # ----------------------------------------------------------------------- params
     @classmethod
@@ -169,30 +94,10 @@ class DPNetClassifier:
         return self
 
     def _validate(self) -> None:
-        _check_ranges(self)
-        unknown = set(self.constraints) - set(KNOWN_CONSTRAINTS)
-        if unknown:
-            raise ValueError(f"unknown constraints {sorted(unknown)}; known: {', '.join(KNOWN_CONSTRAINTS)}")
+        check_params(self.get_params())
         if "clst" in self.constraints and self.similarity != "cosine":
             log.warning("the clst constraint pulls each part's best cosine up: it is left out with similarity=%r",
                         self.similarity)
-        if self.init not in ("regions", "random"):
-            raise ValueError(f"init must be 'regions' or 'random', got {self.init!r}")
-        if self.backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
-        if self.parts_per_class < 1 or self.epochs < 1 or self.inner_epochs < 1 or self.batch_size < 1:
-            raise ValueError("parts_per_class, epochs, inner_epochs and batch_size must be >= 1")
-        if self.entropy_regions < 0:
-            raise ValueError(f"entropy_regions must be >= 0 (0: every region), got {self.entropy_regions}")
-        if self.gemm_dtype not in GEMM_DTYPES:
-            raise ValueError(f"gemm_dtype must be one of {tuple(GEMM_DTYPES)}, got {self.gemm_dtype!r}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be >= 0 (0: run every epoch), got {self.patience}")
-        if self.pca_dim < 0:
-            raise ValueError(f"pca_dim must be >= 0 (0: no projection), got {self.pca_dim}")
-        if self.similarity not in SIMILARITIES or self.class_layer not in CLASS_LAYERS:
-            raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
-                             f"got {self.similarity!r} and {self.class_layer!r}")
 
     def _basis_dim(self, dim: int) -> int:
         """D' of the parts' subspace for descriptors of dimension ``dim``: ``pca_dim`` when it is
@@ -265,7 +170,7 @@ class DPNetClassifier:
         if self.prune_parts:
             prune_parts(module, bags, labels)
         if self.last_layer_steps:
-            refit_class_layer(module, bags, labels, self.last_layer_steps, self.lr, self.seed)
+            refit_class_layer(module, bags, labels, self.last_layer_steps, self.lr, self.seed, self.last_layer_l1)
 
     def _prepared_batches(self, module: DPNetModule, data, dev: torch.device, size: int = 16):
         """(z (b, R, W) prepared regions, labels (b,)) over the fitting images, in order."""
@@ -595,6 +500,18 @@ class DPNetClassifier:
         check_compatible(cache.manifest, self.cache_manifest_, f"cache {cache.path} against this model")
         scores, labels = self._scores_split(self.module_, cache, split, self.module_.mean.device)
         return accuracy(scores.argmax(1), labels, cache.n_classes)
+
+
+def _signature_from_params() -> None:
+    """DPNetClassifier's signature and Args, made from FitParams (for inspect, scikit-learn's clone and help())."""
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in FIELDS]
+    DPNetClassifier.__init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + fields)
+    DPNetClassifier.__doc__ = DPNetClassifier.__doc__.replace("{args}", docstring_args())
+
+
+_signature_from_params()
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:

@@ -90,8 +90,10 @@ def prune_parts(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, k
 
 
 def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
-                      seed: int = 0) -> float:
-    """Optimise V alone on fixed bags (N, P): cross-entropy, plus C_cs on a free class layer; returns the loss."""
+                      seed: int = 0, l1: float = 0.0) -> float:
+    """Optimise V alone on fixed bags (N, P): cross-entropy, plus C_cs on a free class layer, plus
+    ``l1`` times the summed size of the weights linking a part to a class not its own (ProtoPNet's
+    last-layer step); returns the loss."""
     torch.manual_seed(seed)
     v = module.classifier
     opt = torch.optim.Adam([v], lr=lr)
@@ -101,6 +103,8 @@ def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Ten
         loss = F.cross_entropy(module.logits(bags), labels)
         if "cs" in module.constraints and module.class_layer != "owned":
             loss = loss + module.lambdas["cs"] * class_specific(module.class_weights(), module.parts_per_class)
+        if l1 > 0:
+            loss = loss + l1 * (module.class_weights() * ~module.own_mask()).abs().sum()
         loss.backward()
         opt.step()
     return float(loss.detach())
