@@ -4,26 +4,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpnet-installed
 
+# Extraction: an option left empty is not passed, so the config's default (per dataset) applies.
 DATASET ?= synth
-BACKBONE ?= efficientnet_lite0
+BACKBONE ?=
 REGIONS ?=
-IMAGE_SIZE ?= 544
-STORE ?= zarr
-SEED ?= 0
-BATCH ?= 0
-WORKERS ?= -1
+IMAGE_SIZE ?=
+STORE ?=
+SEED ?=
+BATCH ?=
+WORKERS ?=
 DATA_DIR ?=
 WEIGHTS ?=
 SKIP_BAD ?=
-TEST_FRACTION ?= 0.5
-RANKS ?= 1
+TEST_FRACTION ?=
+RANKS ?=
 CROP ?=
 DENSE ?=
-RUNTIME ?= auto
+RUNTIME ?=
 
-EXTRACT_ARGS = --dataset $(DATASET) --backbone $(BACKBONE) $(if $(REGIONS),--regions $(REGIONS)) --image-size $(IMAGE_SIZE) \
-	--store $(STORE) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) --test-fraction $(TEST_FRACTION) --ranks $(RANKS) \
-	$(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) --runtime $(RUNTIME)
+EXTRACT_ARGS = --dataset $(DATASET) $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) \
+	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(STORE),--store $(STORE)) $(if $(SEED),--seed $(SEED)) \
+	$(if $(BATCH),--batch-size $(BATCH)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(TEST_FRACTION),--test-fraction $(TEST_FRACTION)) \
+	$(if $(RANKS),--ranks $(RANKS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") \
+	$(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) \
+	$(if $(RUNTIME),--runtime $(RUNTIME))
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=
@@ -39,12 +43,11 @@ MINIBATCH ?=
 CONSTRAINTS ?=
 DEVICE ?=
 # BACKBONE, REGIONS and IMAGE_SIZE, when given, pick among the dataset's caches (never ignored)
-PICK_ARGS = $(if $(filter command line environment,$(origin BACKBONE)),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) \
-	$(if $(filter command line environment,$(origin IMAGE_SIZE)),--image-size $(IMAGE_SIZE))
+PICK_ARGS = $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 TRAIN_ARGS = $(if $(CACHE),--cache "$(CACHE)",$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET) $(PICK_ARGS))) --preset $(PRESET) --schedule $(SCHEDULE) \
 	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
 	$(if $(LR),--lr $(LR)) $(if $(LR_STEP),--lr-step $(LR_STEP)) $(if $(MINIBATCH),--batch-size $(MINIBATCH)) \
-	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) --seed $(SEED)
+	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(SEED),--seed $(SEED))
 
 # Analysis: RUN= a run folder or name under data/runs (default: the run of CACHE / DATASET / LATEST).
 RUN ?=

@@ -98,3 +98,17 @@ def test_cub_extracts_cropped_with_dense_windows_by_default():
             cfg("--dataset", "cub", "--no-crop", "--dense", "none").dense) == (False, ())
     assert (cfg("--dataset", "folder").crop, cfg("--dataset", "folder").dense) == (False, ())
     assert cfg("--dataset", "folder", "--crop", "--dense", "1,2").dense == (1, 2)
+
+
+def test_the_per_dataset_defaults_live_in_the_config():
+    """ExtractConfig(dataset="cub") is the cache `make extract DATASET=cub` makes (and imagenet's R=100),
+    and the command line restates no default: what it leaves unset is the config's."""
+    from extract.cli import build_parser, config_from_args
+    from extract.pipeline import ExtractConfig
+
+    for dataset in ("cub", "imagenet", "folder", "synth"):
+        from_cli = config_from_args(build_parser().parse_args(["--dataset", dataset]))
+        assert from_cli == ExtractConfig(dataset=dataset, progress=True), dataset
+    assert ExtractConfig(dataset="cub").cache_name() == "cub-efficientnet_lite0-r500-d2-s544-crop"
+    assert ExtractConfig(dataset="imagenet").regions == 100
+    assert ExtractConfig(dataset="cub", crop=False, dense=()).cache_name() == "cub-efficientnet_lite0-r500-s544"
