@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 FAITH_K = (1, 3, 5)
 EVIDENCE_TOP = 5  # the evidence regions on-object counts: the best regions of the top-5 parts
 PURITY_K = 10  # PIP-Net's purity looks at each part's top-10 training regions
-# (test images, curve steps) of the measures that send images through the backbone again: quick
-# (the report's default, in about the time of extraction on CUB-sized sets) and full
-PIXEL_MEASURES = {"quick": (24, 4), "full": (200, 8)}
 
 
 @dataclass
@@ -150,7 +147,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     With ``use_dask`` the training-set pass runs as a dask graph (on the active client, if any).
     ``pixel_images`` test images (a seeded sample; 0: none) go through the backbone again for
     the stability and pixel-space deletion / insertion measures, each given with its 95%
-    bootstrap interval over those images (``<key>_ci95``); :data:`PIXEL_MEASURES` names the
+    bootstrap interval over those images (``<key>_ci95``); :data:`analyze.config.PIXEL_MEASURES` names the
     command line's two sample sizes.
     """
     est, cache, metrics = load_run(run_dir, cache)

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from extract.cache import cache_name
-from dpnet.errors import ConfigError, DpnetError, check_options
+from dpnet.errors import DpnetError
 from dpnet.stop import run_command
 from train.cli import add_cache_arguments, pick_cache
 from train.run import read_run
 
-from .analysis import PIXEL_MEASURES
+from .config import PIXEL_MEASURES, AnalyzeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run folder or name under data/runs (default: the LATEST cache's run)")
     add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
-    p.add_argument("--top-k", type=int, default=6, help="regions shown per part in the gallery")
-    p.add_argument("--images", type=int, default=8, help="test images in the image view")
+    p.add_argument("--top-k", type=int, default=AnalyzeConfig.top_k, help="regions shown per part in the gallery")
+    p.add_argument("--images", type=int, default=AnalyzeConfig.images, help="test images in the image view")
     p.add_argument("--boxes-csv", default=None, help="object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game")
     p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
     p.add_argument("--dask", default=None, help="run the training-set pass on dask: 'local' (a local cluster) "
@@ -41,23 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> AnalyzeConfig:
+    return AnalyzeConfig(top_k=args.top_k, images=args.images, boxes_csv=args.boxes_csv, dask=args.dask,
+                         measures=args.measures, pixel_images=args.pixel_images, pixel_steps=args.pixel_steps,
+                         progress=not args.no_progress)
+
+
 def pixel_plan(args: argparse.Namespace) -> tuple[int, int]:
-    """(test images, curve steps) of the pixel-space measures: --measures' pair, overridden by
-    --pixel-images / --pixel-steps when given."""
-    images, steps = PIXEL_MEASURES[args.measures]
-    return (images if args.pixel_images is None else args.pixel_images,
-            steps if args.pixel_steps is None else args.pixel_steps)
+    """(test images, curve steps) of the pixel-space measures the options ask for."""
+    return config_from_args(args).pixel_plan()
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse option values the analysis cannot take, naming the option."""
-    images, steps = pixel_plan(args)
-    check_options([("--pixel-steps", steps, steps >= 1, ">= 1"),
-                   ("--pixel-images", images, images >= 0, ">= 0 (0 skips the pixel measures)"),
-                   ("--top-k", args.top_k, args.top_k >= 1, ">= 1"), ("--images", args.images, args.images >= 0, ">= 0")])
-    if args.boxes_csv is not None and not Path(args.boxes_csv).is_file():
-        raise ConfigError(f"BOXES={args.boxes_csv} (--boxes-csv): no such file. Give a CSV with the columns "
-                          f"image_name,xmin,ymin,xmax,ymax, or leave BOXES out")
+def check_args(args: argparse.Namespace) -> AnalyzeConfig:
+    """The analysis config of the options, refusing values it cannot take (naming the option)."""
+    return config_from_args(args).validate()
 
 
 def resolve_run(args: argparse.Namespace) -> Path:
@@ -89,16 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    check_args(args)
+    cfg = check_args(args)
     run = resolve_run(args)
     if args.command == "report":
         from .report import build_report
 
-        images, steps = pixel_plan(args)
-        with _dask_client(args.dask):
-            page = build_report(run, k=args.top_k, n_show=args.images, boxes_csv=args.boxes_csv,
-                                progress=not args.no_progress, use_dask=args.dask is not None,
-                                pixel_images=images, pixel_steps=steps)
+        images, steps = cfg.pixel_plan()
+        with _dask_client(cfg.dask):
+            page = build_report(run, k=cfg.top_k, n_show=cfg.images, boxes_csv=cfg.boxes_csv, progress=cfg.progress,
+                                use_dask=cfg.dask is not None, pixel_images=images, pixel_steps=steps)
         print(f"report: {page}")
         return 0
     if not args.image or not Path(args.image).is_file():  # a missing file; a bad one is named by load_rgb

@@ -23,7 +23,8 @@ from extract.cache import RegionCache
 from extract.regions import boxes_to_pixels
 
 from . import draw
-from .analysis import FAITH_K, PIXEL_MEASURES, Analysis, TestImage, grid_frame, analyse
+from .analysis import FAITH_K, Analysis, TestImage, grid_frame, analyse
+from .config import PIXEL_MEASURES
 from .explain import EVIDENCE_ROWS, margin_shares
 from .localize import CONSISTENT, activation_map, part_peaks, peak_boxes
 from .ownership import owned_parts

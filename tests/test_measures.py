@@ -369,7 +369,8 @@ def test_areas_are_the_per_image_trapezoids_whose_mean_is_the_auc():
 def test_the_quick_and_full_pixel_measures(run_with_baselines):
     """--measures quick (the default) and full pick the sample; the report gives each pixel measure's
     interval and the paired difference against the CAM."""
-    from analyze.analysis import PIXEL_MEASURES, analyse
+    from analyze.analysis import analyse
+    from analyze.config import PIXEL_MEASURES
     from analyze.cli import build_parser, pixel_plan
 
     assert pixel_plan(build_parser().parse_args(["report"])) == PIXEL_MEASURES["quick"]
@@ -417,3 +418,15 @@ def test_consistency_rates_per_keypoint_against_a_loop(rng):
             assert got[p, j] == pytest.approx(len(hit) / max(len(mine), 1))
     score, rate = part_consistency(boxes, kp, labels, q)
     assert np.allclose(rate, got.max(1)) and score == pytest.approx(100 * (got.max(1) >= 0.8).mean())
+
+
+def test_the_analysis_config_checks_its_options_in_one_place(tmp_path):
+    from analyze.config import PIXEL_MEASURES, AnalyzeConfig
+    from dpnet.errors import ConfigError
+
+    assert AnalyzeConfig().pixel_plan() == PIXEL_MEASURES["quick"]
+    assert AnalyzeConfig(measures="full", pixel_steps=3).pixel_plan() == (PIXEL_MEASURES["full"][0], 3)
+    for bad, says in ((dict(top_k=0), "--top-k"), (dict(pixel_images=-1), "--pixel-images"),
+                      (dict(measures="most"), "--measures"), (dict(boxes_csv=str(tmp_path / "no.csv")), "BOXES")):
+        with pytest.raises(ConfigError, match=says):
+            AnalyzeConfig(**bad).validate()
