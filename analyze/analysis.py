@@ -318,7 +318,7 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     peaks = peaks_to_pixels(test["peaks"], grid, test["sizes"], test["crops"])  # (N, P, 2)
     evidence = np.take_along_axis(peaks, test["evidence"][..., None], 1)  # (N, 5, 2) the top parts' peaks
     has_boxes = bool(obj) and all(int(i) in obj for i in ids)
-    if has_boxes:
+    if has_boxes and test["crops"] is None:  # in a crop to the object box both read 100 by construction
         box = np.array([obj[int(i)] for i in ids], np.float64)
         out["pointing_game"] = pointing_game(test["heat_true"], grid, test["sizes"], box, test["crops"])
         out["on_object_share"] = on_object_share(evidence, box)

@@ -330,7 +330,7 @@ class _Renderer:
         loc = n["localisation"]
         synth = ([loc["top_part_on_defining_part"], loc["chance_region_on_defining_part"]]
                  if "top_part_on_defining_part" in loc else None)
-        return {"rows": rows, "synth": synth}
+        return {"rows": rows, "synth": synth, "cropped": self.crop_index is not None}
 
     def part_label(self, p: int, limit: int = 18) -> str:
         """"part p (of <owner>)" where ownership holds (see analyze.ownership), else "part p (not owned)"."""
