@@ -40,7 +40,7 @@ from dpnet.files import write_json_atomic
 from extract.cache import RegionCache, open_shard_writer
 from extract.pipeline import finish_manifest
 from train import native
-from train.estimator import DPNetClassifier, resolve_gemm_dtype
+from train.estimator import DPNetClassifier, resolve_gemm_dtype, training_path
 
 
 # The exact mode: the paper's model and arithmetic (dense backward, entropy on every region, float32).
@@ -222,6 +222,7 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
             ("speedup vs end-to-end", f"{end_to_end / epoch_s:.1f}"),
             ("default mode", f"backward={fast['backward']}, entropy_regions={fast['entropy_regions']}, "
                              f"GEMMs in {fast['gemm_dtype']}"),
+            ("default training path", training_path(DPNetClassifier(), torch.device("cpu"))),
             ("default epoch s (full D)", f"{fast['epoch_full_s']:.2f}"),
             (f"forward GEMM bound s (full D, {fast['gemm_dtype']})", f"{fast['forward_bound_full_s']:.2f}"),
             ("ratio_forward", f"{fast['epoch_full_s'] / fast['forward_bound_full_s']:.3f}"),
@@ -246,6 +247,7 @@ def report(args, epoch_s, compute_s, read_s, rate, rbps, nbytes, mem, per_image,
                       "speedup_vs_end_to_end": round(end_to_end / epoch_s, 2),
                       "three_shards_plus_model_mb": round(3 * shard_mb + model_mb, 1),
                       "kernel": "native" if native.load() is not None else "torch",
+                      "training_path": training_path(DPNetClassifier(), torch.device("cpu")),
                       "default_epoch_s": round(fast["epoch_full_s"], 3),
                       "forward_bound_s": round(fast["forward_bound_full_s"], 3),
                       "ratio_forward": round(fast["epoch_full_s"] / fast["forward_bound_full_s"], 4),

@@ -32,9 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from readme_block import write_block
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from readme_block import write_block  # noqa: E402
+
+from train.estimator import DPNetClassifier, training_path  # noqa: E402
 
 
 def run(cmd: list[str]) -> float:
@@ -91,6 +95,7 @@ def measure(args, work: Path) -> int:
     paper_full = 40
     paper_full_s = paper["fit_seconds"] / args.paper_epochs * paper_full
     label = args.label or Path(args.data_dir).name
+    path = training_path(DPNetClassifier(), torch.device("cpu"))
     rows = [("default", default), ("default, 2x epochs, no early stop", long),
             (f"paper, {args.paper_epochs} of 40 epochs", paper)]
     best = max(m["top1"] for _, m in rows)
@@ -107,10 +112,10 @@ def measure(args, work: Path) -> int:
     if full_cub_s is not None:
         table.append(f"| default on full CUB-200-2011 (projected) | {default['passes']} | {full_cub_s:.0f} | |")
     table += ["", f"train_over_extract {default['fit_seconds'] / extract_s:.2f}; accuracy_gap "
-                  f"{best - default['top1']:.2f} points."]
+                  f"{best - default['top1']:.2f} points. Default training path: {path}."]
     text = "\n".join(table)
     print(text)
-    out = {"dataset": args.data_dir, "extract_s": round(extract_s, 1), "default_fit_s": default["fit_seconds"],
+    out = {"dataset": args.data_dir, "training_path": path, "extract_s": round(extract_s, 1), "default_fit_s": default["fit_seconds"],
            "default_train_wall_s": round(default["wall_s"], 1), "default_top1": default["top1"],
            "default_passes": default["passes"], "long_fit_s": long["fit_seconds"], "long_top1": long["top1"],
            "paper_epochs": args.paper_epochs, "paper_fit_s": paper["fit_seconds"], "paper_top1": paper["top1"],

@@ -483,3 +483,13 @@ def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_p
     assert again.module_.owner[[0, 3]].tolist() == [-1, -1]
     regions = next(tiny_cache.iter_shards("test", ("regions",)))[1]["regions"]
     np.testing.assert_allclose(again.decision_function(regions), est.decision_function(regions), rtol=1e-5)
+
+
+def test_the_training_path_says_which_arithmetic_a_fit_takes():
+    """Benchmarks and the fit's log say which GEMM dtype, space, backward and kernel were taken."""
+    from train.estimator import training_path
+
+    text = training_path(DPNetClassifier(gemm_dtype="float32", pca_dim=0, backward="dense"), torch.device("cpu"))
+    assert "GEMMs in float32" in text and "full D" in text and "dense backward" in text and "pool + entropy" in text
+    assert "PCA 256" in training_path(DPNetClassifier(), torch.device("cpu"))
+    assert "bfloat16" in training_path(DPNetClassifier(gemm_dtype="bfloat16"), torch.device("cpu"))

@@ -53,6 +53,24 @@ def resolve_gemm_dtype(name: str, dev: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def training_path(est: "DPNetClassifier", dev: torch.device | None = None) -> str:
+    """In words, the arithmetic a fit takes on ``dev`` (default: the estimator's device): GEMM dtype
+    and why, PCA or full D, the backward, and the pool + entropy kernel (logged at fit, printed by
+    the benchmarks)."""
+    from . import native
+
+    dev = dev or resolve_device(est.device)
+    dtype = str(resolve_gemm_dtype(est.gemm_dtype, dev)).replace("torch.", "")
+    if dev.type == "cpu":
+        units = ("bfloat16 matrix units (AMX / AVX512-BF16)" if torch.backends.mkldnn.is_available()
+                 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no bfloat16 matrix units (AVX2)")
+        kernel = "compiled C pool + entropy" if native.load() is not None else "torch pool + entropy"
+    else:
+        units, kernel = dev.type, "torch pool + entropy"
+    space = f"PCA {est.pca_dim}" if est.pca_dim else "full D"
+    return f"GEMMs in {dtype} ({est.gemm_dtype}; {units}), {space}, {est.backward} backward, {kernel}"
+
+
 class NotFittedError(DpnetError):
     """The estimator was used before ``fit`` or ``load``."""
 
@@ -125,6 +143,7 @@ class DPNetClassifier:
         dev = resolve_device(self.device)
         source = ShardSource(cache, self.val_fraction, self.seed, self.memory_budget_mb)
         module = self.make_module(cache.dim, cache.n_classes).to(dev)
+        log.info("training path: %s", training_path(self, dev))
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
         self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
         self.cache_path_ = cache.path
