@@ -75,7 +75,7 @@ def _bad_set(tmp_path: Path) -> Path:
 
 def test_bad_images_stop_with_full_list_and_keep_good_shards(tmp_path):
     root = _bad_set(tmp_path)
-    cfg = tiny_config(tmp_path, dataset="cub", data_dir=str(root), shard_mb=12 * 1280 * 2 * 2 / 2**20)
+    cfg = tiny_config(tmp_path, dataset="cub", crop=False, dense=(), data_dir=str(root), shard_mb=12 * 1280 * 2 * 2 / 2**20)
     with pytest.raises(BadImagesError) as err:
         run_extraction(cfg)
     msg = str(err.value)
@@ -85,7 +85,7 @@ def test_bad_images_stop_with_full_list_and_keep_good_shards(tmp_path):
     kept = {p.name for p in shards.iterdir()}
     assert 0 < len(kept) < 6 and not any(".tmp" in k for k in kept)  # good shards kept, bad ones not
     # the same run with skip_bad resumes: it only redoes the shards that held bad files
-    summary = run_extraction(tiny_config(tmp_path, dataset="cub", data_dir=str(root), skip_bad=True,
+    summary = run_extraction(tiny_config(tmp_path, dataset="cub", crop=False, dense=(), data_dir=str(root), skip_bad=True,
                                          shard_mb=cfg.shard_mb))
     assert summary.shards_written == 6 - len(kept)
     manifest = json.loads((summary.cache_dir / "manifest.json").read_text())
