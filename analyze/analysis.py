@@ -27,9 +27,9 @@ from train.estimator import DPNetClassifier
 from train.serialize import load_file
 
 from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
-from .localize import (CONSISTENT, activation_map, consistency_rates, defining_part_hits, keypoint_hits, landmark_error, on_object_share, on_part_share,
-                       part_consistency, part_peaks, part_purity, part_stability, peak_boxes, peaks_to_pixels,
-                       pointing_game)
+from .localize import (activation_map, consistency_rates, consistent_share, defining_part_hits, keypoint_hits,
+                       landmark_error, on_object_share, on_part_share, part_consistency, part_peaks, part_purity,
+                       part_stability, peak_boxes, peaks_to_pixels, pointing_game)
 from .ownership import own_evidence_share, own_top3_share, owned_parts
 from .pixels import PixelProbe, areas, auc, deletion_curves, sample_test_images, stability_hits
 from .stats import PartStats, PartStatsPass, bootstrap_interval
@@ -328,7 +328,7 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     q = est.parts_per_class
     frames = _frames(ids, test["sizes"], test["crops"], obj)
     rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], q)  # (P, K)
-    out["consistency_evalprotopnet"] = float(100 * (rates.max(1) >= CONSISTENT).mean())
+    out["consistency_evalprotopnet"] = consistent_share(rates)
     out["part_hit_rate"] = [round(float(r), 4) for r in rates.max(1)]  # each part's consistency on its keypoint
     out["part_keypoint"] = [int(k) for k in rates.argmax(1)]  # that keypoint (an index into "keypoints")
     out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], q)
@@ -452,6 +452,7 @@ def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | 
             sl = slice(s, s + 32)
             iid, size, boxes = a["image_ids"][sl], a["sizes"][sl], a["boxes"][sl]
             crops = crop_boxes(cache, index, iid, size)
+            frame = _frames(iid, size, crops, obj)  # (n, 2) pixels
             scores = expl.scores(a["regions"][sl])  # (n, R, P)
             with torch.no_grad():
                 pooled = expl.module.pool(torch.from_numpy(scores))
@@ -460,7 +461,7 @@ def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | 
                 acc.add(pooled.b.numpy(), raw, pooled.where.numpy(), a["labels"][sl], iid)
             peaks = part_peaks(scores, boxes)  # (n, P, 2) grid
             centres.append(peaks_to_pixels(peaks, grid, size, crops).astype(np.float32))
-            frames.append(_frames(iid, size, crops, obj))
+            frames.append(frame)
             ids.append(iid)
             row, top = raw.argmax(0), raw.max(0)  # (P,) this chunk's best image of each part
             better = np.flatnonzero(top > best)
@@ -469,8 +470,7 @@ def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | 
             best[better], best_id[better] = top[better], iid[row[better]]
             best_scores[better] = scores[row[better], :, better]
             best_boxes[better] = boxes[row[better]]
-            best_frame[better] = [grid_frame(grid, crops is not None, obj.get(int(iid[r])), size[r])
-                                  for r in row[better]]
+            best_frame[better] = grid_frames(frame, size, crops, grid)[row[better]]
     maps = np.stack([activation_map(best_scores[q], best_boxes[q], grid) for q in range(p)]).astype(np.float32)
     peak = part_peaks(best_scores[:, :, None], best_boxes)  # (P, 1, 2)
     return {"ids": np.concatenate(ids), "centres": np.concatenate(centres), "frames": np.concatenate(frames),
@@ -478,9 +478,16 @@ def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | 
             "stats": acc.finish() if acc is not None else stats}
 
 
-def grid_frame(grid: tuple[int, int], cropped: bool, box: tuple | None, size_wh: np.ndarray) -> np.ndarray:
-    """(2,) the frame of a peak box (see :func:`_frames`) in grid units (width, height) of the image the model saw."""
+def grid_frames(frames: np.ndarray, sizes: np.ndarray, crops: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
+    """Peak-box frames (N, 2) in pixels (:func:`_frames`) -> grid units (width, height) of the image
+    the model saw (the crop with CROP=1, else the whole image)."""
+    base = (crops[:, 2:] - crops[:, :2]) if crops is not None else np.asarray(sizes, np.float64)
     h, w = grid
-    if cropped or box is None:
-        return np.array([w, h], np.float64)
-    return np.array([box[2] * w / size_wh[0], box[3] * h / size_wh[1]], np.float64)
+    return np.asarray(frames, np.float64) * np.array([w, h], np.float64) / base
+
+
+def image_grid_frames(cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple], ids: np.ndarray,
+                      sizes: np.ndarray) -> np.ndarray:
+    """(N, 2) the peak-box frames of images ``ids`` in grid units, as the measures take them."""
+    crops = crop_boxes(cache, index, ids, sizes)
+    return grid_frames(_frames(ids, sizes, crops, obj), sizes, crops, tuple(cache.manifest["grid"]))

@@ -19,7 +19,7 @@ from extract.regions import boxes_to_pixels
 
 
 def box_centres(pixel_boxes: np.ndarray) -> np.ndarray:
-    """(..., 4) x0, y0, x1, y1 -> (..., 2) centres."""
+    """(..., 4) x0, y0, x1, y1 (pixels or grid cells) -> (..., 2) centres."""
     return np.stack([(pixel_boxes[..., 0] + pixel_boxes[..., 2]) / 2, (pixel_boxes[..., 1] + pixel_boxes[..., 3]) / 2], -1)
 
 
@@ -85,7 +85,7 @@ def part_peaks(scores: np.ndarray, boxes: np.ndarray, k: int = PEAK_REGIONS) -> 
         float64 (N, P, 2) grid points ``(x, y)``.
     """
     top = best_regions(scores, k)  # (N, k, P)
-    centres = (np.asarray(boxes, np.float64)[..., :2] + np.asarray(boxes, np.float64)[..., 2:]) / 2  # (N, R, 2)
+    centres = box_centres(np.asarray(boxes, np.float64))  # (N, R, 2)
     return np.take_along_axis(centres[:, :, None, :], top[..., None], 1).mean(1)
 
 
@@ -151,8 +151,13 @@ def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray,
     Returns:
         The share of consistent parts (percent, higher is better) and each part's best hit rate (P,).
     """
-    rate = consistency_rates(part_boxes, kp, labels, parts_per_class).max(1)
-    return float(100 * (rate >= threshold).mean()), rate
+    rates = consistency_rates(part_boxes, kp, labels, parts_per_class)
+    return consistent_share(rates, threshold), rates.max(1)
+
+
+def consistent_share(rates: np.ndarray, threshold: float = CONSISTENT) -> float:
+    """Percent of parts whose best keypoint hit rate (rates (P, K), :func:`consistency_rates`) reaches ``threshold``."""
+    return float(100 * (rates.max(1) >= threshold).mean())
 
 
 def activation_map(scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

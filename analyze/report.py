@@ -23,7 +23,7 @@ from extract.cache import RegionCache
 from extract.regions import boxes_to_pixels
 
 from . import draw
-from .analysis import FAITH_K, Analysis, TestImage, grid_frame, analyse
+from .analysis import FAITH_K, Analysis, TestImage, analyse, image_grid_frames
 from .config import PIXEL_MEASURES
 from .explain import EVIDENCE_ROWS, margin_shares
 from .localize import CONSISTENT, activation_map, part_peaks, peak_boxes
@@ -217,7 +217,8 @@ class _Renderer:
         """The part in a test image, drawn as :meth:`part_picture` draws it in its training image."""
         img = self.image(t.image_id)
         peak = part_peaks(t.scores[None, :, part:part + 1], t.boxes[None])[0, 0]
-        frame = grid_frame(self.grid, self.crop_index is not None, self.an.obj.get(t.image_id), t.size_wh)
+        frame = image_grid_frames(self.cache, self.an.index, self.an.obj, np.array([t.image_id]),
+                                  np.asarray(t.size_wh, np.float64)[None])[0]
         box = boxes_to_pixels(peak_boxes(peak[None, None], frame[None])[0], self.grid, np.array(img.size))[0]
         return draw.part_picture(img, activation_map(t.scores[:, part], t.boxes, self.grid), box, side)
 
