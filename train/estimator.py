@@ -29,6 +29,7 @@ from extract.cache import RegionCache, check_compatible
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
 from . import distributed
 from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
+from .losses import KNOWN_CONSTRAINTS
 from .model import POSITIVE_FOREIGN_INIT, DPNetModule
 from .params import FIELDS, check_params, docstring_args
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
@@ -49,8 +50,12 @@ def resolve_gemm_dtype(name: str, dev: torch.device) -> torch.dtype:
         return GEMM_DTYPES[name]
     if dev.type == "cuda":
         return torch.bfloat16
-    fast = dev.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if dev.type == "cpu" and cpu_has_bf16_units() else torch.float32
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU's oneDNN has native bfloat16 matrix units (AMX / AVX512-BF16)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def training_path(est: "DPNetClassifier", dev: torch.device | None = None) -> str:
@@ -62,8 +67,7 @@ def training_path(est: "DPNetClassifier", dev: torch.device | None = None) -> st
     dev = dev or resolve_device(est.device)
     dtype = str(resolve_gemm_dtype(est.gemm_dtype, dev)).replace("torch.", "")
     if dev.type == "cpu":
-        units = ("bfloat16 matrix units (AMX / AVX512-BF16)" if torch.backends.mkldnn.is_available()
-                 and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no bfloat16 matrix units (AVX2)")
+        units = "bfloat16 matrix units (AMX / AVX512-BF16)" if cpu_has_bf16_units() else "no bfloat16 matrix units (AVX2)"
         kernel = "compiled C pool + entropy" if native.load() is not None else "torch pool + entropy"
     else:
         units, kernel = dev.type, "torch pool + entropy"
@@ -365,7 +369,7 @@ class DPNetClassifier:
     @staticmethod
     def _sum_terms(terms: dict[str, float], right: int) -> tuple[dict[str, float], int]:
         """The step's loss terms and correct count added up over the ranks (each holds its pieces' share)."""
-        keys = ("ce", "assign", "clst")
+        keys = ("ce",) + KNOWN_CONSTRAINTS  # every term a step can log; those no rank has are dropped
         total = distributed.sum_numbers([float(right)] + [terms.get(k, 0.0) for k in keys]
                                         + [float(k in terms) for k in keys])
         return {k: total[1 + i] for i, k in enumerate(keys) if total[1 + len(keys) + i] > 0}, int(round(total[0]))

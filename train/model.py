@@ -283,7 +283,7 @@ class DPNetModule(nn.Module):
         if self.class_layer == "owned":
             return self.classifier * self.own_mask()
         v = self.classifier if self.class_layer == "free" else F.relu(self.classifier)
-        return v * (self.owner >= 0) if bool((self.owner < 0).any()) else v  # pruned parts weigh nothing
+        return v * (self.owner >= 0)  # pruned parts (owner -1) weigh nothing; no branch, so no device sync
 
     def own_mask(self) -> torch.Tensor:
         """(C, P) bool: true where part p belongs to class c."""

@@ -69,8 +69,7 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
     Raises:
         InUseError: another live process works in the run folder.
     """
-    rank, ranks = distributed.world()
-    if rank > 0:  # under torchrun: rank 0 claims and locks the folder; the others only fit
+    if distributed.world()[0] > 0:  # under torchrun: rank 0 claims and locks the folder; the others only fit
         distributed.barrier()
         return _follow(cfg)
     run = claim_folder(Path(cfg.run_dir), "training", RUN_FILES)
