@@ -21,13 +21,14 @@ RANKS ?=
 CROP ?=
 DENSE ?=
 RUNTIME ?=
+HYPERCOLUMN ?=
 
 EXTRACT_ARGS = --dataset $(DATASET) $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(STORE),--store $(STORE)) $(if $(SEED),--seed $(SEED)) \
 	$(if $(BATCH),--batch-size $(BATCH)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(TEST_FRACTION),--test-fraction $(TEST_FRACTION)) \
 	$(if $(RANKS),--ranks $(RANKS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") \
 	$(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) \
-	$(if $(RUNTIME),--runtime $(RUNTIME))
+	$(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(filter 1 yes,$(HYPERCOLUMN)),--hypercolumn)
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=

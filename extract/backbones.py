@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dpnet.errors import UnknownNameError, WeightsNotFoundError
+from dpnet.errors import ConfigError, UnknownNameError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> Backbone:
+def create_backbone(name: str, weights: str | None = None, image_size: int | None = None,
+                    hypercolumn: bool = False) -> Backbone:
     """Build a frozen backbone in eval mode.
 
     Args:
@@ -87,6 +88,7 @@ def create_backbone(name: str, weights: str | None = None, image_size: int | Non
         image_size: the input size extraction will use. Convolutional nets take any size;
             fixed-size timm models (ViTs: DINOv2, CLIP, ...) are built for this size, rounded to
             a multiple of their patch (said in a warning), with their position embeddings resampled.
+        hypercolumn: append the shallower stride-16 stage to the last map (see :func:`with_hypercolumn`).
 
     Raises:
         UnknownNameError: the name is not registered; the message lists those that are.
@@ -99,10 +101,73 @@ def create_backbone(name: str, weights: str | None = None, image_size: int | Non
             bb = builder(weights)
     else:
         bb = builder(weights)
+    if hypercolumn:
+        bb = with_hypercolumn(bb)
     for module in (bb.body, bb.head):
         if module is not None:
             module.eval().requires_grad_(False)
     return bb
+
+
+class _Hypercolumn(nn.Module):
+    """An EfficientNet's last map (stride 32) with its last stride-16 stage average-pooled 2x2 onto
+    the same grid, concatenated on channels: Tensor[N, 3, S, S] -> Tensor[N, D + D16, H, W].
+
+    A region (whole grid cells) pools the pooled stage to the exact mean of the stride-16 stage over
+    the same pixels, so the cache's regions stay one box each.
+    """
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        shallow = x
+        for i, block in enumerate(m.blocks):
+            x = block(x)
+            if i == self.stage:
+                shallow = x
+        deep = m.bn2(m.conv_head(x))
+        return torch.cat([deep, _mean_2x2(shallow)], 1)
+
+
+def _mean_2x2(x: torch.Tensor) -> torch.Tensor:
+    """The mean of each 2x2 block of x (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2)); at an odd border
+    the block is what there is. Written as four strided slices of a zero-padded map over a count
+    (oneDNN's graph fuser in the frozen CPU body fails on avg_pool2d)."""
+    h, w = x.shape[-2:]
+    ph, pw = h % 2, w % 2
+    xp = nn.functional.pad(x, (0, pw, 0, ph))
+    sums = xp[:, :, 0::2, 0::2] + xp[:, :, 1::2, 0::2] + xp[:, :, 0::2, 1::2] + xp[:, :, 1::2, 1::2]
+    ones = nn.functional.pad(x.new_ones(1, 1, h, w), (0, pw, 0, ph))
+    count = ones[:, :, 0::2, 0::2] + ones[:, :, 1::2, 0::2] + ones[:, :, 0::2, 1::2] + ones[:, :, 1::2, 1::2]
+    return sums / count
+
+
+def with_hypercolumn(bb: Backbone) -> Backbone:
+    """``bb`` whose map also carries its shallower stride-16 stage (issue 16's finer descriptors).
+
+    EvalProtoPNet's SDFA rests on shallow layers keeping the spatial structure deep ones lose; here
+    that stage (112 channels on Lite0) is pooled into the same regions as the last map, as a
+    hypercolumn. Built for timm EfficientNets (Lite0, Lite2).
+
+    Raises:
+        ConfigError: the backbone has no such stage here.
+    """
+    from dataclasses import replace
+
+    model = getattr(bb.body, "model", None)
+    info = getattr(model, "feature_info", None)
+    if not isinstance(bb.body, _TimmBody) or not hasattr(model, "blocks") or info is None:
+        raise ConfigError(f"HYPERCOLUMN=1 is built for the EfficientNet backbones (efficientnet_lite0, "
+                          f"efficientnet_lite2), not {bb.name}: extract without it")
+    stage16 = [f for f in info if f["reduction"] == 16][-1]
+    stage = int(stage16["module"].split(".")[1])
+    return replace(bb, body=_Hypercolumn(model, stage), dim=bb.dim + int(stage16["num_chs"]),
+                   layer=f"{bb.layer} + {stage16['module']} (stride 16, {stage16['num_chs']} ch, 2x2 mean)",
+                   head=None)
 
 
 def _timm_builder(name: str, image_size: int | None) -> Callable[[str | None], Backbone]:

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", help=_per_dataset("dense", "square window sizes (grid cells) laid densely, stride 1, "
                                                          "before the random boxes, e.g. 1,2 (they count in --regions; "
                                                          "'none': no dense windows)"))
+    p.add_argument("--hypercolumn", action=argparse.BooleanOptionalAction,
+                   help="append the backbone's stride-16 stage, pooled into the same regions (EfficientNets; "
+                        "default off)")
     p.add_argument("--runtime", choices=RUNTIMES,
                    help="CPU backbone: frozen TorchScript with oneDNN fusion (1.5x faster), eager, or auto "
                         "(the default: frozen for caches of 64+ images)")

@@ -76,6 +76,7 @@ class ExtractConfig:
     crop: bool | None = None  # cut each image to its object box first (CUB protocol; needs boxes); None: the dataset's
     runtime: str = "auto"  # the CPU backbone: "eager", "frozen" (TorchScript + oneDNN fusion), "auto"
     dense: tuple[int, ...] | None = None  # square windows laid densely (stride 1) before the random boxes; None: the dataset's
+    hypercolumn: bool = False  # append the backbone's stride-16 stage to each region (EfficientNets; issue 16 lever 2)
 
     def __post_init__(self) -> None:
         """Options left None take the dataset's measured default (:data:`DATASET_DEFAULTS`), then the general one."""
@@ -89,7 +90,8 @@ class ExtractConfig:
         """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
         crop = "-crop" if self.crop else ""
         dense = "-d" + "".join(str(k) for k in self.dense) if self.dense else ""
-        return self.name or f"{self.dataset}-{self.backbone}-r{self.regions}{dense}-s{self.image_size}{crop}"
+        hc = "-hc" if self.hypercolumn else ""
+        return self.name or f"{self.dataset}-{self.backbone}{hc}-r{self.regions}{dense}-s{self.image_size}{crop}"
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -305,7 +307,8 @@ def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | N
         CacheMismatchError: the backbone weights found here are not those the cache was made with.
     """
     weights = manifest["weights"] if manifest["weights"] == "random" or Path(str(manifest["weights"])).is_file() else None
-    bb = create_backbone(manifest["backbone"], weights, manifest["image_size"])
+    bb = create_backbone(manifest["backbone"], weights, manifest["image_size"],
+                         bool(manifest.get("config", {}).get("hypercolumn", False)))
     if bb.weights_sha256 != manifest.get("weights_sha256"):
         raise CacheMismatchError(f"the {manifest['backbone']} weights found here ({bb.weights}) are not those the cache "
                                  f"{where} was extracted with ({manifest['weights']}): the same weights are needed")
@@ -410,7 +413,7 @@ CACHE_FILES = r"\.lock(-rank\d+)?|plan\.json|images\.tsv|manifest\.json|shards"
 def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) -> ExtractSummary:
     t0 = time.perf_counter()
     index = load_index(cfg)
-    bb = create_backbone(cfg.backbone, cfg.weights, cfg.image_size)
+    bb = create_backbone(cfg.backbone, cfg.weights, cfg.image_size, cfg.hypercolumn)
     grid = grid_size(bb, bb.fit_size(cfg.image_size))
     check_grid(cfg, grid)
     plan = make_plan(cfg, index, bb, grid)

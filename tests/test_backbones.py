@@ -118,3 +118,50 @@ def test_a_clip_vit_keeps_its_own_normalisation():
     assert bb.input_size == 48 and bb.mean == pytest.approx((0.4815, 0.4578, 0.4082), abs=1e-3)
     with torch.no_grad():
         assert bb.body(torch.zeros(1, 3, 48, 48)).shape == (1, 768, 3, 3)
+
+
+@pytest.mark.parametrize("side", [160, 144])  # stride-16 sides 10 (even) and 9 (odd: ceil to 5 cells)
+def test_hypercolumn_appends_the_stride16_stage_averaged_onto_the_last_grid(side):
+    """Issue 16 lever 2: the map is the plain last map, then blocks.4 (112 ch) averaged over each
+    cell's 2x2 (fewer at an odd border), checked against a hook and a loop."""
+    from extract.pipeline import FeatureExtractor
+    from extract.regions import region_means
+
+    plain = create_backbone("efficientnet_lite0", "random")
+    hc = create_backbone("efficientnet_lite0", "random", hypercolumn=True)
+    assert hc.dim == 1280 + 112 and "blocks.4" in hc.layer and grid_size(hc, side) == grid_size(plain, side)
+    x = torch.randn(2, 3, side, side)
+    seen = {}
+    plain.body.model.blocks[4].register_forward_hook(lambda m, i, o: seen.update(s=o))
+    with torch.no_grad():
+        deep, out = plain.body(x), hc.body(x)
+    s = seen["s"]
+    h, w = deep.shape[-2:]
+    assert out.shape == (2, 1392, h, w)
+    torch.testing.assert_close(out[:, :1280], deep)
+    for i in range(h):
+        for j in range(w):
+            cell = s[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(dim=(2, 3))
+            torch.testing.assert_close(out[:, 1280:, i, j], cell, rtol=1e-5, atol=1e-5)
+    if side == 160:  # a region of whole cells pools the stride-16 stage over exactly its pixels
+        box = torch.tensor([[[1, 0, 4, 3]]]).expand(2, 1, 4)
+        torch.testing.assert_close(region_means(out, box)[:, 0, 1280:], s[:, :, 0:6, 2:8].mean(dim=(2, 3)),
+                                   rtol=1e-5, atol=1e-5)
+    from extract.pipeline import frozen_body
+
+    frozen = frozen_body(hc.body, x)  # the CPU default for real caches: oneDNN's fuser must take it
+    assert frozen is not None
+    with torch.no_grad():
+        for _ in range(3):  # warm calls (TorchScript's profiling executor), then the fused graph
+            got = frozen(x)
+    torch.testing.assert_close(got, out, rtol=1e-3, atol=1e-3)
+    fx = FeatureExtractor(hc, (h, w), 7, 0, torch.device("cpu"))
+    regions, glob = fx((torch.rand(2, 3, side, side) * 255).to(torch.uint8), fx.boxes([0, 1]))
+    assert regions.shape == (2, 7, 1392) and glob.shape == (2, 1392)
+
+
+def test_hypercolumn_is_refused_for_a_backbone_without_the_stage():
+    from dpnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="HYPERCOLUMN=1 is built for the EfficientNet"):
+        create_backbone("resnet50", "random", hypercolumn=True)

@@ -273,3 +273,20 @@ def test_a_cache_started_by_another_dpnet_version_resumes_and_the_version_is_dpn
     (cache_dir / "plan.json").write_text(json.dumps(plan))
     run_extraction(cfg)
     assert RegionCache(cache_dir).manifest["code_version"] == "0.0.1"  # the version that started the cache
+
+
+def test_a_hypercolumn_cache_is_named_recorded_and_described_again_alike(tmp_path):
+    """HYPERCOLUMN=1: D = 1280 + 112 in the cache, '-hc' in its name, and the analysis's extractor (built
+    from the manifest) describes an image as the cache holds it."""
+    from extract.pipeline import extractor_for
+
+    cache = RegionCache(run_extraction(tiny_config(tmp_path, hypercolumn=True, image_size=96)).cache_dir)
+    m = cache.manifest
+    assert m["D"] == 1392 and m["config"]["hypercolumn"] is True and "-hc-" in cache.path.name
+    assert "blocks.4" in m["layer"]
+    fx = extractor_for(m, str(cache.path))
+    assert fx.bb.dim == 1392
+    a = cache.load_shard(0)
+    assert a["regions"].shape[-1] == 1392
+    plain = tiny_config(tmp_path, image_size=96)
+    assert "-hc" not in plain.cache_name() and plain.hypercolumn is False

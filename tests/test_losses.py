@@ -503,3 +503,55 @@ def test_the_last_layer_l1_sends_wrong_class_weights_to_zero():
         foreign[l1] = float((v * ~m.own_mask()).abs().sum())
     assert foreign[0.05] < 0.1 * foreign[0.0]
     assert DPNetClassifier(last_layer_l1=0.05).last_layer_l1 == 0.05  # a hyper-parameter like any other
+
+
+def test_the_occurrence_prior_against_a_loop(gen):
+    """C_occur (issue 16 lever 6): per part, the sorted occurrences against k_p ones after N - k_p zeros,
+    k_p the images of its class; mean absolute difference over images and parts."""
+    from train.losses import occurrence_cost
+
+    tau = torch.rand(7, 6, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 1, 0, 1, 2])
+    owner = torch.tensor([0, 0, 1, 1, 2, -1])  # the last part pruned: it should occur nowhere
+    total = 0.0
+    for p in range(6):
+        col = sorted(float(tau[n, p]) for n in range(7))
+        k = sum(1 for n in range(7) if int(labels[n]) == int(owner[p]))
+        prior = [0.0] * (7 - k) + [1.0] * k
+        total += sum(abs(a - b) for a, b in zip(col, prior)) / 7
+    assert float(occurrence_cost(tau, labels, owner)) == pytest.approx(total / 6)
+    exact = (labels[:, None] == owner[None, :]).to(torch.float64)  # each part on in its class's images only
+    assert float(occurrence_cost(exact, labels, owner)) == 0.0
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_the_occurrence_is_the_most_any_region_is_assigned_to_a_part(gen, similarity):
+    """tau_np = max_r softmax_p(s_pr a_p) over the regions ``rows`` picks (a loop over the picked regions)."""
+    m = random_module(gen, d=5, p=4, c=2, q=2, constraints=("orth", "assign", "cs", "occur"))
+    m.similarity = similarity
+    x = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)
+    rows = torch.tensor([[0, 2], [5, 1], [3, 4]])
+    s = m.scores(x).detach()
+    a = m.training_fold()[2].detach()
+    tau = m.occurrence(x, rows).detach()
+    for n in range(3):
+        for p in range(4):
+            probs = [math.exp(float(s[n, r, p] * a[p])) / sum(math.exp(float(s[n, r, j] * a[j])) for j in range(4))
+                     for r in rows[n].tolist()]
+            assert float(tau[n, p]) == pytest.approx(max(probs))
+    loss, terms = m.loss(x, torch.tensor([0, 1, 1]), rows=rows, gemm_dtype=torch.float64)
+    assert "occur" in terms and terms["occur"] > 0
+    loss.backward()
+    assert m.parts.grad is not None and torch.isfinite(m.parts.grad).all()
+
+
+def test_every_constraint_weight_reaches_the_module():
+    """A new constraint needs its lambda field and its term only: the estimator hands every known
+    constraint's weight to the module."""
+    from train.estimator import DPNetClassifier
+    from train.losses import KNOWN_CONSTRAINTS
+
+    est = DPNetClassifier(lambda_occur=0.37, lambda_clst=0.11, constraints=("orth", "occur"))
+    m = est.make_module(8, 3)
+    assert m.lambdas["occur"] == 0.37 and m.lambdas["clst"] == 0.11
+    assert set(KNOWN_CONSTRAINTS) <= set(m.lambdas) and m.constraints == ("orth", "occur")

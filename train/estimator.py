@@ -130,8 +130,7 @@ class DPNetClassifier:
         """An untrained module of this estimator's shape and loss."""
         constraints = tuple(c for c in self.constraints if c != "clst" or self.similarity == "cosine")
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, constraints,
-                           {"orth": self.lambda_orth, "assign": self.lambda_assign, "cs": self.lambda_cs,
-                            "clst": self.lambda_clst},
+                           {k: getattr(self, f"lambda_{k}") for k in KNOWN_CONSTRAINTS},
                            basis_dim=self._basis_dim(dim), similarity=self.similarity, class_layer=self.class_layer,
                            centre=self.centre, presence=self.presence)
 
@@ -312,7 +311,7 @@ class DPNetClassifier:
     def _entropy_rows(self, rng: np.random.Generator, n: int, n_regions: int, dev: torch.device) -> torch.Tensor | None:
         """(n, k) random distinct regions per image for the entropy estimate, or None for all."""
         k = self.entropy_regions
-        if "assign" not in self.constraints or k <= 0 or k >= n_regions:
+        if not {"assign", "occur"} & set(self.constraints) or k <= 0 or k >= n_regions:
             return None
         return torch.from_numpy(rng.random((n, n_regions)).argsort(1)[:, :k]).to(dev)
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 CONSTRAINTS = ("orth", "assign", "cs")  # the paper's
-KNOWN_CONSTRAINTS = CONSTRAINTS + ("clst",)  # clst: ProtoPNet's cluster cost (cosine similarity only)
+# clst: ProtoPNet's cluster cost (cosine similarity only); occur: region grouping's occurrence prior
+KNOWN_CONSTRAINTS = CONSTRAINTS + ("clst", "occur")
 
 
 def orthogonality(parts: torch.Tensor) -> torch.Tensor:
@@ -43,3 +44,28 @@ def foreign_mask(n_classes: int, n_parts: int, parts_per_class: int, like: torch
     return (owner[None, :] != torch.arange(n_classes, device=like.device)[:, None]).to(like.dtype)
 
 
+
+
+def occurrence_cost(occurrence: torch.Tensor, labels: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """C_occur: region grouping's prior on part occurrence (method.md; Huang & Li 2020, eq. 2), the 1-D
+    Wasserstein distance between each part's occurrences over the batch and its prior.
+
+    Their prior is a U-shaped Beta (a near-binary switch); its binary limit is a Bernoulli whose
+    "on" probability here is the share of the batch that shows the part's class (part p belongs
+    to class owner[p]): a part should occur, fully, in as many images as its class has in the batch,
+    and nowhere else. Between sorted samples the distance is the mean absolute difference of the
+    sorted occurrences and the sorted prior (k_p ones after N - k_p zeros). Pruned parts (owner -1)
+    are held to occur nowhere.
+
+    Args:
+        occurrence: tau, Tensor[N, P] in [0, 1], each part's occurrence in each image.
+        labels: Tensor[N] int64.
+        owner: Tensor[P] int64, each part's class.
+
+    Returns:
+        The mean over parts of W1, a scalar.
+    """
+    n = occurrence.shape[0]
+    shown = (labels[:, None] == owner[None, :]).sum(0)  # (P,) k_p
+    prior = (torch.arange(n, device=occurrence.device)[:, None] >= n - shown[None, :]).to(occurrence.dtype)
+    return (occurrence.sort(dim=0).values - prior).abs().mean()

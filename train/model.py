@@ -11,6 +11,7 @@ it holds, folded into the parts so that the scores stay one GEMM::
     logits = V b                                    (N, C): v_cp b_p are exact per-part contributions
     loss = CE + l_orth C_orth + l_assign C_assign + l_cs C_cs          (docs: method.md)
            + l_clst C_clst                          (cosine: each class's parts present in its images)
+           + l_occur C_occur                        (region grouping's occurrence prior, off by default)
 
 With ``class_layer="owned"`` V keeps only each class's own parts (v_cp = 0 for p not of c), so
 every class is explained by its own parts alone.
@@ -29,9 +30,9 @@ from torch import nn
 
 from train import native
 
-from .losses import CONSTRAINTS, class_specific, orthogonality
+from .losses import CONSTRAINTS, class_specific, occurrence_cost, orthogonality
 
-LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8}
+LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8, "occur": 0.1}
 SIMILARITIES = ("dot", "cosine")
 CLASS_LAYERS = ("free", "owned", "positive")
 POSITIVE_FOREIGN_INIT = 0.01  # a positive layer's start for other classes' parts: alive (ReLU), nearly silent
@@ -355,8 +356,21 @@ class DPNetModule(nn.Module):
             terms["assign"] = out.entropy
         if "clst" in self.constraints:
             terms["clst"] = cluster_cost(out.best, labels, self.parts_per_class)
+        if "occur" in self.constraints:
+            terms["occur"] = occurrence_cost(self.occurrence(regions, train.get("rows"), train.get("prepared", False)),
+                                             labels, self.owner)
         loss = terms["ce"] + sum(self.lambdas[k] * v for k, v in terms.items() if k != "ce")
         return loss, terms, out.logits
+
+    def occurrence(self, regions: torch.Tensor, rows: torch.Tensor | None = None,
+                   prepared: bool = False) -> torch.Tensor:
+        """tau (N, P): each part's occurrence in each image, region grouping's part detector: the most
+        any region is assigned to it, max_r softmax_p(s_pr a_p) with the assignment logits of C_assign.
+        ``rows`` (N, R') takes those regions only (the assignment entropy's random ones), else all."""
+        if rows is not None:
+            regions = regions.gather(1, rows.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
+        s = self.scores(regions, prepared)  # (N, R', P)
+        return (s * self.training_fold(prepared)[2]).softmax(dim=-1).amax(dim=1)
 
     def weight_loss(self) -> tuple[torch.Tensor, dict]:
         """The terms on U and V alone (C_orth, C_cs), weighted and summed: (loss, terms)."""

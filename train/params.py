@@ -50,19 +50,23 @@ class FitParams:
     batch_size: int = param(32, "images per optimiser step.", check=_at_least(1), want=">= 1")
     constraints: tuple[str, ...] = param(
         ("orth", "assign", "cs", "clst"),
-        "subset of (orth, assign, cs, clst); clst (cosine similarity only; left out, with a warning, for dot) is "
+        "subset of (orth, assign, cs, clst, occur); clst (cosine similarity only; left out, with a warning, for dot) is "
         "ProtoPNet's cluster cost: each part of a class should find a close region in every image of the class.",
         check=lambda v: set(v) <= set(KNOWN_CONSTRAINTS), want=f"a subset of {', '.join(KNOWN_CONSTRAINTS)}")
     lambda_orth: float = param(1e-2, "weight of C_orth.", check=_at_least(0), want=">= 0")
     lambda_assign: float = param(1e-3, "weight of C_assign.", check=_at_least(0), want=">= 0")
     lambda_cs: float = param(1e-3, "weight of C_cs.", check=_at_least(0), want=">= 0")
     lambda_clst: float = param(0.8, "weight of C_clst.", check=_at_least(0), want=">= 0")
+    lambda_occur: float = param(0.1, "weight of C_occur (constraint occur, off by default): region grouping's prior "
+                                     "on part occurrence, each part occurring in as many images of a batch as its "
+                                     "class has there (train.losses.occurrence_cost).", check=_at_least(0),
+                                want=">= 0")
     init: str = param("random", "random (Gaussian U; V Gaussian with dot similarity, else +1 on a part's own class "
                                 "and -0.5 elsewhere, or a small positive weight with the positive class layer) or "
                                 "regions (each part starts at a random training region of its class).", choices=INITS)
     backward: str = param("sparse", "dense (dW = dS^T X, a second GEMM) or sparse (the max-pool's gradient as a "
                                     "gather of the argmax rows); the same gradient either way.", choices=BACKWARDS)
-    entropy_regions: int = param(32, "regions per image the assignment entropy is averaged over at each step, "
+    entropy_regions: int = param(32, "regions per image the assignment entropy (and the occurrence prior) is averaged over at each step, "
                                      "drawn at random (an unbiased estimate); 0 takes every region.",
                                  check=_at_least(0), want=">= 0 (0: every region)")
     pca_dim: int = param(256, "D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised "
