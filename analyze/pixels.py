@@ -10,7 +10,7 @@
   random, and the class activation map of the global linear baseline on the same backbone.
   Every pixel measure comes with a 95% bootstrap interval over the sample's images.
 
-Images go through exactly extraction's path (:func:`extract.pipeline.extractor_for`); the
+Images go through exactly extraction's path (:func:`extract.runtime.extractor_for`); the
 forward passes of a sample are batched. Glossary: N images, R regions, D descriptor size,
 P parts, C classes, K keypoints, (H, W) the feature grid, S the input side.
 """
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from extract.cache import RegionCache
 from extract.images import load_rgb
-from extract.pipeline import extractor_for
+from extract.runtime import extractor_for
 from extract.regions import crop_box
 from train.estimator import DPNetClassifier
 

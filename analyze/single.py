@@ -17,7 +17,7 @@ from dpnet.files import mark_owned, output_errors, remove, remove_stale_temps, r
 from dpnet.files import safe_name, temp_path
 from extract.cache import RegionCache
 from extract.images import load_rgb
-from extract.pipeline import extractor_for
+from extract.runtime import extractor_for
 from extract.regions import boxes_to_pixels
 
 from . import draw

@@ -33,7 +33,9 @@ from dpnet.memory import large_buffers_reused
 from extract.backbones import create_backbone
 from extract.datasets import read_cub
 from extract.images import load_rgb
-from extract.pipeline import ExtractConfig, FeatureExtractor, frozen_body, run_extraction
+from extract.config import ExtractConfig
+from extract.pipeline import run_extraction
+from extract.runtime import FeatureExtractor, frozen_body
 from extract.synth import SynthSpec, ensure_synth
 
 

@@ -40,7 +40,8 @@ from dpnet.files import write_json_atomic
 from extract.cache import RegionCache, open_shard_writer
 from extract.pipeline import finish_manifest
 from train import native
-from train.estimator import DPNetClassifier, resolve_gemm_dtype, training_path
+from train.estimator import DPNetClassifier
+from train.gemm import resolve_gemm_dtype, training_path
 
 
 # The exact mode: the paper's model and arithmetic (dense backward, entropy on every region, float32).

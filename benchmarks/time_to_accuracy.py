@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from readme_block import write_block  # noqa: E402
 
-from train.estimator import DPNetClassifier, training_path  # noqa: E402
+from train.estimator import DPNetClassifier  # noqa: E402
+from train.gemm import training_path  # noqa: E402
 
 
 def run(cmd: list[str]) -> float:

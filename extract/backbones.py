@@ -135,15 +135,13 @@ class _Hypercolumn(nn.Module):
 
 def _mean_2x2(x: torch.Tensor) -> torch.Tensor:
     """The mean of each 2x2 block of x (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2)); at an odd border
-    the block is what there is. Written as four strided slices of a zero-padded map over a count
-    (oneDNN's graph fuser in the frozen CPU body fails on avg_pool2d)."""
+    the missing cells count as zeros. A depthwise stride-2 convolution of quarters: oneDNN's fuser
+    in the frozen CPU body fails on avg_pool2d, on strided slices and on dividing its tensors by a
+    count once an input shape changes, and takes convolutions."""
     h, w = x.shape[-2:]
-    ph, pw = h % 2, w % 2
-    xp = nn.functional.pad(x, (0, pw, 0, ph))
-    sums = xp[:, :, 0::2, 0::2] + xp[:, :, 1::2, 0::2] + xp[:, :, 0::2, 1::2] + xp[:, :, 1::2, 1::2]
-    ones = nn.functional.pad(x.new_ones(1, 1, h, w), (0, pw, 0, ph))
-    count = ones[:, :, 0::2, 0::2] + ones[:, :, 1::2, 0::2] + ones[:, :, 0::2, 1::2] + ones[:, :, 1::2, 1::2]
-    return sums / count
+    c = x.shape[1]
+    quarters = torch.full((c, 1, 2, 2), 0.25, dtype=x.dtype, device=x.device)  # never x.new_*: oneDNN's layout
+    return nn.functional.conv2d(nn.functional.pad(x, (0, w % 2, 0, h % 2)), quarters, stride=2, groups=c)
 
 
 def with_hypercolumn(bb: Backbone) -> Backbone:

@@ -10,7 +10,8 @@ from .cache import STORES
 from .datasets import list_datasets
 from dpnet.errors import ConfigError
 from dpnet.stop import run_command
-from .pipeline import DATASET_DEFAULTS, GENERAL_DEFAULTS, RUNTIMES, ExtractConfig, run_extraction
+from .config import DATASET_DEFAULTS, GENERAL_DEFAULTS, RUNTIMES, ExtractConfig
+from .pipeline import run_extraction
 
 
 # the synthetic set's options: ExtractConfig.synth's keys and their flags

@@ -2,7 +2,8 @@
 
 ``run_extraction(ExtractConfig(...))`` plans the cache (image order, shards), skips the
 shards already on disk, extracts the others, then writes the manifest. Killed at any point
-and run again, it resumes at the first missing shard and ends with the same cache.
+and run again, it resumes at the first missing shard and ends with the same cache. How the
+backbone runs (TorchScript, decoding workers, rank processes) is :mod:`extract.runtime`'s.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,131 +20,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpnet.device import resolve_device
 from dpnet.errors import BadImagesError, CacheMismatchError, ConfigError, DatasetLayoutError, DpnetError
-from dpnet.errors import check_options
 from dpnet.files import FolderLock, claim_folder, disk_full_as_error, keep_mark, read_json, remove, remove_stale_temps
 from dpnet.files import write_json_atomic, write_text_atomic
 from dpnet.memory import large_buffers_reused
 
 from dpnet import __version__
 from .backbones import Backbone, create_backbone, grid_size
-from .cache import FORMAT, STORES, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
+from .cache import FORMAT, ShardWriter, cache_identity, open_shard_writer, shard_path, shard_problems
 from .cache.location import Location
+from .config import RUNTIME_ONLY, ExtractConfig, ExtractSummary
 from .datasets import DatasetIndex, DatasetOptions, ImageRecord, load_dataset
-from .images import DecodedBatch, ImageFiles, collate
-from .regions import global_means, image_boxes, region_means
+from .images import DecodedBatch, ImageFiles
+from .runtime import FeatureExtractor, _loader, _rank_main, default_workers, resolve_runtime
 
 log = logging.getLogger(__name__)
-
-# Settings that may change between a run and its resume without changing the cache.
-RUNTIME_ONLY = ("batch_size", "workers", "device", "skip_bad", "progress", "out_root", "name", "ranks", "rank",
-                "world_size")
-
-
-# Per-dataset defaults of the region options, chosen by measurement (see the README): CUB is cropped
-# to the bird box (the protocol the field's part measures use) and gets a dense grid of 2x2-cell
-# windows beside the random boxes; ImageNet takes 100 regions (its cache would be 1.6 TB at 500).
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"cub": {"crop": True, "dense": (2,)}, "imagenet": {"regions": 100}}
-GENERAL_DEFAULTS: dict[str, Any] = {"regions": 500, "crop": False, "dense": ()}
-
-
-@dataclass
-class ExtractConfig:
-    """Everything stage 1 needs; saved (resolved) in the cache's plan and manifest."""
-
-    dataset: str = "synth"
-    data_dir: str | None = None
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    regions: int | None = None  # None: the dataset's default (DATASET_DEFAULTS), else 500
-    image_size: int = 544
-    store: str = "zarr"
-    seed: int = 0
-    shard_mb: float = 256.0
-    batch_size: int = 0  # 0: 8 on CPU, 64 on CUDA
-    workers: int = -1  # -1: auto, see default_workers
-    device: str = "auto"
-    skip_bad: bool = False
-    test_fraction: float = 0.5
-    synth: dict[str, int] = field(default_factory=lambda: {"n_classes": 10, "per_class": 60, "image_size": 256})
-    out_root: str = "data/cache"
-    name: str | None = None
-    progress: bool = True
-    ranks: int = 1  # processes to start on this machine, each taking every ranks-th shard
-    rank: int = -1  # this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1
-    world_size: int = 0
-    crop: bool | None = None  # cut each image to its object box first (CUB protocol; needs boxes); None: the dataset's
-    runtime: str = "auto"  # the CPU backbone: "eager", "frozen" (TorchScript + oneDNN fusion), "auto"
-    dense: tuple[int, ...] | None = None  # square windows laid densely (stride 1) before the random boxes; None: the dataset's
-    hypercolumn: bool = False  # append the backbone's stride-16 stage to each region (EfficientNets; issue 16 lever 2)
-
-    def __post_init__(self) -> None:
-        """Options left None take the dataset's measured default (:data:`DATASET_DEFAULTS`), then the general one."""
-        mine = DATASET_DEFAULTS.get(self.dataset, {})
-        for name, general in GENERAL_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, mine.get(name, general))
-        self.dense = tuple(self.dense)
-
-    def cache_name(self) -> str:
-        """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
-        crop = "-crop" if self.crop else ""
-        dense = "-d" + "".join(str(k) for k in self.dense) if self.dense else ""
-        hc = "-hc" if self.hypercolumn else ""
-        return self.name or f"{self.dataset}-{self.backbone}{hc}-r{self.regions}{dense}-s{self.image_size}{crop}"
-
-    def resolved_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    def validate(self) -> "ExtractConfig":
-        """Refuse values an option cannot take, naming the option (make's name first) and its range.
-
-        Raises:
-            ConfigError: the first option out of its range.
-        """
-        from .datasets import list_datasets
-
-        checks = [("DATASET (--dataset)", self.dataset, self.dataset in list_datasets(),
-                   f"one of the known datasets: {', '.join(list_datasets())}"),
-                  ("REGIONS (--regions)", self.regions, self.regions >= 1, ">= 1"),
-                  ("IMAGE_SIZE (--image-size)", self.image_size, self.image_size >= MIN_IMAGE_SIZE,
-                   f">= {MIN_IMAGE_SIZE} pixels"),
-                  ("TEST_FRACTION (--test-fraction)", self.test_fraction, 0.0 <= self.test_fraction <= 1.0, "in [0, 1]"),
-                  ("BATCH (--batch-size)", self.batch_size, self.batch_size >= 0, ">= 1, or 0 for the device's default"),
-                  ("WORKERS (--workers)", self.workers, self.workers >= -1, ">= 0, or -1 for auto"),
-                  ("SEED (--seed)", self.seed, 0 <= self.seed < 2**32, "in [0, 2^32)"),
-                  ("RANKS (--ranks)", self.ranks, self.ranks >= 1, ">= 1"),
-                  ("--shard-mb", self.shard_mb, self.shard_mb > 0, "> 0"),
-                  ("DENSE (--dense)", self.dense, all(isinstance(k, int) and k >= 1 for k in self.dense),
-                   "window sizes >= 1 (grid cells), e.g. 2 or 1,2, or none"),
-                  ("STORE (--store)", self.store, self.store in STORES, f"one of {', '.join(STORES)}"),
-                  ("RUNTIME (--runtime)", self.runtime, self.runtime in RUNTIMES, f"one of {', '.join(RUNTIMES)}")]
-        check_options(checks)
-        return self
-
-    def resolved_rank(self) -> tuple[int, int]:
-        """(rank, world size): given, else from torchrun's environment, else (0, 1)."""
-        if self.rank >= 0:
-            return self.rank, max(self.world_size, 1)
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@dataclass
-class ExtractSummary:
-    """What one call of :func:`run_extraction` did."""
-
-    cache_dir: Path
-    images: int
-    shards_written: int
-    shards_total: int
-    bytes_on_disk: int
-    seconds: float
-    skipped: list[dict[str, str]]
-
-    def line(self) -> str:
-        return (f"{self.cache_dir}: {self.images} images, {self.shards_written}/{self.shards_total} shards "
-                f"written this run, {self.bytes_on_disk / 2**20:.1f} MiB on disk, {self.seconds:.1f} s")
 
 
 def load_index(cfg: ExtractConfig) -> DatasetIndex:
@@ -226,145 +117,6 @@ def image_table_text(order: list[ImageRecord]) -> str:
     return "\n".join(rows) + "\n"
 
 
-class FeatureExtractor:
-    """Backbone + region pooling for decoded uint8 batches, on one device.
-
-    ``runtime="frozen"`` (CPU) runs the backbone as a frozen TorchScript graph with oneDNN's
-    operator fusion: EfficientNet-Lite0 at 544 px ran 1.5x faster than eager on the 2-core
-    reference machine, its maps within 2e-5 of eager's (relative), far inside float16's
-    precision. It is made on the first batch (a few seconds); a backbone that cannot be traced
-    runs eager, with a warning.
-    """
-
-    def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device,
-                 runtime: str = "eager", dense: tuple[int, ...] = ()):
-        self.bb, self.grid, self.n_regions, self.seed, self.device = bb, grid, n_regions, seed, device
-        self.dense = tuple(dense)
-        self.cuda = device.type == "cuda"
-        # channels_last on both devices: measured 1.7x faster on CPU (oneDNN) for Lite0 at 544 px.
-        self.body = bb.body.to(device).to(memory_format=torch.channels_last)
-        self.runtime = "eager" if self.cuda else runtime
-        self._frozen = None
-        self._warm: set[tuple[int, ...]] = set()
-        std = torch.tensor(bb.std, device=device).view(1, 3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std = x * scale - shift
-        self.neg_shift = -torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
-
-    def boxes(self, image_ids: list[int]) -> np.ndarray:
-        """int16 (N, R, 4) boxes of these images."""
-        h, w = self.grid
-        return np.stack([image_boxes(self.seed, i, self.n_regions, h, w, self.dense) for i in image_ids])
-
-    @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
-        regions, glob = self.pool(self.features(self.normalise(pixels)), boxes)
-        return regions.half().cpu().numpy(), glob.half().cpu().numpy()
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float (N, 3, S, S) -> the backbone's map, float32 (N, D, H, W)."""
-        if self.cuda:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.body(x).float()
-        return self._cpu_body(x).float()
-
-    @torch.no_grad()
-    def pool(self, fmap: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map (N, D, H, W) and grid boxes (N, R, 4) -> float32 region means (N, R, D) and global means (N, D)."""
-        return region_means(fmap, torch.from_numpy(boxes).to(self.device)), global_means(fmap)
-
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, S, S) -> float32 (x / 255 - mean) / std on the device, in two passes.
-
-        Laid out channels_last for eager convolutions (1.7x faster on CPU for Lite0); the frozen
-        graph takes planar input (oneDNN reorders it once itself: 1.1 ms per image less at 544 px).
-        """
-        layout = torch.contiguous_format if self.runtime == "frozen" else torch.channels_last
-        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=layout)
-        return torch.addcmul(self.neg_shift, x.float(), self.scale)
-
-    def _cpu_body(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runtime == "frozen" and self._frozen is None:
-            self._frozen = frozen_body(self.body, x) or self.body
-        body = self._frozen if self._frozen is not None else self.body
-        if self._frozen is not None and tuple(x.shape) not in self._warm:
-            # TorchScript's profiling executor runs the first calls of each input shape through other
-            # (unfused) kernels, whose float rounding differs: a resumed cache would differ from an
-            # unbroken one in the first and last batch of its first shard. Every real call is a warm one.
-            for _ in range(FROZEN_WARMUP_CALLS):
-                body(x)
-            self._warm.add(tuple(x.shape))
-        return body(x)
-
-
-def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | None = None,
-                  runtime: str = "eager") -> FeatureExtractor:
-    """The extraction stage of a cache, again: its backbone (with the same weights, or an error),
-    input size, grid, R and seed, so images described now match the cached ones.
-
-    Raises:
-        CacheMismatchError: the backbone weights found here are not those the cache was made with.
-    """
-    weights = manifest["weights"] if manifest["weights"] == "random" or Path(str(manifest["weights"])).is_file() else None
-    bb = create_backbone(manifest["backbone"], weights, manifest["image_size"],
-                         bool(manifest.get("config", {}).get("hypercolumn", False)))
-    if bb.weights_sha256 != manifest.get("weights_sha256"):
-        raise CacheMismatchError(f"the {manifest['backbone']} weights found here ({bb.weights}) are not those the cache "
-                                 f"{where} was extracted with ({manifest['weights']}): the same weights are needed")
-    return FeatureExtractor(bb, tuple(manifest["grid"]), manifest["R"], manifest["seed"],
-                            device or torch.device("cpu"), runtime, tuple(manifest.get("config", {}).get("dense", ())))
-
-
-def frozen_body(body: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module | None:
-    """``body`` traced on ``example``, frozen, with oneDNN fusion on; None (with a warning) when it cannot be."""
-    import warnings
-
-    torch.jit.enable_onednn_fusion(True)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # TorchScript is deprecated for torch.compile, which ran Lite0 slower here (25-30 img/s
-            # against 35 at 544 px, 2 cores): keep it while that holds
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+.* is deprecated")
-            return torch.jit.freeze(torch.jit.trace(body.eval(), example[:1], check_trace=False))
-    except Exception as exc:  # noqa: BLE001 - any model TorchScript cannot trace runs eager instead
-        log.warning("the backbone cannot be frozen for the CPU (%s: %s); it runs eager (slower)",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return None
-
-
-def resolve_runtime(runtime: str, device: torch.device, n_images: int) -> str:
-    """"eager" or "frozen" for ``runtime`` = "auto" | "eager" | "frozen".
-
-    auto: frozen on the CPU for caches of at least FROZEN_MIN_IMAGES images (its few seconds of
-    set-up pay for themselves), eager otherwise and on CUDA (which runs bfloat16 autocast).
-    """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if runtime != "auto":
-        return runtime
-    return "frozen" if device.type == "cpu" and n_images >= FROZEN_MIN_IMAGES else "eager"
-
-
-RUNTIMES = ("auto", "eager", "frozen")
-FROZEN_WARMUP_CALLS = 2  # the profiling executor's runs of a new shape before its optimised graph
-MIN_IMAGE_SIZE = 32  # below this no backbone has a feature grid; the grid itself is checked once it is known
-FROZEN_MIN_IMAGES = 64
-
-
-def default_workers(cuda: bool, cores: int) -> int:
-    """Decoding processes when ``workers=-1``.
-
-    On CUDA the CPU only decodes: up to 8 workers. On CPU the backbone already uses every
-    core, and an extra decoding process oversubscribes them: on the 2-core reference machine
-    decoding in the main process was 0.2-0.3 s faster per 64 images at 544 px than one worker.
-    So CPU runs decode in-process unless there are cores to spare.
-    """
-    if cuda:
-        return min(8, cores)
-    return 0 if cores <= 4 else min(4, cores // 4)
-
-
 def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) -> list[list[int]]:
     """Batches of cache positions that never cross a shard boundary (so resumed batches match)."""
     out = []
@@ -372,14 +124,6 @@ def _batches(bounds: list[tuple[int, int]], todo: list[int], batch_size: int) ->
         a, b = bounds[s]
         out += [list(range(i, min(i + batch_size, b))) for i in range(a, b, batch_size)]
     return out
-
-
-def _loader(files: ImageFiles, batches: list[list[int]], workers: int, pin: bool):
-    if workers == 0 and not pin:  # in-process decoding: a plain loop, without DataLoader's machinery
-        return (collate([files[i] for i in batch]) for batch in batches)
-    return torch.utils.data.DataLoader(files, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin,
-                                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
@@ -497,29 +241,6 @@ def _summary(cache_dir: Path, manifest: dict[str, Any], written: int, seconds: f
     size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
     return ExtractSummary(cache_dir, manifest["n_images"], written, len(manifest["shards"]), size, seconds,
                           manifest["skipped"])
-
-
-def _rank_main(cfg: ExtractConfig, threads: int, parent: int) -> None:
-    _die_with_parent(parent)
-    # Each rank uses the parent's torch thread count: the CPU kernels' results can depend on
-    # it (and a spawned child would otherwise read OMP_NUM_THREADS afresh), and the cache must
-    # not depend on how many ranks made it.
-    torch.set_num_threads(threads)
-    run_extraction(cfg)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this process when its parent dies (Linux), so a killed ``RANKS=N``
-    run leaves no rank working on; exit at once if the parent is already gone."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        log.debug("no prctl here: ranks outlive a killed parent")
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _run_ranks(cfg: ExtractConfig) -> ExtractSummary:

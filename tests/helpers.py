@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from extract.pipeline import ExtractConfig
+from extract.config import ExtractConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -278,7 +278,7 @@ def test_a_cache_started_by_another_dpnet_version_resumes_and_the_version_is_dpn
 def test_a_hypercolumn_cache_is_named_recorded_and_described_again_alike(tmp_path):
     """HYPERCOLUMN=1: D = 1280 + 112 in the cache, '-hc' in its name, and the analysis's extractor (built
     from the manifest) describes an image as the cache holds it."""
-    from extract.pipeline import extractor_for
+    from extract.runtime import extractor_for
 
     cache = RegionCache(run_extraction(tiny_config(tmp_path, hypercolumn=True, image_size=96)).cache_dir)
     m = cache.manifest

@@ -1,6 +1,6 @@
 """Faults, bad input and hostile files (issue 10): each test is a behaviour a user met and the fix.
 
-Items are numbered as in the issue. Kills use SIGKILL on real child processes; "dead" temp
+Grouped by what they test; each section names the audit item it came from (issue 10's numbers). Kills use SIGKILL on real child processes; "dead" temp
 files carry the pid of a process that has exited.
 """
 
@@ -77,7 +77,11 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if re.search(r"\.tmp-\d+|\.tmp$|\.unpack-\d+", p.name)]
 
 
-# ------------------------------------------------------------------------------ 1. pickles
+# ==================================================================================================
+# FILES THAT MUST NEVER RUN: pickles and compiled kernels
+# ==================================================================================================
+
+# --------------------------------------------------------------------------------- pickles (item 1)
 class Plant:
     """Unpickling this creates ``marker``: proof that a file's code ran."""
 
@@ -89,7 +93,7 @@ class Plant:
 
 
 @pytest.mark.parametrize("target", ["model", "checkpoint"])
-def test_01_a_pickle_planted_in_a_run_is_never_run(copy, capsys, target):
+def test_a_pickle_planted_in_a_run_is_never_run(copy, capsys, target):
     marker = copy.tmp / "pwned"
     torch.save({"kind": "dpnet-model", "params": Plant(marker), "format": "x"}, copy.run / f"{target}.pt")
     commands = [lambda: train_main(train_args(copy.cache, copy.run, "--epochs", "4"))]
@@ -107,7 +111,7 @@ def test_01_a_pickle_planted_in_a_run_is_never_run(copy, capsys, target):
     assert codes == [2] * len(codes) and f"{target}.pt" in err
 
 
-# ------------------------------------------------------------------------------ 2. kernel
+# ---------------------------------------------------------------------------------- kernel (item 2)
 def _build_name(tmp: Path, monkeypatch) -> str:
     """The file name the real kernel build gets (built once in a scratch folder)."""
     from train import native
@@ -130,7 +134,7 @@ def _plant_library(path: Path, marker: Path) -> None:
     src.unlink()
 
 
-def test_02_a_kernel_planted_in_the_temporary_folder_is_not_loaded(tmp_path, monkeypatch):
+def test_a_kernel_planted_in_the_temporary_folder_is_not_loaded(tmp_path, monkeypatch):
     import tempfile
 
     from train import native
@@ -153,7 +157,7 @@ def test_02_a_kernel_planted_in_the_temporary_folder_is_not_loaded(tmp_path, mon
 
 
 @pytest.mark.parametrize("how", ["writable_by_others", "owned_by_another_user"])
-def test_02_a_kernel_in_an_unsafe_build_folder_is_not_loaded(tmp_path, monkeypatch, how):
+def test_a_kernel_in_an_unsafe_build_folder_is_not_loaded(tmp_path, monkeypatch, how):
     from train import native
 
     name = _build_name(tmp_path, monkeypatch)
@@ -177,7 +181,164 @@ def test_02_a_kernel_in_an_unsafe_build_folder_is_not_loaded(tmp_path, monkeypat
     assert lib is not None  # built privately instead: training keeps its kernel
 
 
-# ------------------------------------------------------------------------ 3. report escaping
+# ==================================================================================================
+# IMAGES AND NAMES A USER HANDS US: paths, encodings, non-images, 16-bit tones
+# ==================================================================================================
+
+# -------------------------------------------------------------------------- path traversal (item 4)
+def _cub_layout(root: Path, paths: list[str]) -> None:
+    root.mkdir(parents=True)
+    (root / "images.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(paths)))
+    (root / "image_class_labels.txt").write_text("".join(f"{i + 1} 1\n" for i in range(len(paths))))
+    (root / "train_test_split.txt").write_text("".join(f"{i + 1} {i % 2}\n" for i in range(len(paths))))
+
+
+@pytest.mark.parametrize("bad", ["../outside.jpg", "a/../../outside.jpg", "/etc/hostname"])
+def test_image_paths_leaving_the_dataset_are_refused(tmp_path, bad):
+    from extract.datasets import read_cub
+
+    _cub_layout(tmp_path / "cub", ["ok/a.jpg", bad])
+    with pytest.raises(DatasetLayoutError, match=r"images\.txt:2"):
+        read_cub(tmp_path / "cub")
+
+
+# ------------------------------------------------------------------- non-UTF-8 file names (item 11)
+def test_a_file_name_that_is_not_utf8_gets_a_clear_error(tmp_path, capsys):
+    _folder_set(tmp_path / "raw", ["a", "b"])
+    bad = os.path.join(os.fsencode(tmp_path / "raw" / "train" / "a"), b"caf\xe9.png")
+    shutil.copyfile(tmp_path / "raw" / "train" / "a" / "im0.png", bad)
+    code = extract_main(["--dataset", "folder", "--data-dir", str(tmp_path / "raw"), "--weights", "random",
+                         "--regions", "4", "--image-size", "64", "--out-root", str(tmp_path / "cache"),
+                         "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "caf\\xe9.png" in err and "rename" in err
+
+
+# -------------------------------------------------------------------- explain a non-image (item 15)
+def test_explaining_a_file_that_is_not_an_image_names_it(copy, capsys):
+    fake = copy.tmp / "notes.jpg"
+    fake.write_text("these are not pixels")
+    assert analyze_main(["explain", str(fake), "--run", str(copy.run)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.jpg" in err and "not a readable image" in err
+
+
+# ----------------------------------------------------------------------------- 16-bit PNG (item 20)
+def test_a_16_bit_png_keeps_its_tones(tmp_path):
+    from extract.images import load_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # dark to bright, left to right
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb, _ = load_rgb(path, 64)
+    want = np.round(ramp / 257.0)
+    got = rgb[..., 0].astype(float)[:32]
+    assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2].astype(int)).max() == 0  # grey stays grey
+    assert rgb.min() < 10 and rgb.max() > 245
+    np.testing.assert_allclose(got.mean(0)[4:-4], np.interp(np.arange(64), np.arange(64), want[0])[4:-4], atol=6)
+
+
+# ==================================================================================================
+# CACHES THAT ARE DAMAGED OR DISAGREE: chunks, manifests, identity, non-finite values
+# ==================================================================================================
+
+# -------------------------------------------------------------------------- missing chunks (item 5)
+@pytest.mark.parametrize("field", ["regions", "labels"])
+def test_a_deleted_chunk_is_an_error_naming_the_shard(copy, capsys, field):
+    chunks = sorted(p for p in (copy.cache / "shards" / "00000.zarr" / field / "c").rglob("*") if p.is_file())
+    chunks[-1].unlink()
+    with pytest.raises(CacheIncompleteError, match=r"00000\.zarr"):
+        RegionCache(copy.cache).load_shard(0)
+    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
+    err = capsys.readouterr().err
+    assert "00000.zarr" in err and "make extract" in err
+
+
+# ----------------------------------------------------------------- manifest against shards (item 6)
+@pytest.mark.parametrize("key", ["R", "D"])
+def test_a_manifest_that_disagrees_with_its_shards_is_refused(copy, capsys, key):
+    path = copy.cache / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest[key] += 4
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match=rf"00000\.zarr.*\b{key}\b"):
+        RegionCache(copy.cache)
+    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- damaged caches (item 12-13)
+@pytest.mark.parametrize("damage", ["deleted shard", "manifest.json", "shards/00000.zarr/zarr.json",
+                                    "shards/00001.zarr/regions/zarr.json"])
+def test_a_damaged_cache_gets_an_error_naming_the_file_and_the_fix(copy, capsys, damage):
+    if damage == "deleted shard":
+        shutil.rmtree(copy.cache / "shards" / "00001.zarr")
+        named = "00001.zarr"
+    else:
+        path = copy.cache / damage
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        named = damage.split("/")[-1] if damage == "manifest.json" else damage.split("/")[1]
+    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
+    err = capsys.readouterr().err
+    assert named in err and "make extract" in err and "Traceback" not in err
+
+
+# -------------------------------------------------------------------------- cache identity (item 7)
+def test_a_checkpoint_or_model_of_another_cache_with_equal_shapes_is_refused(tmp_path):
+    a = RegionCache(run_extraction(tiny_config(tmp_path / "a")).cache_dir)
+    b = RegionCache(run_extraction(tiny_config(tmp_path / "b", synth={"n_classes": 3, "per_class": 6,
+                                                                       "image_size": 64, "seed": 1})).cache_dir)
+    assert (a.n_regions, a.dim, a.n_classes) == (b.n_regions, b.dim, b.n_classes)
+    quick = dict(parts_per_class=2, inner_epochs=1, lr=1e-2, batch_size=4, val_fraction=0.0)
+    ck = tmp_path / "checkpoint.pt"
+    DPNetClassifier(epochs=1, **quick).fit(a, checkpoint=ck)
+    with pytest.raises(CacheMismatchError, match="another cache"):
+        DPNetClassifier(epochs=2, **quick).fit(b, checkpoint=ck)
+    est = DPNetClassifier(epochs=1, **quick).fit(a)
+    est.save(tmp_path / "model.pt")
+    with pytest.raises(CacheMismatchError, match="another cache"):
+        DPNetClassifier.load(tmp_path / "model.pt", b)
+    DPNetClassifier.load(tmp_path / "model.pt", a)  # its own cache is fine
+
+
+# ------------------------------------------------------------------- non-finite values (item 16-17)
+def _poke(cache: Path, shard: int, field: str, index: tuple, value: float) -> int:
+    """Set one value of a stored array; returns the image id of the row touched."""
+    import zarr
+
+    group = zarr.open_group(str(cache / "shards" / f"{shard:05d}.zarr"), mode="r+")
+    arr = group[field]
+    row = arr[index[0]]
+    row[index[1:]] = value
+    arr[index[0]] = row
+    return int(group["image_ids"][index[0]])
+
+
+def test_inf_in_a_global_descriptor_is_named_before_scikit_learn(copy, capsys):
+    image = _poke(copy.cache, 0, "global", (0, 5), np.inf)
+    argv = train_args(copy.cache, copy.tmp / "r")
+    argv.remove("--no-baselines")
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"image id {image}" in err and "00000" in err and "Traceback" not in err
+
+
+def test_nan_in_the_cache_stops_the_report_naming_the_image(copy, capsys):
+    cache = RegionCache(copy.cache)
+    shard = next(s for s in range(cache.n_shards) if cache.rows(s, "test")[1] > cache.rows(s, "test")[0])
+    row = cache.rows(shard, "test")[0]
+    image = _poke(copy.cache, shard, "regions", (row, 3, 7), np.nan)
+    assert analyze_main(["report", "--run", str(copy.run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"image id {image}" in err and f"{shard:05d}" in err
+
+
+# ==================================================================================================
+# THE REPORT'S PAGE: escaping and the atomic swap
+# ==================================================================================================
+
+# ------------------------------------------------------------------------- report escaping (item 3)
 class _Tags(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
@@ -201,7 +362,7 @@ def _folder_set(root: Path, classes: list[str], per_split: int = 4, names=None) 
                 Image.fromarray(pixels).save(folder / f"{stem}.png")
 
 
-def test_03_hostile_class_and_file_names_cannot_inject_markup(tmp_path):
+def test_hostile_class_and_file_names_cannot_inject_markup(tmp_path):
     from analyze.report import build_report
     from train.run import train_run
 
@@ -219,67 +380,40 @@ def test_03_hostile_class_and_file_names_cannot_inject_markup(tmp_path):
     assert "&lt;svg onload=alert(1)&gt;" in page.read_text()  # the name is shown, escaped
 
 
-# ------------------------------------------------------------------------ 4. path traversal
-def _cub_layout(root: Path, paths: list[str]) -> None:
-    root.mkdir(parents=True)
-    (root / "images.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(paths)))
-    (root / "image_class_labels.txt").write_text("".join(f"{i + 1} 1\n" for i in range(len(paths))))
-    (root / "train_test_split.txt").write_text("".join(f"{i + 1} {i % 2}\n" for i in range(len(paths))))
+# --------------------------------------------------------------------------- report atomic (item 9)
+KILLED_REPORT = """
+import os, pathlib, signal, sys
+sys.path.insert(0, {root!r})
+import analyze.report as rp
+orig = rp._Renderer.gallery
+def die(self):
+    orig(self)
+    os.kill(os.getpid(), signal.SIGKILL)
+rp._Renderer.gallery = die
+rp.build_report(pathlib.Path({run!r}), k=2, n_show=2)
+"""
 
 
-@pytest.mark.parametrize("bad", ["../outside.jpg", "a/../../outside.jpg", "/etc/hostname"])
-def test_04_image_paths_leaving_the_dataset_are_refused(tmp_path, bad):
-    from extract.datasets import read_cub
+def test_a_report_killed_while_it_renders_leaves_the_old_one_whole(copy):
+    from analyze.report import build_report
 
-    _cub_layout(tmp_path / "cub", ["ok/a.jpg", bad])
-    with pytest.raises(DatasetLayoutError, match=r"images\.txt:2"):
-        read_cub(tmp_path / "cub")
-
-
-# ----------------------------------------------------------------------- 5. missing chunks
-@pytest.mark.parametrize("field", ["regions", "labels"])
-def test_05_a_deleted_chunk_is_an_error_naming_the_shard(copy, capsys, field):
-    chunks = sorted(p for p in (copy.cache / "shards" / "00000.zarr" / field / "c").rglob("*") if p.is_file())
-    chunks[-1].unlink()
-    with pytest.raises(CacheIncompleteError, match=r"00000\.zarr"):
-        RegionCache(copy.cache).load_shard(0)
-    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
-    err = capsys.readouterr().err
-    assert "00000.zarr" in err and "make extract" in err
+    page = build_report(copy.run, k=3, n_show=4)
+    text = page.read_text()
+    linked = [page.parent / s for s in re.findall(r"src='([^']+)'", text)]
+    before = {p: sha(p) for p in linked}
+    proc = python(KILLED_REPORT.format(root=str(ROOT), run=str(copy.run)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert page.read_text() == text
+    assert {p: sha(p) for p in linked} == before, "the old page links images of the killed run"
+    build_report(copy.run, k=2, n_show=2)
+    assert not leftovers(copy.run), "the dead report's temporary folder was left behind"
 
 
-# ---------------------------------------------------------------- 6. manifest against shards
-@pytest.mark.parametrize("key", ["R", "D"])
-def test_06_a_manifest_that_disagrees_with_its_shards_is_refused(copy, capsys, key):
-    path = copy.cache / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest[key] += 4
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match=rf"00000\.zarr.*\b{key}\b"):
-        RegionCache(copy.cache)
-    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
-    assert "manifest.json" in capsys.readouterr().err
+# ==================================================================================================
+# WRITES THAT SURVIVE NEIGHBOURS, KILLS AND FULL DISKS
+# ==================================================================================================
 
-
-# ------------------------------------------------------------------------ 7. cache identity
-def test_07_a_checkpoint_or_model_of_another_cache_with_equal_shapes_is_refused(tmp_path):
-    a = RegionCache(run_extraction(tiny_config(tmp_path / "a")).cache_dir)
-    b = RegionCache(run_extraction(tiny_config(tmp_path / "b", synth={"n_classes": 3, "per_class": 6,
-                                                                       "image_size": 64, "seed": 1})).cache_dir)
-    assert (a.n_regions, a.dim, a.n_classes) == (b.n_regions, b.dim, b.n_classes)
-    quick = dict(parts_per_class=2, inner_epochs=1, lr=1e-2, batch_size=4, val_fraction=0.0)
-    ck = tmp_path / "checkpoint.pt"
-    DPNetClassifier(epochs=1, **quick).fit(a, checkpoint=ck)
-    with pytest.raises(CacheMismatchError, match="another cache"):
-        DPNetClassifier(epochs=2, **quick).fit(b, checkpoint=ck)
-    est = DPNetClassifier(epochs=1, **quick).fit(a)
-    est.save(tmp_path / "model.pt")
-    with pytest.raises(CacheMismatchError, match="another cache"):
-        DPNetClassifier.load(tmp_path / "model.pt", b)
-    DPNetClassifier.load(tmp_path / "model.pt", a)  # its own cache is fine
-
-
-# --------------------------------------------------------------------------------- 8. locks
+# ----------------------------------------------------------------------------------- locks (item 8)
 SLOW = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
@@ -294,7 +428,7 @@ m.{owner}.{method} = slow
 """
 
 
-def test_08_a_second_extraction_of_one_cache_says_who_holds_it(tmp_path):
+def test_a_second_extraction_of_one_cache_says_who_holds_it(tmp_path):
     flag = tmp_path / "started"
     run = f"from tests.helpers import tiny_config\nm.run_extraction(tiny_config(pathlib.Path({str(tmp_path)!r})))"
     first = spawn(SLOW.format(root=str(ROOT), module="extract.pipeline", owner="FeatureExtractor", method="__call__",
@@ -310,14 +444,14 @@ def test_08_a_second_extraction_of_one_cache_says_who_holds_it(tmp_path):
     run_extraction(tiny_config(tmp_path))  # the holder is gone: the cache is free again
 
 
-def test_08_a_second_training_into_one_run_folder_says_who_holds_it(copy):
+def test_a_second_training_into_one_run_folder_says_who_holds_it(copy):
     from train.run import train_run
 
     flag = copy.tmp / "started"
     options = dict(cache=str(copy.cache), run_dir=str(copy.tmp / "r"), parts_per_class=2, epochs=30, inner_epochs=1,
                    lr=1e-2, batch_size=4, val_fraction=0.0, baselines=False, progress=False)
     run = f"from tests.helpers import train_config\nimport train.run as tr\ntr.train_run(train_config(**{options!r}))"
-    first = spawn(SLOW.format(root=str(ROOT), module="train.estimator", owner="DPNetClassifier", method="_run_epoch",
+    first = spawn(SLOW.format(root=str(ROOT), module="train.trainer", owner="Trainer", method="_run_epoch",
                               flag=str(flag), run=run))
     try:
         wait_for(lambda: flag.exists() or first.poll() is not None, what="the first training")
@@ -329,36 +463,7 @@ def test_08_a_second_training_into_one_run_folder_says_who_holds_it(copy):
         first.wait()
 
 
-# ------------------------------------------------------------------------ 9. report atomic
-KILLED_REPORT = """
-import os, pathlib, signal, sys
-sys.path.insert(0, {root!r})
-import analyze.report as rp
-orig = rp._Renderer.gallery
-def die(self):
-    orig(self)
-    os.kill(os.getpid(), signal.SIGKILL)
-rp._Renderer.gallery = die
-rp.build_report(pathlib.Path({run!r}), k=2, n_show=2)
-"""
-
-
-def test_09_a_report_killed_while_it_renders_leaves_the_old_one_whole(copy):
-    from analyze.report import build_report
-
-    page = build_report(copy.run, k=3, n_show=4)
-    text = page.read_text()
-    linked = [page.parent / s for s in re.findall(r"src='([^']+)'", text)]
-    before = {p: sha(p) for p in linked}
-    proc = python(KILLED_REPORT.format(root=str(ROOT), run=str(copy.run)))
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert page.read_text() == text
-    assert {p: sha(p) for p in linked} == before, "the old page links images of the killed run"
-    build_report(copy.run, k=2, n_show=2)
-    assert not leftovers(copy.run), "the dead report's temporary folder was left behind"
-
-
-# --------------------------------------------------------------------- 10. log after a kill
+# ----------------------------------------------------------------------- log after a kill (item 10)
 KILL_BEFORE_LOG = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -374,7 +479,7 @@ tr.train_run(train_config(**{options!r}))
 """
 
 
-def test_10_a_kill_between_checkpoint_and_log_loses_no_log_row(copy):
+def test_a_kill_between_checkpoint_and_log_loses_no_log_row(copy):
     import csv
 
     from train.run import train_run
@@ -388,35 +493,7 @@ def test_10_a_kill_between_checkpoint_and_log_loses_no_log_row(copy):
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
-# ---------------------------------------------------------------- 11. non-UTF-8 file names
-def test_11_a_file_name_that_is_not_utf8_gets_a_clear_error(tmp_path, capsys):
-    _folder_set(tmp_path / "raw", ["a", "b"])
-    bad = os.path.join(os.fsencode(tmp_path / "raw" / "train" / "a"), b"caf\xe9.png")
-    shutil.copyfile(tmp_path / "raw" / "train" / "a" / "im0.png", bad)
-    code = extract_main(["--dataset", "folder", "--data-dir", str(tmp_path / "raw"), "--weights", "random",
-                         "--regions", "4", "--image-size", "64", "--out-root", str(tmp_path / "cache"),
-                         "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and "caf\\xe9.png" in err and "rename" in err
-
-
-# ------------------------------------------------------------------ 12-13. damaged caches
-@pytest.mark.parametrize("damage", ["deleted shard", "manifest.json", "shards/00000.zarr/zarr.json",
-                                    "shards/00001.zarr/regions/zarr.json"])
-def test_12_13_a_damaged_cache_gets_an_error_naming_the_file_and_the_fix(copy, capsys, damage):
-    if damage == "deleted shard":
-        shutil.rmtree(copy.cache / "shards" / "00001.zarr")
-        named = "00001.zarr"
-    else:
-        path = copy.cache / damage
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        named = damage.split("/")[-1] if damage == "manifest.json" else damage.split("/")[1]
-    assert train_main(train_args(copy.cache, copy.tmp / "r")) == 2
-    err = capsys.readouterr().err
-    assert named in err and "make extract" in err and "Traceback" not in err
-
-
-# ---------------------------------------------------------------------------- 14. disk full
+# ------------------------------------------------------------------------------ disk full (item 14)
 @pytest.fixture
 def small_disk(tmp_path):
     """A folder on a tmpfs of ``size`` bytes (root only: mounting needs it)."""
@@ -437,7 +514,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def test_14_disk_full_during_extraction_keeps_finished_shards(tmp_path, small_disk, capsys):
+def test_disk_full_during_extraction_keeps_finished_shards(tmp_path, small_disk, capsys):
     disk = small_disk(400 * 1024)
     argv = ["--dataset", "synth", "--data-dir", str(tmp_path / "raw"), "--weights", "random", "--regions", "12",
             "--image-size", "64", "--out-root", str(disk), "--shard-mb", str(12 * 1280 * 2 * 5 / 2**20),
@@ -455,7 +532,7 @@ def test_14_disk_full_during_extraction_keeps_finished_shards(tmp_path, small_di
         assert zarr.open_group(str(shard), mode="r")["regions"][:].shape[0] > 0
 
 
-def test_14_disk_full_during_training_leaves_no_temporary_file(copy, small_disk, capsys):
+def test_disk_full_during_training_leaves_no_temporary_file(copy, small_disk, capsys):
     disk = small_disk(48 * 1024)
     assert train_main(train_args(copy.cache, disk / "run", "--epochs", "2")) == 2
     err = capsys.readouterr().err
@@ -463,7 +540,7 @@ def test_14_disk_full_during_training_leaves_no_temporary_file(copy, small_disk,
     assert not leftovers(disk)
 
 
-def test_14_a_failed_checkpoint_write_is_reported_and_cleaned_up(copy, monkeypatch, capsys):
+def test_a_failed_checkpoint_write_is_reported_and_cleaned_up(copy, monkeypatch, capsys):
     def full(obj, f, *a, **k):
         Path(f).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
@@ -477,49 +554,8 @@ def test_14_a_failed_checkpoint_write_is_reported_and_cleaned_up(copy, monkeypat
     assert not leftovers(copy.tmp / "r")
 
 
-# ------------------------------------------------------------------ 15. explain a non-image
-def test_15_explaining_a_file_that_is_not_an_image_names_it(copy, capsys):
-    fake = copy.tmp / "notes.jpg"
-    fake.write_text("these are not pixels")
-    assert analyze_main(["explain", str(fake), "--run", str(copy.run)]) == 2
-    err = capsys.readouterr().err
-    assert "notes.jpg" in err and "not a readable image" in err
-
-
-# --------------------------------------------------------------- 16-17. non-finite values
-def _poke(cache: Path, shard: int, field: str, index: tuple, value: float) -> int:
-    """Set one value of a stored array; returns the image id of the row touched."""
-    import zarr
-
-    group = zarr.open_group(str(cache / "shards" / f"{shard:05d}.zarr"), mode="r+")
-    arr = group[field]
-    row = arr[index[0]]
-    row[index[1:]] = value
-    arr[index[0]] = row
-    return int(group["image_ids"][index[0]])
-
-
-def test_16_inf_in_a_global_descriptor_is_named_before_scikit_learn(copy, capsys):
-    image = _poke(copy.cache, 0, "global", (0, 5), np.inf)
-    argv = train_args(copy.cache, copy.tmp / "r")
-    argv.remove("--no-baselines")
-    assert train_main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"image id {image}" in err and "00000" in err and "Traceback" not in err
-
-
-def test_17_nan_in_the_cache_stops_the_report_naming_the_image(copy, capsys):
-    cache = RegionCache(copy.cache)
-    shard = next(s for s in range(cache.n_shards) if cache.rows(s, "test")[1] > cache.rows(s, "test")[0])
-    row = cache.rows(shard, "test")[0]
-    image = _poke(copy.cache, shard, "regions", (row, 3, 7), np.nan)
-    assert analyze_main(["report", "--run", str(copy.run), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert f"image id {image}" in err and f"{shard:05d}" in err
-
-
-# ------------------------------------------------------------------------ 18. dead temps
-def test_18_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(copy, tmp_path):
+# ----------------------------------------------------------------------------- dead temps (item 18)
+def test_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(copy, tmp_path):
     from train.run import train_run
 
     gone, live = dead_pid(), subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -546,7 +582,7 @@ def test_18_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(copy, tm
         live.wait()
 
 
-# ---------------------------------------------------------------- 19. ranks die with parent
+# ------------------------------------------------------------------ ranks die with parent (item 19)
 RANKS = """
 import pathlib, sys
 sys.path.insert(0, {root!r})
@@ -557,7 +593,7 @@ run_extraction(tiny_config(pathlib.Path({tmp!r}), ranks=2, image_size=320,
 """
 
 
-def test_19_extraction_ranks_die_with_their_parent(tmp_path):
+def test_extraction_ranks_die_with_their_parent(tmp_path):
     parent = spawn(RANKS.format(root=str(ROOT), tmp=str(tmp_path)))
     ranks: list[int] = []
     try:
@@ -583,23 +619,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-# -------------------------------------------------------------------------- 20. 16-bit PNG
-def test_20_a_16_bit_png_keeps_its_tones(tmp_path):
-    from extract.images import load_rgb
-
-    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # dark to bright, left to right
-    path = tmp_path / "deep.png"
-    Image.fromarray(ramp).save(path)
-    assert Image.open(path).mode.startswith("I")
-    rgb, _ = load_rgb(path, 64)
-    want = np.round(ramp / 257.0)
-    got = rgb[..., 0].astype(float)[:32]
-    assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2].astype(int)).max() == 0  # grey stays grey
-    assert rgb.min() < 10 and rgb.max() > 245
-    np.testing.assert_allclose(got.mean(0)[4:-4], np.interp(np.arange(64), np.arange(64), want[0])[4:-4], atol=6)
-
-
-# ------------------------------------------------------------------- random SIGKILL tries
+# ----------------------------------------------------------------------------- random SIGKILL tries
 EXTRACT_CHILD = """
 import pathlib, sys
 sys.path.insert(0, {root!r})

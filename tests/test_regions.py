@@ -104,7 +104,7 @@ def test_the_per_dataset_defaults_live_in_the_config():
     """ExtractConfig(dataset="cub") is the cache `make extract DATASET=cub` makes (and imagenet's R=100),
     and the command line restates no default: what it leaves unset is the config's."""
     from extract.cli import build_parser, config_from_args
-    from extract.pipeline import ExtractConfig
+    from extract.config import ExtractConfig
 
     for dataset in ("cub", "imagenet", "folder", "synth"):
         from_cli = config_from_args(build_parser().parse_args(["--dataset", dataset]))

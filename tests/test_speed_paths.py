@@ -65,7 +65,7 @@ def test_the_frozen_cpu_backbone_gives_the_eager_descriptors(tmp_path):
 def test_auto_runtime_is_frozen_on_the_cpu_for_caches_that_repay_it(tmp_path):
     import torch
 
-    from extract.pipeline import FROZEN_MIN_IMAGES, resolve_runtime
+    from extract.runtime import FROZEN_MIN_IMAGES, resolve_runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_runtime("auto", cpu, FROZEN_MIN_IMAGES) == "frozen"

@@ -11,6 +11,7 @@ from extract.pipeline import run_extraction
 from tests.helpers import tiny_config
 from train.config import TrainConfig
 from train.estimator import DPNetClassifier, NotFittedError
+from train.trainer import Trainer
 from train.run import train_run
 from train.serialize import load_file, save_file
 
@@ -234,12 +235,11 @@ def test_micro_batches_give_the_batch_gradient(micro, backward):
     labels = np.arange(n) % c
     chunk = Chunk(0, regions, np.arange(n), labels, np.arange(n) + 1)
     est = DPNetClassifier(parts_per_class=q, batch_size=n, micro_batch=micro, **{**PAPER_MODEL, "backward": backward})
-    est._buf = None
     module = est.make_module(d, c)
     torch.nn.init.normal_(module.parts)
     torch.nn.init.normal_(module.classifier)
     opt = torch.optim.SGD(module.parameters(), lr=0.0)
-    next(est._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
+    next(Trainer(est)._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
     got = module.parts.grad.clone(), module.classifier.grad.clone()
     module.zero_grad()
     loss, _ = module.loss(torch.from_numpy(regions).float(), torch.from_numpy(labels))
@@ -257,7 +257,7 @@ def test_the_hyper_parameters_have_one_definition():
     from train.config import FitParams, fit_options
 
     names = [n for n in inspect.signature(DPNetClassifier.__init__).parameters if n != "self"]
-    assert list(DPNetClassifier().get_params()) == names
+    assert list(DPNetClassifier().get_params()) == sorted(names)  # scikit-learn lists them by name
     assert [f.name for f in dataclasses.fields(FitParams)] == names
     assert FitParams() == FitParams(**DPNetClassifier().get_params())
     parser = build_parser()
@@ -380,7 +380,7 @@ def test_the_default_model_learns_resumes_and_reloads(tiny_cache, tmp_path):
     """The estimator's defaults (cosine parts in a PCA subspace, gather backward, sampled entropy,
     bfloat16 GEMMs where the CPU has them, early stopping) fit the tiny cache, resume to the same
     weights and reload to the same predictions."""
-    from train.estimator import resolve_gemm_dtype
+    from train.gemm import resolve_gemm_dtype
 
     kw = dict(parts_per_class=2, epochs=6, inner_epochs=3, batch_size=4, pca_dim=32, entropy_regions=4)
     est = DPNetClassifier(**kw, val_fraction=0.0).fit(tiny_cache)
@@ -413,14 +413,13 @@ def test_bfloat16_gemms_give_the_float32_gradient_to_bfloat16_precision(tiny_cac
     for dtype in ("float32", "bfloat16"):
         est = DPNetClassifier(parts_per_class=q, batch_size=n, similarity="cosine", entropy_regions=0,
                               pca_dim=0, gemm_dtype=dtype)
-        est._buf = None
         module = est.make_module(d, c)
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             module.parts.copy_(torch.randn(module.parts.shape, generator=gen))
             module.classifier.copy_(torch.randn(module.classifier.shape, generator=gen))
         opt = torch.optim.SGD(module.parameters(), lr=0.0)
-        next(est._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
+        next(Trainer(est)._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
         grads.append([p.grad.clone() for p in (module.parts, module.classifier)])
     for a, b in zip(*grads):
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
@@ -466,7 +465,7 @@ def test_ablation_shows_table_2_the_run_s_setting_and_the_paper_preset(tiny_cach
 def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_path, monkeypatch):
     """prune_parts runs ProtoPNet's pruning after training, before the last-layer refit: a pruned part
     weighs nothing in the refitted layer, in the saved model, and in its predictions."""
-    import train.estimator as te
+    import train.trainer as te
 
     calls = []
 
@@ -487,9 +486,29 @@ def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_p
 
 def test_the_training_path_says_which_arithmetic_a_fit_takes():
     """Benchmarks and the fit's log say which GEMM dtype, space, backward and kernel were taken."""
-    from train.estimator import training_path
+    from train.gemm import training_path
 
     text = training_path(DPNetClassifier(gemm_dtype="float32", pca_dim=0, backward="dense"), torch.device("cpu"))
     assert "GEMMs in float32" in text and "full D" in text and "dense backward" in text and "pool + entropy" in text
     assert "PCA 256" in training_path(DPNetClassifier(), torch.device("cpu"))
     assert "bfloat16" in training_path(DPNetClassifier(gemm_dtype="bfloat16"), torch.device("cpu"))
+
+
+def test_the_estimator_is_a_scikit_learn_estimator_from_the_one_declaration():
+    """get_params, clone and repr come from scikit-learn's BaseEstimator over the signature made from
+    FitParams; an unknown name is refused either way."""
+    from sklearn.base import clone
+
+    from train.params import FIELDS
+
+    est = DPNetClassifier(pca_dim=0, constraints=["orth", "occur"])
+    assert list(est.get_params()) == sorted(f.name for f in FIELDS) and est.constraints == ("orth", "occur")
+    twin = clone(est)
+    assert twin is not est and twin.get_params() == est.get_params()
+    assert "pca_dim=0" in repr(est) and "lr=" not in repr(est)  # repr shows what differs from the defaults
+    est.set_params(constraints=["cs"], lr=0.5)
+    assert est.constraints == ("cs",) and est.lr == 0.5
+    with pytest.raises(ValueError, match="no_such"):
+        est.set_params(no_such=1)
+    with pytest.raises(TypeError, match="no_such"):
+        DPNetClassifier(no_such=1)

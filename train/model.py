@@ -196,6 +196,24 @@ class DPNetModule(nn.Module):
             state_dict = {**state_dict, "owner": self.owner.clone()}
         return super().load_state_dict(state_dict, strict, assign)
 
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator, parts: torch.Tensor | None = None) -> None:
+        """U and V's start. U: ``parts`` (P, W) when given (e.g. training regions), else Gaussian with
+        variance 1/W. V: with the paper's dot similarity and Gaussian parts, small Gaussian weights;
+        else +1 on each class's own parts and -0.5 on the others' (free; owned masks them), or
+        POSITIVE_FOREIGN_INIT with the positive class layer (alive under its ReLU, nearly silent).
+        Draws from ``gen`` in that order (U, then V)."""
+        p, width = self.parts.shape
+        gaussian = parts is None
+        if gaussian:
+            parts = torch.randn(p, width, generator=gen) / width**0.5
+        self.parts.copy_(parts)
+        if gaussian and self.similarity == "dot":
+            self.classifier.copy_(torch.randn(self.classifier.shape, generator=gen) * 0.01)
+        else:
+            foreign = POSITIVE_FOREIGN_INIT if self.class_layer == "positive" else -0.5
+            self.classifier.copy_(torch.where(self.own_mask(), 1.0, foreign))
+
     # ------------------------------------------------------------------ the model
     def standardise(self, regions: torch.Tensor) -> torch.Tensor:
         """(N, R, D) any float dtype -> (x - mean) / std (N, R, D) in the module's dtype (float32)."""

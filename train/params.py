@@ -107,7 +107,7 @@ class FitParams:
                              "epoch.", check=_at_least(0), want=">= 0 (0: run every epoch)")
     memory_budget_mb: float | None = param(None, "hold the training split in memory when it fits (None: RAM / 4).",
                                            check=lambda v: v is None or v >= 0, want=">= 0")
-    micro_batch: int = param(0, "images per forward/backward piece of a step (0: auto, see DPNetClassifier._micro); "
+    micro_batch: int = param(0, "images per forward/backward piece of a step (0: auto, see train.trainer.Trainer._micro); "
                                 "the gradient is the batch's either way, up to float summation order.",
                              check=_at_least(0), want=">= 0 (0: auto)")
     seed: int = param(0, "seeds the initialisation, the shuffles and the entropy's regions.", check=_at_least(0),
