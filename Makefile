@@ -22,13 +22,14 @@ CROP ?=
 DENSE ?=
 RUNTIME ?=
 HYPERCOLUMN ?=
+FLIP ?=
 
 EXTRACT_ARGS = --dataset $(DATASET) $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(STORE),--store $(STORE)) $(if $(SEED),--seed $(SEED)) \
 	$(if $(BATCH),--batch-size $(BATCH)) $(if $(WORKERS),--workers $(WORKERS)) $(if $(TEST_FRACTION),--test-fraction $(TEST_FRACTION)) \
 	$(if $(RANKS),--ranks $(RANKS)) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") \
 	$(if $(SKIP_BAD),--skip-bad) $(if $(CROP),$(if $(filter 0 no,$(CROP)),--no-crop,--crop)) $(if $(DENSE),--dense $(DENSE)) \
-	$(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(filter 1 yes,$(HYPERCOLUMN)),--hypercolumn)
+	$(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(filter 1 yes,$(HYPERCOLUMN)),--hypercolumn) $(if $(filter 1 yes,$(FLIP)),--flip)
 
 # Training: PRESET=default (measured defaults) or paper; empty values take the preset's, then the default.
 CACHE ?=
@@ -43,12 +44,13 @@ LR_STEP ?=
 MINIBATCH ?=
 CONSTRAINTS ?=
 DEVICE ?=
+VIEWS ?=
 # BACKBONE, REGIONS and IMAGE_SIZE, when given, pick among the dataset's caches (never ignored)
 PICK_ARGS = $(if $(BACKBONE),--backbone $(BACKBONE)) $(if $(REGIONS),--regions $(REGIONS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 TRAIN_ARGS = $(if $(CACHE),--cache "$(CACHE)",$(if $(filter-out synth,$(DATASET)),--dataset $(DATASET) $(PICK_ARGS))) --preset $(PRESET) --schedule $(SCHEDULE) \
 	$(if $(Q),--q $(Q)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(INNER_EPOCHS),--inner-epochs $(INNER_EPOCHS)) \
 	$(if $(LR),--lr $(LR)) $(if $(LR_STEP),--lr-step $(LR_STEP)) $(if $(MINIBATCH),--batch-size $(MINIBATCH)) \
-	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(SEED),--seed $(SEED))
+	$(if $(CONSTRAINTS),--constraints $(CONSTRAINTS)) $(if $(PATIENCE),--patience $(PATIENCE)) $(if $(DEVICE),--device $(DEVICE)) $(if $(SEED),--seed $(SEED)) $(if $(VIEWS),--views "$(VIEWS)")
 
 # Analysis: RUN= a run folder or name under data/runs (default: the run of CACHE / DATASET / LATEST).
 RUN ?=
@@ -75,27 +77,27 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 extract: setup
-	$(PY) -m extract $(EXTRACT_ARGS)
+	$(PY) -m dpnet.extract $(EXTRACT_ARGS)
 
 # RANKS=N trains under torchrun: N processes share each step (gloo on the CPU, NCCL on CUDA)
-TRAIN_LAUNCH = $(if $(filter-out 1,$(RANKS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(RANKS) -m train,$(PY) -m train)
+TRAIN_LAUNCH = $(if $(filter-out 1,$(RANKS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(RANKS) -m dpnet.train,$(PY) -m dpnet.train)
 
 train: setup
 	$(TRAIN_LAUNCH) $(TRAIN_ARGS)
 
 ablation: setup
-	$(PY) -m train --ablation $(TRAIN_ARGS)
+	$(PY) -m dpnet.train --ablation $(TRAIN_ARGS)
 
 demo: setup
-	$(PY) -m extract --dataset synth
-	$(PY) -m train --cache synth-efficientnet_lite0-r500-s544
-	$(PY) -m analyze report --cache synth-efficientnet_lite0-r500-s544 --pixel-images 40
+	$(PY) -m dpnet.extract --dataset synth
+	$(PY) -m dpnet.train --cache synth-efficientnet_lite0-r500-s544
+	$(PY) -m dpnet.analyze report --cache synth-efficientnet_lite0-r500-s544 --pixel-images 40
 
 report: setup
-	$(PY) -m analyze report $(ANALYZE_ARGS) $(if $(MEASURES),--measures $(MEASURES))
+	$(PY) -m dpnet.analyze report $(ANALYZE_ARGS) $(if $(MEASURES),--measures $(MEASURES))
 
 explain: setup
-	$(PY) -m analyze explain "$(IMG)" $(ANALYZE_ARGS) $(if $(OUT),--out "$(OUT)")
+	$(PY) -m dpnet.analyze explain "$(IMG)" $(ANALYZE_ARGS) $(if $(OUT),--out "$(OUT)")
 
 test: setup
 	$(PY) -m pytest -q

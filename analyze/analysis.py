@@ -18,13 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.errors import DpnetError
-from extract.cache import RegionCache
-from extract.datasets import DatasetIndex
-from extract.regions import boxes_to_pixels, crop_box
-from train.data import check_finite
-from train.baselines import LINEAR_KIND
-from train.estimator import DPNetClassifier
-from train.serialize import load_file
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.datasets import DatasetIndex
+from dpnet.extract.regions import boxes_to_pixels, crop_box
+from dpnet.train.data import check_finite
+from dpnet.train.baselines import LINEAR_KIND
+from dpnet.train.estimator import DPNetClassifier
+from dpnet.train.serialize import load_file
 
 from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
 from .localize import (activation_map, consistency_rates, consistent_share, defining_part_hits, keypoint_hits,
@@ -57,8 +57,8 @@ class TestImage:
 @dataclass
 class PartPictures:
     """How each part is shown (ProtoPNet's way): its best training image, its activation map there
-    (:func:`analyze.localize.activation_map`) and the peak box around its peak
-    (:func:`analyze.localize.part_peaks`), all in grid units of the image the model saw."""
+    (:func:`dpnet.analyze.localize.activation_map`) and the peak box around its peak
+    (:func:`dpnet.analyze.localize.part_peaks`), all in grid units of the image the model saw."""
 
     image_id: np.ndarray  # (P,) each part's best training image
     maps: np.ndarray  # (P, H, W) float32 its activation map there
@@ -81,7 +81,7 @@ class Analysis:
 
 def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClassifier, RegionCache, dict[str, Any]]:
     """The run's model, its cache (from metrics.json unless given) and metrics."""
-    from train.run import read_run
+    from dpnet.train.run import read_run
 
     metrics, where = read_run(run_dir)
     cache = cache or RegionCache(where)
@@ -90,7 +90,7 @@ def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClas
 
 def dataset_index(cache: RegionCache) -> DatasetIndex | None:
     """The dataset the cache was extracted from (for keypoints, boxes and image files), if readable."""
-    from extract.pipeline import ExtractConfig, load_index
+    from dpnet.extract.pipeline import ExtractConfig, load_index
 
     cfg = dict(cache.manifest["config"])
     cfg["data_dir"] = cache.manifest.get("dataset_root", cfg.get("data_dir"))
@@ -147,7 +147,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     With ``use_dask`` the training-set pass runs as a dask graph (on the active client, if any).
     ``pixel_images`` test images (a seeded sample; 0: none) go through the backbone again for
     the stability and pixel-space deletion / insertion measures, each given with its 95%
-    bootstrap interval over those images (``<key>_ci95``); :data:`analyze.config.PIXEL_MEASURES` names the
+    bootstrap interval over those images (``<key>_ci95``); :data:`dpnet.analyze.config.PIXEL_MEASURES` names the
     command line's two sample sizes.
     """
     est, cache, metrics = load_run(run_dir, cache)
@@ -286,7 +286,7 @@ def _faithfulness(named: np.ndarray, rand: np.ndarray) -> dict[str, Any]:
 
 def _explanation(m: np.ndarray) -> dict[str, Any]:
     """How much of the decision (the margin over the runner-up) the evidence table shows (medians over
-    test images; see :func:`analyze.explain.margin_shares`)."""
+    test images; see :func:`dpnet.analyze.explain.margin_shares`)."""
     if not len(m):
         return {}
     shown, hidden, needed = margin_shares(m, EVIDENCE_ROWS)
@@ -297,7 +297,7 @@ def _explanation(m: np.ndarray) -> dict[str, Any]:
 
 
 def _ownership(est: DPNetClassifier, stats: PartStats, test: dict[str, Any]) -> dict[str, Any]:
-    """Whether V lets each class speak through its own parts (see analyze.ownership)."""
+    """Whether V lets each class speak through its own parts (see dpnet.analyze.ownership)."""
     q = est.parts_per_class
     out = {"own_top3_share": own_top3_share(stats.d, q), "owned_parts": int(owned_parts(stats.d, q).sum()),
            "parts": int(stats.d.shape[1])}
@@ -341,7 +341,7 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
         kp_tr = np.stack([index.part_locs[int(i)] for i in train["ids"]]).astype(np.float64)
         out["landmark_error_x100"] = landmark_error(train["centres"], kp_tr, box_tr, peaks, kp, box_te)
     if index.name == "synth":
-        from extract.synth import CLASS_DEFINING_PARTS
+        from dpnet.extract.synth import CLASS_DEFINING_PARTS
 
         defining = [index.part_names.index(n) for n in CLASS_DEFINING_PARTS]
         top = np.array([expl.class_parts(int(c), 1)[0] for c in test["labels"]])
@@ -365,7 +365,7 @@ def _frames(ids: np.ndarray, sizes: np.ndarray, crops: np.ndarray | None, obj: d
 
 def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray]) -> float:
     """PIP-Net's purity of each part's top-10 training images (one region per image, the part's
-    best), with the part's peak there (:func:`analyze.localize.part_peaks`) and the same peak boxes
+    best), with the part's peak there (:func:`dpnet.analyze.localize.part_peaks`) and the same peak boxes
     as consistency."""
     top_image = stats.top_image[:, :PURITY_K]  # (P, k)
     if not all(int(i) in index.part_locs for i in top_image.ravel()):
@@ -382,7 +382,7 @@ def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray])
 
 def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
                     run_dir: Path, n: int, steps: int, seed: int, progress: bool) -> dict[str, Any]:
-    """Stability and pixel-space deletion / insertion on a seeded sample of test images (analyze.pixels)."""
+    """Stability and pixel-space deletion / insertion on a seeded sample of test images (dpnet.analyze.pixels)."""
     if n <= 0 or index is None:
         return {}
     sample = sample_test_images(cache, n, seed, index.bboxes)
@@ -435,7 +435,7 @@ def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np
 
 def _train_pass(expl: DPNetExplainer, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
                 k: int, progress: bool, stats: PartStats | None = None) -> dict[str, Any]:
-    """One pass over the training regions: the part statistics (:class:`analyze.stats.PartStats`,
+    """One pass over the training regions: the part statistics (:class:`dpnet.analyze.stats.PartStats`,
     unless given), every image's part peaks in pixels (ids (N,), centres (N, P, 2), frames (N, 2):
     the width and height a peak box is a share of) and each part's :class:`PartPictures` in its best
     training image."""

@@ -1,4 +1,4 @@
-"""Command line of stage 3: ``python -m analyze report [--run NAME]`` and ``python -m analyze explain IMG``."""
+"""Command line of stage 3: ``python -m dpnet.analyze report [--run NAME]`` and ``python -m dpnet.analyze explain IMG``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from extract.cache import cache_name
+from dpnet.extract.cache import cache_name
 from dpnet.errors import DpnetError
 from dpnet.stop import run_command
-from train.cli import add_cache_arguments, pick_cache
-from train.run import read_run
+from dpnet.train.cli import add_cache_arguments, pick_cache
+from dpnet.train.run import read_run
 
 from .config import PIXEL_MEASURES, AnalyzeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analyze", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m dpnet.analyze", description=__doc__)
     p.add_argument("command", choices=("report", "explain"))
     p.add_argument("image", nargs="?", help="explain: the image file")
     p.add_argument("--run", default=None, help="run folder or name under data/runs (default: the LATEST cache's run)")

@@ -1,6 +1,6 @@
-"""The training-set pass of :mod:`analyze.stats` on dask.array over the zarr cache.
+"""The training-set pass of :mod:`dpnet.analyze.stats` on dask.array over the zarr cache.
 
-Same result as :func:`analyze.stats.part_stats`, but expressed as a dask graph over the
+Same result as :func:`dpnet.analyze.stats.part_stats`, but expressed as a dask graph over the
 shards' ``regions`` arrays, so any dask scheduler runs it: threads here, or a
 ``distributed.Client`` (a cluster whose workers can read the cache path). Each block holds a
 few images; a block becomes its per-part best scores, then reductions give the top-k per part
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from extract.cache import RegionCache
-from train.estimator import DPNetClassifier
-from train.model import DPNetModule
+from dpnet.extract.cache import RegionCache
+from dpnet.train.estimator import DPNetClassifier
+from dpnet.train.model import DPNetModule
 
 from .stats import PartStats, finish_stats
 
@@ -44,7 +44,7 @@ def _block_scores(block: np.ndarray, module: DPNetModule) -> np.ndarray:
 
 
 def part_stats_dask(est: DPNetClassifier, cache: RegionCache, k: int = 8, images_per_block: int = 16) -> PartStats:
-    """:func:`analyze.stats.part_stats` as a dask computation (uses the current dask scheduler/client)."""
+    """:func:`dpnet.analyze.stats.part_stats` as a dask computation (uses the current dask scheduler/client)."""
     import dask
     import dask.array as da
 

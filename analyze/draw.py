@@ -17,10 +17,10 @@ def open_rgb(path: str | Path, bbox: tuple[float, float, float, float] | None = 
     CMYK, palette, deep greys), cut to ``bbox`` (x, y, w, h in the file's upright pixels, CROP=1)
     when given, and shrunk to at most ``max_side`` on a side, so memory stays bounded for any file.
 
-    Region boxes map to it through its own size (:func:`extract.regions.boxes_to_pixels`).
+    Region boxes map to it through its own size (:func:`dpnet.extract.regions.boxes_to_pixels`).
     """
-    from extract.images import oriented, oriented_size, to_rgb
-    from extract.regions import crop_box
+    from dpnet.extract.images import oriented, oriented_size, to_rgb
+    from dpnet.extract.regions import crop_box
 
     with Image.open(path) as img:
         orig = oriented_size(img)

@@ -1,8 +1,8 @@
 """Explainers: plain arrays of documented shape from a trained model and region descriptors.
 
 In the spirit of pytorch-grad-cam: an explainer computes arrays, drawing is elsewhere
-(``analyze.draw``). The maths (scores, pooling, contributions) is the model's own
-(:class:`train.model.DPNetModule`); these are numpy wrappers around it.
+(``dpnet.analyze.draw``). The maths (scores, pooling, contributions) is the model's own
+(:class:`dpnet.train.model.DPNetModule`); these are numpy wrappers around it.
 Glossary: N images, R regions, D descriptor size, P parts, C classes, (H, W) the feature grid;
 boxes are grid cells ``(x0, y0, x1, y1)``, half-open.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.estimator import DPNetClassifier
+from dpnet.train.estimator import DPNetClassifier
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import Ridge
 
-from extract.regions import boxes_to_pixels
+from dpnet.extract.regions import boxes_to_pixels
 
 
 def box_centres(pixel_boxes: np.ndarray) -> np.ndarray:
@@ -91,7 +91,7 @@ def part_peaks(scores: np.ndarray, boxes: np.ndarray, k: int = PEAK_REGIONS) -> 
 
 def peaks_to_pixels(points: np.ndarray, grid_hw: tuple[int, int], image_wh: np.ndarray,
                     crops: np.ndarray | None = None) -> np.ndarray:
-    """Grid points (N, P, 2) -> original-image pixel points (N, P, 2) (see :func:`extract.regions.boxes_to_pixels`)."""
+    """Grid points (N, P, 2) -> original-image pixel points (N, P, 2) (see :func:`dpnet.extract.regions.boxes_to_pixels`)."""
     return boxes_to_pixels(np.concatenate([points, points], -1), grid_hw, image_wh, crops)[..., :2].astype(np.float64)
 
 

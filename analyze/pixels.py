@@ -10,7 +10,7 @@
   random, and the class activation map of the global linear baseline on the same backbone.
   Every pixel measure comes with a 95% bootstrap interval over the sample's images.
 
-Images go through exactly extraction's path (:func:`extract.runtime.extractor_for`); the
+Images go through exactly extraction's path (:func:`dpnet.extract.runtime.extractor_for`); the
 forward passes of a sample are batched. Glossary: N images, R regions, D descriptor size,
 P parts, C classes, K keypoints, (H, W) the feature grid, S the input side.
 """
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from extract.cache import RegionCache
-from extract.images import load_rgb
-from extract.runtime import extractor_for
-from extract.regions import crop_box
-from train.estimator import DPNetClassifier
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.images import load_rgb
+from dpnet.extract.runtime import extractor_for
+from dpnet.extract.regions import crop_box
+from dpnet.train.estimator import DPNetClassifier
 
 from .localize import best_regions, keypoint_hits, part_peaks, peak_boxes, peaks_to_pixels
 
@@ -95,12 +95,12 @@ class PixelProbe:
 # --------------------------------------------------------------------------------- stability
 def stability_hits(probe: PixelProbe, sample: Sample, kp: np.ndarray, frames: np.ndarray, seed: int = 0,
                    batch: int = 8, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints in the peak box (around :func:`analyze.localize.part_peaks`) of each part of the image's
+    """Keypoints in the peak box (around :func:`dpnet.analyze.localize.part_peaks`) of each part of the image's
     class, clean and perturbed: two (N, q, K) bool.
 
     Args:
         kp: (N, K, 3) keypoints of the sample. frames: (N, 2) the width and height the peak box
-            is a share of (the object box; see :func:`analyze.localize.peak_boxes`).
+            is a share of (the object box; see :func:`dpnet.analyze.localize.peak_boxes`).
     """
     q = probe.est.parts_per_class
     clean, noisy = [], []
@@ -127,7 +127,7 @@ def _crops(sample: Sample, idx: np.ndarray, sizes: np.ndarray) -> np.ndarray | N
 # ----------------------------------------------------------------------- deletion, insertion
 def evidence_map(boxes: np.ndarray, top: np.ndarray, points: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """DP-Net's evidence on the grid: each part's positive points spread over its best regions (the
-    regions that say where it is, :func:`analyze.localize.best_regions`), each region's share evenly
+    regions that say where it is, :func:`dpnet.analyze.localize.best_regions`), each region's share evenly
     over its cells.
 
     Args:

@@ -1,6 +1,6 @@
 """``make report``: a static, self-contained HTML report (images beside it) and analysis.json.
 
-Every number comes from :func:`analyze.analysis.analyse`; this module renders them and writes
+Every number comes from :func:`dpnet.analyze.analysis.analyse`; this module renders them and writes
 the report folder. The whole folder is written under a temporary name and renamed into place, so
 a killed report leaves the previous one whole. Every string that comes from the dataset (class
 names, file names) is cut first, then escaped.
@@ -19,8 +19,8 @@ import numpy as np
 from dpnet.errors import ImageDecodeError
 from dpnet.files import FolderLock, mark_owned, output_errors, remove, remove_stale_temps, replace_owned_folder
 from dpnet.files import temp_path, write_json_atomic, write_text_atomic
-from extract.cache import RegionCache
-from extract.regions import boxes_to_pixels
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.regions import boxes_to_pixels
 
 from . import draw
 from .analysis import FAITH_K, Analysis, TestImage, analyse, image_grid_frames
@@ -334,7 +334,7 @@ class _Renderer:
         return {"rows": rows, "synth": synth, "cropped": self.crop_index is not None}
 
     def part_label(self, p: int, limit: int = 18) -> str:
-        """"part p (of <owner>)" where ownership holds (see analyze.ownership), else "part p (not owned)"."""
+        """"part p (of <owner>)" where ownership holds (see dpnet.analyze.ownership), else "part p (not owned)"."""
         if self.owned[p]:
             return f"part {p} (of {cut(self.classes[p // self.an.est.parts_per_class], limit)})"
         return f"part {p} (not owned)"

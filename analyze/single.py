@@ -15,10 +15,10 @@ import torch
 from dpnet.errors import OutputExistsError
 from dpnet.files import mark_owned, output_errors, remove, remove_stale_temps, replace_owned_folder
 from dpnet.files import safe_name, temp_path
-from extract.cache import RegionCache
-from extract.images import load_rgb
-from extract.runtime import extractor_for
-from extract.regions import boxes_to_pixels
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.images import load_rgb
+from dpnet.extract.runtime import extractor_for
+from dpnet.extract.regions import boxes_to_pixels
 
 from . import draw
 from .explain import DPNetExplainer
@@ -132,7 +132,7 @@ def output_folder(image: str | Path, run: Path, out_dir: str | Path | None) -> P
 def _write_page(out: Path, path: str | Path, name: str, ev, heat: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
                 grid: tuple[int, int], crop_bbox) -> None:
     """Into ``out``: the heatmap, the top parts drawn as the report draws them (activation map and
-    peak box: :func:`analyze.localize.activation_map`, :func:`analyze.localize.part_peaks`; scores
+    peak box: :func:`dpnet.analyze.localize.activation_map`, :func:`dpnet.analyze.localize.part_peaks`; scores
     (R, P), boxes (R, 4)) and index.html."""
     img = draw.open_rgb(path, crop_bbox)  # what the model saw (the crop, with CROP=1), at a bounded size
     draw.overlay_heatmap(img, heat).save(out / "heatmap.png")

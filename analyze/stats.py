@@ -1,8 +1,8 @@
 """The report's whole-training-set pass: each part's top regions, and the class sums behind d(p, c).
 
 One streaming pass over the cache's training shards (memory: one shard plus (P, k) running
-arrays); the pooling is the model's (``train.class_parts.pooled_shards``) and d(p, c) is
-``train.class_parts.class_part_weights``, the same the run saved with the model.
+arrays); the pooling is the model's (``dpnet.train.class_parts.pooled_shards``) and d(p, c) is
+``dpnet.train.class_parts.class_part_weights``, the same the run saved with the model.
 Glossary: N images, R regions, D descriptor size, P parts, C classes, q parts per class.
 """
 
@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from extract.cache import RegionCache
-from train.class_parts import add_class_sums, class_part_weights, pooled_shards
-from train.estimator import DPNetClassifier
+from dpnet.extract.cache import RegionCache
+from dpnet.train.class_parts import add_class_sums, class_part_weights, pooled_shards
+from dpnet.train.estimator import DPNetClassifier
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class PartStats:
         top_region: (P, k) region indices inside those images.
         class_sum: (C, P) sum over training images of class c of b_p (the pooled part score).
         class_count: (C,) training images per class.
-        d: (C, P) d(p, c), see :func:`train.class_parts.class_part_weights`.
+        d: (C, P) d(p, c), see :func:`dpnet.train.class_parts.class_part_weights`.
         f: (P,) f(p), likewise.
     """
 

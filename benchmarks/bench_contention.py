@@ -28,8 +28,8 @@ EPOCH_CHILD = """
 import sys, json
 sys.path.insert(0, {root!r})
 import dpnet  # sets the thread defaults before torch starts its OpenMP runtime
-from extract.cache import RegionCache
-from train.estimator import DPNetClassifier
+from dpnet.extract.cache import RegionCache
+from dpnet.train.estimator import DPNetClassifier
 rows = []
 DPNetClassifier(parts_per_class=20, epochs=2, inner_epochs=1, val_fraction=0.0, device="cpu").fit(
     RegionCache({cache!r}), on_epoch=rows.append)

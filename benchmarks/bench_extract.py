@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from dpnet.memory import large_buffers_reused
-from extract.backbones import create_backbone
-from extract.datasets import read_cub
-from extract.images import load_rgb
-from extract.config import ExtractConfig
-from extract.pipeline import run_extraction
-from extract.runtime import FeatureExtractor, frozen_body
-from extract.synth import SynthSpec, ensure_synth
+from dpnet.extract.backbones import create_backbone
+from dpnet.extract.datasets import read_cub
+from dpnet.extract.images import load_rgb
+from dpnet.extract.config import ExtractConfig
+from dpnet.extract.pipeline import run_extraction
+from dpnet.extract.runtime import FeatureExtractor, frozen_body
+from dpnet.extract.synth import SynthSpec, ensure_synth
 
 
 def cpu_times() -> tuple[float, float]:

@@ -30,9 +30,9 @@ MODES = {"default": {}, "exact": dict(similarity="dot", constraints=("orth", "as
 
 
 def worker(cache: str, mode: str, epochs: int) -> None:
-    from extract.cache import RegionCache
-    from train import native
-    from train.estimator import DPNetClassifier
+    from dpnet.extract.cache import RegionCache
+    from dpnet.train import native
+    from dpnet.train.estimator import DPNetClassifier
 
     rows: list[dict] = []
     DPNetClassifier(epochs=epochs, inner_epochs=1, val_fraction=0.0, patience=0, **MODES[mode]).fit(

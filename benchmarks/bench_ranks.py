@@ -2,7 +2,7 @@
 
 ImageNet's shapes per image (R = 100 regions of D = 1280, Lite0) with C classes scaled to this
 machine. For each rank count the same fit (default model, two epochs) runs under ``torchrun
---nproc_per_node=N -m train``'s own code path (``train.distributed``), the cores split evenly
+--nproc_per_node=N -m dpnet.train``'s own code path (``dpnet.train.distributed``), the cores split evenly
 between the ranks. Prints, side by side in one run: the second epoch's seconds, images per
 second in all and per rank, each rank's peak resident memory, the speed-up over one rank, and
 an epoch of ImageNet-1k's 1,281,167 training images projected from the measured rate (at this
@@ -36,9 +36,9 @@ def worker(cache: str) -> None:
     """One rank: fit, then print its epoch seconds and peak memory as a JSON line."""
     import torch
 
-    from extract.cache import RegionCache
-    from train import distributed
-    from train.estimator import DPNetClassifier
+    from dpnet.extract.cache import RegionCache
+    from dpnet.train import distributed
+    from dpnet.train.estimator import DPNetClassifier
 
     distributed.init_from_env()
     rank, ranks = distributed.world()

@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.backbones import create_backbone
+from dpnet.extract.backbones import create_backbone
 from dpnet.files import write_json_atomic
-from extract.cache import RegionCache, open_shard_writer
-from extract.pipeline import finish_manifest
-from train import native
-from train.estimator import DPNetClassifier
-from train.gemm import resolve_gemm_dtype, training_path
+from dpnet.extract.cache import RegionCache, open_shard_writer
+from dpnet.extract.pipeline import finish_manifest
+from dpnet.train import native
+from dpnet.train.estimator import DPNetClassifier
+from dpnet.train.gemm import resolve_gemm_dtype, training_path
 
 
 # The exact mode: the paper's model and arithmetic (dense backward, entropy on every region, float32).

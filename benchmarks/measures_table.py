@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyze.report import MEASURES  # noqa: E402  (the report's own list: one definition of the measures)
+from dpnet.analyze.report import MEASURES  # noqa: E402  (the report's own list: one definition of the measures)
 from readme_block import write_block  # noqa: E402
 
 FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from extract.pipeline import ExtractConfig, run_extraction
+from dpnet.extract.pipeline import ExtractConfig, run_extraction
 
 from readme_block import write_block
 

@@ -1,6 +1,6 @@
 """Time to accuracy on a real dataset: extraction, the default fit, the paper's schedule, side by side.
 
-In one run, through the same commands a user runs (``python -m extract`` / ``python -m train``,
+In one run, through the same commands a user runs (``python -m dpnet.extract`` / ``python -m dpnet.train``,
 i.e. ``make extract`` / ``make train``), on a dataset given by path:
   1. the extraction of the set with the default options, timed;
   2. the default ``make train`` (preset "default", no baselines), its fit time and top-1;
@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from readme_block import write_block  # noqa: E402
 
-from train.estimator import DPNetClassifier  # noqa: E402
-from train.gemm import training_path  # noqa: E402
+from dpnet.train.estimator import DPNetClassifier  # noqa: E402
+from dpnet.train.gemm import training_path  # noqa: E402
 
 
 def run(cmd: list[str]) -> float:
@@ -50,8 +50,8 @@ def run(cmd: list[str]) -> float:
 
 
 def fit(cache: Path, run_dir: Path, *options: str) -> dict:
-    """``python -m train`` into ``run_dir``; its metrics.json plus the command's wall seconds."""
-    wall = run(["-m", "train", "--cache", str(cache), "--run-dir", str(run_dir), "--no-baselines", "--no-progress",
+    """``python -m dpnet.train`` into ``run_dir``; its metrics.json plus the command's wall seconds."""
+    wall = run(["-m", "dpnet.train", "--cache", str(cache), "--run-dir", str(run_dir), "--no-baselines", "--no-progress",
                 *options])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     log = (run_dir / "log.csv").read_text().strip().splitlines()  # a header, then a row an epoch
@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--paper-epochs", type=int, default=1, help="outer epochs of the paper's 40 to run")
     ap.add_argument("--work", default=None, help="folder for the cache and runs (default: a temporary one, removed)")
-    ap.add_argument("--extract-args", default="", help="more options for python -m extract, e.g. '--test-fraction 0.5'")
+    ap.add_argument("--extract-args", default="", help="more options for python -m dpnet.extract, e.g. '--test-fraction 0.5'")
     ap.add_argument("--write-readme", action="store_true", help="put the table in the README between its markers")
     ap.add_argument("--label", default=None, help="the set's name in the table and README marker (default: the folder's)")
     args = ap.parse_args()
@@ -85,7 +85,7 @@ def main() -> int:
 
 def measure(args, work: Path) -> int:
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    extract_s = run(["-m", "extract", "--dataset", args.dataset, "--data-dir", args.data_dir, "--out-root",
+    extract_s = run(["-m", "dpnet.extract", "--dataset", args.dataset, "--data-dir", args.data_dir, "--out-root",
                      str(work / "cache"), "--no-progress", *args.extract_args.split()])
     cache = next(p for p in (work / "cache").iterdir() if p.is_dir())
     default = fit(cache, work / "default")

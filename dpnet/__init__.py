@@ -1,7 +1,9 @@
 """dpnet: what every stage shares (errors, files, devices) and the ``dpnet`` console command.
 
-The stages are the packages ``extract`` (stage 1), ``train`` (stage 2) and ``analyze``
-(stage 3); imports flow dpnet -> extract -> train -> analyze.
+The stages are ``dpnet.extract`` (stage 1, folder ``extract/``), ``dpnet.train`` (stage 2,
+``train/``) and ``dpnet.analyze`` (stage 3, ``analyze/``), mapped by setup.cfg's ``package_dir``;
+imports flow dpnet -> extract -> train -> analyze, and nothing here imports a stage until a
+command runs.
 """
 
 import os

@@ -5,7 +5,7 @@
     dpnet ablation [--cache NAME]                                  (make ablation)
     dpnet report [--run NAME]                                      (make report)
     dpnet explain photo.jpg [--run NAME]                           (make explain IMG=photo.jpg)
-    dpnet publish data/cache/NAME s3://bucket/caches/NAME          (python -m extract.publish)
+    dpnet publish data/cache/NAME s3://bucket/caches/NAME          (python -m dpnet.extract.publish)
 
 ``dpnet COMMAND --help`` lists a command's options.
 """
@@ -16,37 +16,37 @@ import sys
 
 
 def _extract(argv: list[str]) -> int:
-    from extract.cli import main
+    from dpnet.extract.cli import main
 
     return main(argv)
 
 
 def _train(argv: list[str]) -> int:
-    from train.cli import main
+    from dpnet.train.cli import main
 
     return main(argv)
 
 
 def _ablation(argv: list[str]) -> int:
-    from train.cli import main
+    from dpnet.train.cli import main
 
     return main(["--ablation", *argv])
 
 
 def _report(argv: list[str]) -> int:
-    from analyze.cli import main
+    from dpnet.analyze.cli import main
 
     return main(["report", *argv])
 
 
 def _explain(argv: list[str]) -> int:
-    from analyze.cli import main
+    from dpnet.analyze.cli import main
 
     return main(["explain", *argv])
 
 
 def _publish(argv: list[str]) -> int:
-    from extract.publish import main
+    from dpnet.extract.publish import main
 
     return main(argv)
 

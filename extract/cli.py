@@ -1,4 +1,4 @@
-"""Command line of stage 1: ``python -m extract --dataset synth``."""
+"""Command line of stage 1: ``python -m dpnet.extract --dataset synth``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of :class:`ExtractConfig` (their defaults are the config's: an option left out is
     unset here, so the config, and its per-dataset defaults, decide)."""
     d = ExtractConfig()
-    p = argparse.ArgumentParser(prog="python -m extract", description=__doc__, argument_default=None)
+    p = argparse.ArgumentParser(prog="python -m dpnet.extract", description=__doc__, argument_default=None)
     p.add_argument("--dataset", help=f"one of {', '.join(list_datasets())} (default {d.dataset})")
     p.add_argument("--data-dir", help="dataset folder (default data/raw/<dataset>)")
     p.add_argument("--backbone", help=f"one of {', '.join(list_backbones())} (default {d.backbone})")
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypercolumn", action=argparse.BooleanOptionalAction,
                    help="append the backbone's stride-16 stage, pooled into the same regions (EfficientNets; "
                         "default off)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="extract a view cache: every image mirrored left-right, region r the mirror of region r "
+                        "of the same cache without --flip (train's --views takes it; default off)")
     p.add_argument("--runtime", choices=RUNTIMES,
                    help="CPU backbone: frozen TorchScript with oneDNN fusion (1.5x faster), eager, or auto "
                         "(the default: frozen for caches of 64+ images)")

@@ -64,6 +64,7 @@ class ExtractConfig:
     runtime: str = "auto"  # the CPU backbone: "eager", "frozen" (TorchScript + oneDNN fusion), "auto"
     dense: tuple[int, ...] | None = None  # square windows laid densely (stride 1) before the random boxes; None: the dataset's
     hypercolumn: bool = False  # append the backbone's stride-16 stage to each region (EfficientNets; issue 16 lever 2)
+    flip: bool = False  # a view cache: every image mirrored, region r the mirror of region r (issue 16 lever 3)
 
     def __post_init__(self) -> None:
         """Options left None take the dataset's measured default (:data:`DATASET_DEFAULTS`), then the general one."""
@@ -78,7 +79,8 @@ class ExtractConfig:
         crop = "-crop" if self.crop else ""
         dense = "-d" + "".join(str(k) for k in self.dense) if self.dense else ""
         hc = "-hc" if self.hypercolumn else ""
-        return self.name or f"{self.dataset}-{self.backbone}{hc}-r{self.regions}{dense}-s{self.image_size}{crop}"
+        flip = "-flip" if self.flip else ""
+        return self.name or f"{self.dataset}-{self.backbone}{hc}-r{self.regions}{dense}-s{self.image_size}{crop}{flip}"
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)

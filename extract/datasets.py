@@ -372,16 +372,16 @@ def _mit67(options: DatasetOptions) -> DatasetIndex:
 # ------------------------------------------------------------------------------- ImageNet
 
 def read_imagenet(root: str | Path) -> DatasetIndex:
-    """ILSVRC-2012 as ``train/<wnid>/*`` and ``val/<wnid>/*`` (see ``python -m extract.imagenet_val``
+    """ILSVRC-2012 as ``train/<wnid>/*`` and ``val/<wnid>/*`` (see ``python -m dpnet.extract.imagenet_val``
     to arrange the flat validation folder). Class index = position of the WNID in sorted order."""
     root = Path(root)
     if not ((root / "train").is_dir() and (root / "val").is_dir()):
         raise DatasetLayoutError(f"{root} needs train/<wnid>/ and val/<wnid>/ folders. For the official flat val "
-                                 f"folder run: python -m extract.imagenet_val {root / 'val'} --devkit <devkit folder>")
+                                 f"folder run: python -m dpnet.extract.imagenet_val {root / 'val'} --devkit <devkit folder>")
     flat = [p for p in (root / "val").iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if flat:
         raise DatasetLayoutError(f"{root / 'val'} holds {len(flat)} images directly (the official flat layout): run "
-                                 f"python -m extract.imagenet_val {root / 'val'} --devkit <devkit folder> first")
+                                 f"python -m dpnet.extract.imagenet_val {root / 'val'} --devkit <devkit folder> first")
     return read_folder(root, name="imagenet", test_dir="val")
 
 

@@ -1,6 +1,6 @@
 """Arrange ILSVRC-2012's flat validation folder into ``val/<wnid>/`` from the devkit.
 
-    python -m extract.imagenet_val /data/ILSVRC2012/val --devkit /data/ILSVRC2012_devkit_t12
+    python -m dpnet.extract.imagenet_val /data/ILSVRC2012/val --devkit /data/ILSVRC2012_devkit_t12
 
 The devkit's ``data/ILSVRC2012_validation_ground_truth.txt`` holds one ILSVRC2012_ID per
 validation image (in file-name order); ``data/meta.mat`` maps ILSVRC2012_ID to WNID. Files are
@@ -44,7 +44,7 @@ def arrange_val(val_dir: Path, devkit: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m extract.imagenet_val", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dpnet.extract.imagenet_val", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("val_dir", type=Path)
     p.add_argument("--devkit", type=Path, required=True)

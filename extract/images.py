@@ -23,7 +23,7 @@ MIN_SIDE = 8  # smaller images carry no usable region at any grid size
 def load_rgb(path: str | Path, size: int, bbox: tuple[float, float, float, float] | None = None
              ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image, convert it to RGB, crop it to ``bbox`` (x, y, w, h; optional, see
-    :func:`extract.regions.crop_box`), and resize it to ``size x size`` (aspect not kept).
+    :func:`dpnet.extract.regions.crop_box`), and resize it to ``size x size`` (aspect not kept).
 
     Grayscale, palette, RGBA (alpha dropped over white), CMYK and high-bit-depth (16-bit, 32-bit
     integer, float) images are converted to 8-bit RGB.

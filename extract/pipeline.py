@@ -3,7 +3,7 @@
 ``run_extraction(ExtractConfig(...))`` plans the cache (image order, shards), skips the
 shards already on disk, extracts the others, then writes the manifest. Killed at any point
 and run again, it resumes at the first missing shard and ends with the same cache. How the
-backbone runs (TorchScript, decoding workers, rank processes) is :mod:`extract.runtime`'s.
+backbone runs (TorchScript, decoding workers, rank processes) is :mod:`dpnet.extract.runtime`'s.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def prepare_cache_dir(cache_dir: Path, plan: dict[str, Any], order: list[ImageRe
             shown = "; ".join(f"{k}: {str(old.get(k))[:80]} -> {str(plan.get(k))[:80]}" for k in diffs[:5])
             raise CacheMismatchError(
                 f"{cache_dir} was started with other settings ({shown}). Delete {cache_dir} to start "
-                f"over, or pass --name <another name> (python -m extract) to keep both.")
+                f"over, or pass --name <another name> (python -m dpnet.extract) to keep both.")
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "manifest.json").unlink(missing_ok=True)
@@ -169,7 +169,8 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     bounds = [tuple(b) for b in plan["shard_bounds"]]
     todo = [s for s in range(len(bounds)) if s % world == rank and not _shard_whole(cache_dir, s, plan)]
     device = cfg.resolved_device()
-    extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"], cfg.dense)
+    extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"], cfg.dense,
+                                 cfg.flip)
     with large_buffers_reused():
         bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor,
                               [index.image_file(r.path) for r in order], _crop_boxes(cfg, index, order))

@@ -1,6 +1,6 @@
 """Copy a finished cache to any fsspec location zarr can read (``file://``, ``s3://``, ``gs://``, ...).
 
-    python -m extract.publish data/cache/cub-resnet50-r500-s544 s3://bucket/caches/cub-resnet50-r500-s544
+    python -m dpnet.extract.publish data/cache/cub-resnet50-r500-s544 s3://bucket/caches/cub-resnet50-r500-s544
 
 ``manifest.json`` is written last, so readers never take a half-copied cache for a finished
 one. Train or report on it with ``CACHE=s3://bucket/caches/...`` (credentials as fsspec reads them).
@@ -37,7 +37,7 @@ def publish(cache_dir: str | os.PathLike, url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m extract.publish", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dpnet.extract.publish", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cache_dir")
     p.add_argument("url")

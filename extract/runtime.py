@@ -1,7 +1,7 @@
 """How stage 1 runs the backbone on this machine: the feature extractor (eager, or frozen TorchScript
 with oneDNN fusion on the CPU), its decoding workers, and the processes of ``RANKS=N``.
 
-The plan of a cache and its shard loop live in :mod:`extract.pipeline`; they call this.
+The plan of a cache and its shard loop live in :mod:`dpnet.extract.pipeline`; they call this.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ class FeatureExtractor:
     """
 
     def __init__(self, bb: Backbone, grid: tuple[int, int], n_regions: int, seed: int, device: torch.device,
-                 runtime: str = "eager", dense: tuple[int, ...] = ()):
+                 runtime: str = "eager", dense: tuple[int, ...] = (), flip: bool = False):
         self.bb, self.grid, self.n_regions, self.seed, self.device = bb, grid, n_regions, seed, device
-        self.dense = tuple(dense)
+        self.dense, self.flip = tuple(dense), flip
         self.cuda = device.type == "cuda"
         # channels_last on both devices: measured 1.7x faster on CPU (oneDNN) for Lite0 at 544 px.
         self.body = bb.body.to(device).to(memory_format=torch.channels_last)
@@ -55,13 +55,19 @@ class FeatureExtractor:
         self.neg_shift = -torch.tensor(bb.mean, device=device).view(1, 3, 1, 1) / std
 
     def boxes(self, image_ids: list[int]) -> np.ndarray:
-        """int16 (N, R, 4) boxes of these images."""
+        """int16 (N, R, 4) boxes of these images; with ``flip``, each the mirror (left-right) of the
+        unflipped cache's box of the same index, so region r of a flipped image shows what region r
+        of the image shows."""
         h, w = self.grid
-        return np.stack([image_boxes(self.seed, i, self.n_regions, h, w, self.dense) for i in image_ids])
+        boxes = np.stack([image_boxes(self.seed, i, self.n_regions, h, w, self.dense) for i in image_ids])
+        return mirror_boxes(boxes, w) if self.flip else boxes
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D)."""
+        """uint8 (N, 3, S, S) and (N, R, 4) -> float16 regions (N, R, D) and global (N, D); with
+        ``flip`` the images are mirrored left-right first (``boxes`` are then the mirrored ones)."""
+        if self.flip:
+            pixels = pixels.flip(-1)
         regions, glob = self.pool(self.features(self.normalise(pixels)), boxes)
         return regions.half().cpu().numpy(), glob.half().cpu().numpy()
 
@@ -102,6 +108,13 @@ class FeatureExtractor:
         return body(x)
 
 
+def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Grid boxes (..., 4) ``(x0, y0, x1, y1)`` (half-open cells) mirrored left-right on a grid ``width`` wide."""
+    out = boxes.copy()
+    out[..., 0], out[..., 2] = width - boxes[..., 2], width - boxes[..., 0]
+    return out
+
+
 def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | None = None,
                   runtime: str = "eager") -> FeatureExtractor:
     """The extraction stage of a cache, again: its backbone (with the same weights, or an error),
@@ -116,8 +129,9 @@ def extractor_for(manifest: dict[str, Any], where: str, device: torch.device | N
     if bb.weights_sha256 != manifest.get("weights_sha256"):
         raise CacheMismatchError(f"the {manifest['backbone']} weights found here ({bb.weights}) are not those the cache "
                                  f"{where} was extracted with ({manifest['weights']}): the same weights are needed")
-    return FeatureExtractor(bb, tuple(manifest["grid"]), manifest["R"], manifest["seed"],
-                            device or torch.device("cpu"), runtime, tuple(manifest.get("config", {}).get("dense", ())))
+    config = manifest.get("config", {})
+    return FeatureExtractor(bb, tuple(manifest["grid"]), manifest["R"], manifest["seed"], device or torch.device("cpu"),
+                            runtime, tuple(config.get("dense", ())), bool(config.get("flip", False)))
 
 
 def frozen_body(body: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module | None:

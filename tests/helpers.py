@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from extract.config import ExtractConfig
+from dpnet.extract.config import ExtractConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def tiny_config(tmp: Path, **overrides) -> ExtractConfig:
 
 def tiny_run(tmp: Path, **train) -> Path:
     """Extract a tiny synthetic cache (96 px, R = 16, 3 classes) and train a tiny run on it; returns the run."""
-    from extract.pipeline import run_extraction
-    from train.run import train_run
+    from dpnet.extract.pipeline import run_extraction
+    from dpnet.train.run import train_run
 
     cfg = tiny_config(tmp, image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
     cache = run_extraction(cfg).cache_dir
@@ -43,7 +43,7 @@ def tiny_run(tmp: Path, **train) -> Path:
 
 def train_config(**options):
     """A TrainConfig from flat options (run options and estimator hyper-parameters mixed)."""
-    from train.config import TrainConfig
+    from dpnet.train.config import TrainConfig
 
     return TrainConfig.from_options(**options)
 

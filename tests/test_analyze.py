@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analyze.explain import DPNetExplainer, deletion_scores, named_regions
-from analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
-from analyze.stats import merge_topk, part_stats
-from train.class_parts import class_part_weights
-from extract.pipeline import run_extraction
+from dpnet.analyze.explain import DPNetExplainer, deletion_scores, named_regions
+from dpnet.analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
+from dpnet.analyze.stats import merge_topk, part_stats
+from dpnet.train.class_parts import class_part_weights
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import tiny_config
-from train.config import TrainConfig
-from train.run import train_run
+from dpnet.train.config import TrainConfig
+from dpnet.train.run import train_run
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -107,7 +107,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def _test_arrays(run: Path):
-    from analyze.analysis import load_run
+    from dpnet.analyze.analysis import load_run
 
     est, cache, _ = load_run(run)
     parts = [a for _, a in cache.iter_shards("test", ("regions", "boxes", "labels", "image_ids"))]
@@ -183,8 +183,8 @@ def test_part_stats_topk_matches_brute_force(tiny_run):
 def test_the_reports_training_pass_gives_the_part_stats_and_pictures_of_their_best_images(tiny_run):
     """The report pools the training regions once: its statistics equal part_stats', and each part's
     picture is of its best training image, with that image's activation map and peak."""
-    from analyze.analysis import _train_pass, dataset_index
-    from analyze.localize import activation_map
+    from dpnet.analyze.analysis import _train_pass, dataset_index
+    from dpnet.analyze.localize import activation_map
 
     est, cache, _ = _test_arrays(tiny_run)
     want = part_stats(est, cache, k=3)
@@ -205,7 +205,7 @@ def test_the_reports_training_pass_gives_the_part_stats_and_pictures_of_their_be
 
 # ------------------------------------------------------------------------------ report, browser
 def test_report_builds_and_every_image_exists(tiny_run):
-    from analyze.report import build_report
+    from dpnet.analyze.report import build_report
 
     page = build_report(tiny_run, k=3, n_show=4)
     text = page.read_text()
@@ -258,7 +258,7 @@ def _chromium() -> str | None:
 def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
     from PIL import Image
 
-    from analyze.report import build_report
+    from dpnet.analyze.report import build_report
 
     browser = _chromium()
     if browser is None:
@@ -287,7 +287,7 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
 
 # ------------------------------------------------------------------------------------- explain
 def test_explain_gives_the_runs_prediction_for_a_dataset_image(tiny_run, tmp_path):
-    from analyze.single import explain_image
+    from dpnet.analyze.single import explain_image
 
     est, cache, a = _test_arrays(tiny_run)
     table = {r["image_id"]: r["path"] for r in cache.image_table()}
@@ -302,7 +302,7 @@ def test_explain_gives_the_runs_prediction_for_a_dataset_image(tiny_run, tmp_pat
 
 
 def test_explain_cli_errors_name_the_fix(tiny_run, tmp_path, capsys):
-    from analyze.cli import main
+    from dpnet.analyze.cli import main
 
     assert main(["explain", str(tmp_path / "missing.jpg"), "--run", str(tiny_run)]) == 2
     assert "IMG=" in capsys.readouterr().err
@@ -323,8 +323,8 @@ def own_environ():
 
 @pytest.mark.parametrize("scheduler", ["threads", "distributed"])
 def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler, own_environ):
-    from analyze.analysis import load_run
-    from analyze.dask_stats import part_stats_dask
+    from dpnet.analyze.analysis import load_run
+    from dpnet.analyze.dask_stats import part_stats_dask
 
     est, cache, _ = load_run(tiny_run)
     ref = part_stats(est, cache, k=3)
@@ -344,8 +344,8 @@ def test_dask_part_stats_equal_the_in_process_pass(tiny_run, scheduler, own_envi
 
 def test_report_and_explain_on_a_cropped_cache(tmp_path):
     """CROP=1: the report maps regions into the crops and explain reproduces the cached prediction."""
-    from analyze.report import build_report
-    from analyze.single import explain_image
+    from dpnet.analyze.report import build_report
+    from dpnet.analyze.single import explain_image
 
     cfg = tiny_config(tmp_path, image_size=96, regions=16, crop=True, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
     cache = run_extraction(cfg).cache_dir
@@ -367,8 +367,8 @@ def test_report_and_explain_on_a_cropped_cache(tmp_path):
 
 def test_explain_does_not_depend_on_whether_a_report_was_built(tmp_path):
     """The heatmap uses the class's top parts by d(p, c), saved with the model: the same before and after a report."""
-    from analyze.report import build_report
-    from analyze.single import explain_image
+    from dpnet.analyze.report import build_report
+    from dpnet.analyze.single import explain_image
     from tests.helpers import tiny_run
 
     run = tiny_run(tmp_path)
@@ -420,7 +420,7 @@ def test_the_pages_are_templates_that_escape_every_value():
     code forgot to pass is an error, not an empty cell."""
     import jinja2
 
-    from analyze.pages import templates
+    from dpnet.analyze.pages import templates
 
     env = templates()
     hostile = "<svg onload=alert(1)>"

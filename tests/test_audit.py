@@ -26,17 +26,17 @@ from PIL import Image
 
 from dpnet.errors import DatasetLayoutError
 from dpnet.files import FolderLock
-from extract.cache import RegionCache
+from dpnet.extract.cache import RegionCache
 from tests.helpers import ROOT, python, spawn, tiny_config, train_config, wait_for
 
 
 def main(stage: str, argv: list[str]) -> int:
     if stage == "extract":
-        from extract.cli import main as m
+        from dpnet.extract.cli import main as m
     elif stage == "train":
-        from train.cli import main as m
+        from dpnet.train.cli import main as m
     else:
-        from analyze.cli import main as m
+        from dpnet.analyze.cli import main as m
     return m(argv)
 
 
@@ -248,7 +248,7 @@ def test_a_report_reads_a_read_only_cache(copy, read_only, capsys):
 
 # ================================================================ runs whose pieces moved (9, 14, 15)
 def test_a_run_finds_its_cache_from_any_working_folder(tmp_path, monkeypatch, capsys):
-    from extract.pipeline import run_extraction
+    from dpnet.extract.pipeline import run_extraction
 
     work = tmp_path / "project"
     work.mkdir()
@@ -326,8 +326,8 @@ def folder_cfg(tmp: Path, root: Path, **kw):
 
 
 def test_a_class_called_images_is_found_everywhere(tmp_path, capsys, caplog):
-    from extract.pipeline import run_extraction
-    from train.run import train_run
+    from dpnet.extract.pipeline import run_extraction
+    from dpnet.train.run import train_run
 
     root = folder_set(tmp_path / "set", {"images": (3, 2), "birds": (3, 2)})
     (root / "images").mkdir()  # a stray folder beside train/ and test/
@@ -344,7 +344,7 @@ def test_a_class_called_images_is_found_everywhere(tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("char", ["\n", "\u2028", "\u0085", "\t", "\r"])
 def test_a_file_name_with_a_line_break_or_tab_is_refused_before_anything_is_written(tmp_path, char, capsys):
-    from extract.pipeline import run_extraction
+    from dpnet.extract.pipeline import run_extraction
 
     root = folder_set(tmp_path / "set", {"a": (2, 1), "b": (2, 1)}, names={("a", "train", 1): f"odd{char}name.png"})
     with pytest.raises(DatasetLayoutError) as err:
@@ -367,7 +367,7 @@ def _cub(root: Path, label_lines: list[str]) -> Path:
                                          (["1 one", "2 1"], "expected an image id and a class id"),
                                          (["x 1", "2 1"], "expected an image id and a class id")])
 def test_a_cub_class_id_out_of_range_names_its_line(tmp_path, lines, says):
-    from extract.datasets import read_cub
+    from dpnet.extract.datasets import read_cub
 
     with pytest.raises(DatasetLayoutError, match=says) as err:
         read_cub(_cub(tmp_path, lines))
@@ -375,8 +375,8 @@ def test_a_cub_class_id_out_of_range_names_its_line(tmp_path, lines, says):
 
 
 def test_classes_without_training_images_are_warned_about(tmp_path, caplog):
-    from extract.pipeline import run_extraction
-    from train.run import warn_thin_classes
+    from dpnet.extract.pipeline import run_extraction
+    from dpnet.train.run import warn_thin_classes
 
     root = folder_set(tmp_path / "set", {"full": (3, 1), "single": (1, 1), "testonly": (0, 2)})
     (root / "train" / "empty").mkdir()
@@ -397,8 +397,8 @@ def exif_jpeg(path: Path, orientation: int) -> None:
 
 
 def test_exif_rotation_is_applied_alike_by_the_model_and_the_pictures(tmp_path):
-    from analyze import draw
-    from extract.images import load_rgb
+    from dpnet.analyze import draw
+    from dpnet.extract.images import load_rgb
 
     path = tmp_path / "turned.jpg"
     exif_jpeg(path, 6)  # shown turned 90 degrees clockwise: 32 wide, 64 high, red on top
@@ -410,8 +410,8 @@ def test_exif_rotation_is_applied_alike_by_the_model_and_the_pictures(tmp_path):
 
 
 def test_pictures_are_drawn_at_a_bounded_size(tmp_path):
-    from analyze import draw
-    from analyze.draw import DRAW_SIDE
+    from dpnet.analyze import draw
+    from dpnet.analyze.draw import DRAW_SIDE
 
     big = tmp_path / "big.png"
     Image.new("RGB", (3000, 2000), (10, 200, 30)).save(big)
@@ -422,7 +422,7 @@ def test_pictures_are_drawn_at_a_bounded_size(tmp_path):
 
 
 def test_explaining_a_huge_image_draws_a_bounded_page(copy, capsys):
-    from analyze.draw import DRAW_SIDE
+    from dpnet.analyze.draw import DRAW_SIDE
 
     huge = copy.tmp / "huge.png"
     Image.open(held_out_image(copy.cache)).resize((4000, 3000)).save(huge)
@@ -517,7 +517,7 @@ def test_paths_with_spaces_pass_through_make_whole():
 
 
 def test_make_train_and_report_pick_the_cache_of_the_options_given(tmp_path):
-    from train.cli import pick_cache
+    from dpnet.train.cli import pick_cache
 
     for name, bb, r in (("cub-a", "efficientnet_lite0", 500), ("cub-b", "resnet50", 100), ("cub-c", "resnet50", 500)):
         (tmp_path / name).mkdir()
@@ -535,7 +535,7 @@ def test_make_train_and_report_pick_the_cache_of_the_options_given(tmp_path):
 
 
 def test_a_run_of_another_cache_says_the_fix(copy, tmp_path, capsys):
-    from extract.pipeline import run_extraction
+    from dpnet.extract.pipeline import run_extraction
 
     other = run_extraction(tiny_config(tmp_path / "o", regions=14)).cache_dir
     argv = ["--cache", str(other), "--run-dir", str(copy.run), "--q", "2", "--epochs", "4", "--val-fraction", "0",
@@ -550,7 +550,7 @@ FROZEN_CHILD = """
 import sys, pathlib
 sys.path.insert(0, {root!r})
 from tests.helpers import tiny_config
-from extract.pipeline import run_extraction
+from dpnet.extract.pipeline import run_extraction
 run_extraction(tiny_config(pathlib.Path({tmp!r}), weights=None, regions=20, image_size=192, runtime="frozen",
                            batch_size=4, shard_mb=10 * 20 * 1280 * 2 / 2**20, data_dir={raw!r},
                            synth={{"n_classes": 3, "per_class": 10, "image_size": 96}}))
@@ -637,7 +637,7 @@ def test_extraction_stopped_by_sigint_and_sigterm_ends_identical(tmp_path):
 
 
 def test_training_stopped_by_sigint_and_sigterm_ends_identical(copy):
-    from train.estimator import DPNetClassifier
+    from dpnet.train.estimator import DPNetClassifier
 
     args = ["--cache", str(copy.cache), "--q", "2", "--epochs", "8", "--inner-epochs", "2", "--lr", "1e-2",
             "--batch-size", "4", "--val-fraction", "0", "--no-baselines", "--no-progress"]
@@ -666,7 +666,7 @@ def test_a_report_stopped_by_sigint_and_sigterm_ends_identical(copy):
 
 
 def test_a_latest_file_dpnet_did_not_write_is_left_alone(tmp_path, caplog):
-    from extract.pipeline import run_extraction
+    from dpnet.extract.pipeline import run_extraction
 
     (tmp_path / "cache").mkdir()
     mine = tmp_path / "cache" / "LATEST"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from extract.backbones import create_backbone, grid_size, list_backbones
+from dpnet.extract.backbones import create_backbone, grid_size, list_backbones
 from dpnet.errors import UnknownNameError, WeightsNotFoundError
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
@@ -76,7 +76,7 @@ def test_unknown_backbone_lists_known():
 
 
 def test_any_timm_model_by_name_gives_its_last_map(tmp_path, monkeypatch):
-    from extract.backbones import create_backbone, grid_size, state_sha256
+    from dpnet.extract.backbones import create_backbone, grid_size, state_sha256
     from dpnet.errors import WeightsNotFoundError
 
     bb = create_backbone("resnet18", "random")
@@ -100,8 +100,8 @@ def test_a_vit_extracts_at_a_size_other_than_its_native_one(tmp_path, caplog):
     """DINOv2 is made for 518 px; at IMAGE_SIZE=64 it is built for 70 (5 patches of 14), and says so."""
     import logging
 
-    from extract.cache import RegionCache
-    from extract.pipeline import run_extraction
+    from dpnet.extract.cache import RegionCache
+    from dpnet.extract.pipeline import run_extraction
     from tests.helpers import tiny_config
 
     with caplog.at_level(logging.WARNING):
@@ -124,8 +124,8 @@ def test_a_clip_vit_keeps_its_own_normalisation():
 def test_hypercolumn_appends_the_stride16_stage_averaged_onto_the_last_grid(side):
     """Issue 16 lever 2: the map is the plain last map, then blocks.4 (112 ch) averaged over each
     cell's 2x2 (missing cells at an odd border count as zeros), checked against a hook and a loop."""
-    from extract.runtime import FeatureExtractor
-    from extract.regions import region_means
+    from dpnet.extract.runtime import FeatureExtractor
+    from dpnet.extract.regions import region_means
 
     plain = create_backbone("efficientnet_lite0", "random")
     hc = create_backbone("efficientnet_lite0", "random", hypercolumn=True)
@@ -147,7 +147,7 @@ def test_hypercolumn_appends_the_stride16_stage_averaged_onto_the_last_grid(side
         box = torch.tensor([[[1, 0, 4, 3]]]).expand(2, 1, 4)
         torch.testing.assert_close(region_means(out, box)[:, 0, 1280:], s[:, :, 0:6, 2:8].mean(dim=(2, 3)),
                                    rtol=1e-5, atol=1e-5)
-    from extract.runtime import frozen_body
+    from dpnet.extract.runtime import frozen_body
 
     frozen = frozen_body(hc.body, x)  # the CPU default for real caches: oneDNN's fuser must take it
     assert frozen is not None

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.cache import RegionCache
-from extract.cli import main
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.cli import main
 from dpnet.errors import BadImagesError, DatasetLayoutError
-from extract.images import load_rgb
-from extract.pipeline import run_extraction
+from dpnet.extract.images import load_rgb
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import tiny_config
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.datasets import DatasetOptions, load_dataset, read_cub, read_folder
+from dpnet.extract.datasets import DatasetOptions, load_dataset, read_cub, read_folder
 from dpnet.errors import DatasetLayoutError, UnknownNameError
-from extract.synth import HEAD_STYLES, SynthSpec, _HEAD_COLORS, ensure_synth
+from dpnet.extract.synth import HEAD_STYLES, SynthSpec, _HEAD_COLORS, ensure_synth
 
 
 @pytest.fixture(scope="module")

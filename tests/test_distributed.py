@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.cache import RegionCache
-from extract.pipeline import run_extraction
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import tiny_config
-from train.estimator import DPNetClassifier
+from dpnet.train.estimator import DPNetClassifier
 
 # several pieces per batch (micro_batch 1 of 4 images) so both ranks work on every step
 PARAMS = dict(parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2, batch_size=4, micro_batch=1, val_fraction=0.2,
@@ -85,16 +85,16 @@ def test_a_distributed_fit_stopped_and_resumed_ends_where_an_unbroken_one_does(c
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not beside this python")
 def test_torchrun_trains_a_run_that_one_process_reproduces(cache_dir, tmp_path):
-    """``torchrun --nproc_per_node=2 -m train`` (what RANKS=2 make train runs) writes one run, rank 0's."""
+    """``torchrun --nproc_per_node=2 -m dpnet.train`` (what RANKS=2 make train runs) writes one run, rank 0's."""
     common = ["--cache", str(cache_dir), "--no-baselines", "--no-progress", "--q", "2", "--epochs", "2",
               "--batch-size", "4", "--micro-batch", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "train", "--run-dir",
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "dpnet.train", "--run-dir",
                           str(tmp_path / "two"), *common], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("run:") == 1  # rank 0 reports; rank 1 only fits
-    one = subprocess.run([sys.executable, "-m", "train", "--run-dir", str(tmp_path / "one"), *common],
+    one = subprocess.run([sys.executable, "-m", "dpnet.train", "--run-dir", str(tmp_path / "one"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     cache = RegionCache(cache_dir)

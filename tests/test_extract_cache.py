@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract import cache as cache_mod
-from extract.cache import FIELDS, RegionCache, resolve_cache
+from dpnet.extract import cache as cache_mod
+from dpnet.extract.cache import FIELDS, RegionCache, resolve_cache
 from dpnet.errors import CacheIncompleteError, CacheMismatchError
-from extract.pipeline import run_extraction
-from extract.regions import sample_boxes
+from dpnet.extract.pipeline import run_extraction
+from dpnet.extract.regions import sample_boxes
 from tests.helpers import tiny_config
 
 
@@ -130,7 +130,7 @@ def test_raw_chunk_reader_equals_zarr(tmp_path):
     """The direct read of uncompressed one-image chunks gives zarr's own answer; damage is an error."""
     import zarr
 
-    from extract.cache.chunks import read_raw_chunks
+    from dpnet.extract.cache.chunks import read_raw_chunks
 
     c = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
     shard_dir = c.path / c.manifest["shards"][1]["file"]
@@ -178,8 +178,8 @@ def test_torchrun_ranks_split_shards_and_last_one_gathers(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_cache_on_an_fsspec_location_reads_and_trains_like_the_local_one(tmp_path, scheme):
-    from extract.publish import publish
-    from train.estimator import DPNetClassifier
+    from dpnet.extract.publish import publish
+    from dpnet.train.estimator import DPNetClassifier
 
     local = run_extraction(tiny_config(tmp_path)).cache_dir
     url = (tmp_path / "remote" / "c1").as_uri() if scheme == "file" else f"memory://dpnet-test/{tmp_path.name}/c1"
@@ -231,7 +231,7 @@ def test_mapped_shard_equals_read_shard_and_holds_no_files(tmp_path):
 
 
 def test_mapped_rows_index_like_numpy():
-    from extract.cache.chunks import MappedRows
+    from dpnet.extract.cache.chunks import MappedRows
 
     rows = [np.arange(12).reshape(3, 4) + 100 * i for i in range(5)]
     m, full = MappedRows(rows, (3, 4), np.dtype(np.int64)), np.stack(rows)
@@ -242,7 +242,7 @@ def test_mapped_rows_index_like_numpy():
 
 
 def test_dense_windows_are_extracted_recorded_and_resumed(tmp_path, monkeypatch):
-    from extract.regions import image_boxes
+    from dpnet.extract.regions import image_boxes
 
     cfg = tiny_config(tmp_path, regions=20, dense=(1,))
     cache = RegionCache(run_extraction(cfg).cache_dir)
@@ -278,7 +278,7 @@ def test_a_cache_started_by_another_dpnet_version_resumes_and_the_version_is_dpn
 def test_a_hypercolumn_cache_is_named_recorded_and_described_again_alike(tmp_path):
     """HYPERCOLUMN=1: D = 1280 + 112 in the cache, '-hc' in its name, and the analysis's extractor (built
     from the manifest) describes an image as the cache holds it."""
-    from extract.runtime import extractor_for
+    from dpnet.extract.runtime import extractor_for
 
     cache = RegionCache(run_extraction(tiny_config(tmp_path, hypercolumn=True, image_size=96)).cache_dir)
     m = cache.manifest
@@ -290,3 +290,32 @@ def test_a_hypercolumn_cache_is_named_recorded_and_described_again_alike(tmp_pat
     assert a["regions"].shape[-1] == 1392
     plain = tiny_config(tmp_path, image_size=96)
     assert "-hc" not in plain.cache_name() and plain.hypercolumn is False
+
+
+def test_a_flipped_view_cache_mirrors_each_image_and_each_box(tmp_path):
+    """FLIP=1: same images, same order, each box the mirror of the plain cache's; each region is the
+    mean of the flipped image's map over its mirrored box (what the plain region shows, mirrored)."""
+    import torch
+
+    from dpnet.extract.backbones import create_backbone
+    from dpnet.extract.images import ImageFiles, collate
+    from dpnet.extract.regions import region_means
+    from dpnet.extract.runtime import mirror_boxes
+
+    plain = RegionCache(run_extraction(tiny_config(tmp_path)).cache_dir)
+    flip = RegionCache(run_extraction(tiny_config(tmp_path, flip=True)).cache_dir)
+    assert flip.path.name == plain.path.name + "-flip" and flip.manifest["config"]["flip"] is True
+    a, b = plain.load_shard(0), flip.load_shard(0)
+    assert np.array_equal(a["image_ids"], b["image_ids"]) and np.array_equal(a["labels"], b["labels"])
+    grid_w = plain.manifest["grid"][1]
+    assert np.array_equal(b["boxes"], mirror_boxes(a["boxes"], grid_w))
+    assert not np.allclose(a["regions"], b["regions"])
+    m = plain.manifest
+    files = ImageFiles([str(Path(m["dataset_root"]) / "images" / r["path"]) for r in plain.image_table()[:2]],
+                       m["image_size"])
+    pixels = collate([files[0], files[1]]).pixels.flip(-1)
+    bb = create_backbone("efficientnet_lite0", "random")
+    x = (pixels.float() / 255 - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = region_means(bb.body(x), torch.from_numpy(b["boxes"][:2].astype(np.int64)))
+    np.testing.assert_allclose(b["regions"][:2].astype(np.float32), want.numpy(), rtol=2e-2, atol=2e-2)

@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from dpnet.errors import CacheIncompleteError, CacheMismatchError, DatasetLayoutError, DpnetError
-from extract.cache import RegionCache
-from extract.pipeline import run_extraction
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import ROOT, alive, children_of, python, spawn, tiny_config, train_config, wait_for
-from train.estimator import DPNetClassifier
+from dpnet.train.estimator import DPNetClassifier
 
 
 def train_args(cache: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -37,19 +37,19 @@ def train_args(cache: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def train_main(argv: list[str]) -> int:
-    from train.cli import main
+    from dpnet.train.cli import main
 
     return main(argv)
 
 
 def analyze_main(argv: list[str]) -> int:
-    from analyze.cli import main
+    from dpnet.analyze.cli import main
 
     return main(argv)
 
 
 def extract_main(argv: list[str]) -> int:
-    from extract.cli import main
+    from dpnet.extract.cli import main
 
     return main(argv)
 
@@ -114,7 +114,7 @@ def test_a_pickle_planted_in_a_run_is_never_run(copy, capsys, target):
 # ---------------------------------------------------------------------------------- kernel (item 2)
 def _build_name(tmp: Path, monkeypatch) -> str:
     """The file name the real kernel build gets (built once in a scratch folder)."""
-    from train import native
+    from dpnet.train import native
 
     monkeypatch.setenv("DPNET_BUILD_DIR", str(tmp / "scratch"))
     native.reset()
@@ -137,7 +137,7 @@ def _plant_library(path: Path, marker: Path) -> None:
 def test_a_kernel_planted_in_the_temporary_folder_is_not_loaded(tmp_path, monkeypatch):
     import tempfile
 
-    from train import native
+    from dpnet.train import native
 
     name = _build_name(tmp_path, monkeypatch)
     home, tmpdir = tmp_path / "home", tmp_path / "tmp"
@@ -158,7 +158,7 @@ def test_a_kernel_planted_in_the_temporary_folder_is_not_loaded(tmp_path, monkey
 
 @pytest.mark.parametrize("how", ["writable_by_others", "owned_by_another_user"])
 def test_a_kernel_in_an_unsafe_build_folder_is_not_loaded(tmp_path, monkeypatch, how):
-    from train import native
+    from dpnet.train import native
 
     name = _build_name(tmp_path, monkeypatch)
     build, marker = tmp_path / "build", tmp_path / "pwned"
@@ -195,7 +195,7 @@ def _cub_layout(root: Path, paths: list[str]) -> None:
 
 @pytest.mark.parametrize("bad", ["../outside.jpg", "a/../../outside.jpg", "/etc/hostname"])
 def test_image_paths_leaving_the_dataset_are_refused(tmp_path, bad):
-    from extract.datasets import read_cub
+    from dpnet.extract.datasets import read_cub
 
     _cub_layout(tmp_path / "cub", ["ok/a.jpg", bad])
     with pytest.raises(DatasetLayoutError, match=r"images\.txt:2"):
@@ -225,7 +225,7 @@ def test_explaining_a_file_that_is_not_an_image_names_it(copy, capsys):
 
 # ----------------------------------------------------------------------------- 16-bit PNG (item 20)
 def test_a_16_bit_png_keeps_its_tones(tmp_path):
-    from extract.images import load_rgb
+    from dpnet.extract.images import load_rgb
 
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # dark to bright, left to right
     path = tmp_path / "deep.png"
@@ -363,8 +363,8 @@ def _folder_set(root: Path, classes: list[str], per_split: int = 4, names=None) 
 
 
 def test_hostile_class_and_file_names_cannot_inject_markup(tmp_path):
-    from analyze.report import build_report
-    from train.run import train_run
+    from dpnet.analyze.report import build_report
+    from dpnet.train.run import train_run
 
     hostile = ["<svg onload=alert(1)>", "<img src=x onerror=alert(2)>", "plain"]
     _folder_set(tmp_path / "raw", hostile, names=["<svg onload=alert(3)>", "x\" onmouseover=\"alert(4)"])
@@ -384,7 +384,7 @@ def test_hostile_class_and_file_names_cannot_inject_markup(tmp_path):
 KILLED_REPORT = """
 import os, pathlib, signal, sys
 sys.path.insert(0, {root!r})
-import analyze.report as rp
+import dpnet.analyze.report as rp
 orig = rp._Renderer.gallery
 def die(self):
     orig(self)
@@ -395,7 +395,7 @@ rp.build_report(pathlib.Path({run!r}), k=2, n_show=2)
 
 
 def test_a_report_killed_while_it_renders_leaves_the_old_one_whole(copy):
-    from analyze.report import build_report
+    from dpnet.analyze.report import build_report
 
     page = build_report(copy.run, k=3, n_show=4)
     text = page.read_text()
@@ -431,7 +431,7 @@ m.{owner}.{method} = slow
 def test_a_second_extraction_of_one_cache_says_who_holds_it(tmp_path):
     flag = tmp_path / "started"
     run = f"from tests.helpers import tiny_config\nm.run_extraction(tiny_config(pathlib.Path({str(tmp_path)!r})))"
-    first = spawn(SLOW.format(root=str(ROOT), module="extract.pipeline", owner="FeatureExtractor", method="__call__",
+    first = spawn(SLOW.format(root=str(ROOT), module="dpnet.extract.pipeline", owner="FeatureExtractor", method="__call__",
                               flag=str(flag), run=run))
     try:
         wait_for(lambda: flag.exists() or first.poll() is not None, what="the first extraction")
@@ -445,13 +445,13 @@ def test_a_second_extraction_of_one_cache_says_who_holds_it(tmp_path):
 
 
 def test_a_second_training_into_one_run_folder_says_who_holds_it(copy):
-    from train.run import train_run
+    from dpnet.train.run import train_run
 
     flag = copy.tmp / "started"
     options = dict(cache=str(copy.cache), run_dir=str(copy.tmp / "r"), parts_per_class=2, epochs=30, inner_epochs=1,
                    lr=1e-2, batch_size=4, val_fraction=0.0, baselines=False, progress=False)
-    run = f"from tests.helpers import train_config\nimport train.run as tr\ntr.train_run(train_config(**{options!r}))"
-    first = spawn(SLOW.format(root=str(ROOT), module="train.trainer", owner="Trainer", method="_run_epoch",
+    run = f"from tests.helpers import train_config\nimport dpnet.train.run as tr\ntr.train_run(train_config(**{options!r}))"
+    first = spawn(SLOW.format(root=str(ROOT), module="dpnet.train.trainer", owner="Trainer", method="_run_epoch",
                               flag=str(flag), run=run))
     try:
         wait_for(lambda: flag.exists() or first.poll() is not None, what="the first training")
@@ -468,7 +468,7 @@ KILL_BEFORE_LOG = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from tests.helpers import train_config
-import train.run as tr
+import dpnet.train.run as tr
 orig = tr.EpochLog.__call__
 def die(self, row):
     if row["epoch"] == 3:
@@ -482,7 +482,7 @@ tr.train_run(train_config(**{options!r}))
 def test_a_kill_between_checkpoint_and_log_loses_no_log_row(copy):
     import csv
 
-    from train.run import train_run
+    from dpnet.train.run import train_run
 
     options = dict(cache=str(copy.cache), run_dir=str(copy.tmp / "r"), parts_per_class=2, epochs=3, inner_epochs=1,
                    lr=1e-2, batch_size=4, val_fraction=0.0, baselines=False, progress=False)
@@ -556,7 +556,7 @@ def test_a_failed_checkpoint_write_is_reported_and_cleaned_up(copy, monkeypatch,
 
 # ----------------------------------------------------------------------------- dead temps (item 18)
 def test_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(copy, tmp_path):
-    from train.run import train_run
+    from dpnet.train.run import train_run
 
     gone, live = dead_pid(), subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -587,7 +587,7 @@ RANKS = """
 import pathlib, sys
 sys.path.insert(0, {root!r})
 from tests.helpers import tiny_config
-from extract.pipeline import run_extraction
+from dpnet.extract.pipeline import run_extraction
 run_extraction(tiny_config(pathlib.Path({tmp!r}), ranks=2, image_size=320,
                            synth={{"n_classes": 4, "per_class": 60, "image_size": 128}}))
 """
@@ -624,7 +624,7 @@ EXTRACT_CHILD = """
 import pathlib, sys
 sys.path.insert(0, {root!r})
 from tests.helpers import tiny_config
-from extract.pipeline import run_extraction
+from dpnet.extract.pipeline import run_extraction
 run_extraction(tiny_config(pathlib.Path({tmp!r}), regions=20, synth={{"n_classes": 3, "per_class": 10, "image_size": 64}}))
 """
 
@@ -673,13 +673,13 @@ TRAIN_CHILD = """
 import sys
 sys.path.insert(0, {root!r})
 from tests.helpers import train_config
-from train.run import train_run
+from dpnet.train.run import train_run
 train_run(train_config(**{options!r}))
 """
 
 
 def test_faults_training_killed_at_random_moments_ends_identical(copy):
-    from train.run import train_run
+    from dpnet.train.run import train_run
 
     options = dict(cache=str(copy.cache), parts_per_class=2, epochs=8, inner_epochs=2, lr=1e-2, batch_size=4,
                    val_fraction=0.0, baselines=False, progress=False)

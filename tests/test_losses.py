@@ -1,4 +1,4 @@
-"""DP-Net's maths (train.model, train.losses) against slow references that live here, in the tests.
+"""DP-Net's maths (dpnet.train.model, dpnet.train.losses) against slow references that live here, in the tests.
 
 Loop references (plain Python over lists) check each term's value; a plain-autograd composition
 checks the fused op's hand-written backward, dense and sparse, and float64 gradcheck checks both.
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import class_specific, orthogonality
-from train.model import DPNetModule
+from dpnet.train.losses import class_specific, orthogonality
+from dpnet.train.model import DPNetModule
 
 
 # ------------------------------------------------------------------------- loop references
@@ -274,7 +274,7 @@ def test_cosine_scores_against_a_loop(gen):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_cosine_training_gradient_equals_plain_autograd(gen, sparse):
     """Prepared (standardised, normalised) regions through the fused op, against plain cosine ops."""
-    from train.model import COSINE_ASSIGN_SCALE
+    from dpnet.train.model import COSINE_ASSIGN_SCALE
 
     m = random_module(gen, constraints=("orth", "assign", "cs", "clst"))
     m.similarity = "cosine"
@@ -319,7 +319,7 @@ def test_an_owned_class_layer_weighs_only_each_classs_own_parts(gen):
 # ------------------------------------------------------------------ projection, last-layer refit
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_projection_puts_each_part_on_its_best_region_of_its_own_class(gen, similarity):
-    from train.finish import project_parts
+    from dpnet.train.finish import project_parts
 
     m = random_module(gen, d=5, p=6, c=3, q=2)
     m.similarity = similarity
@@ -338,7 +338,7 @@ def test_projection_puts_each_part_on_its_best_region_of_its_own_class(gen, simi
 
 
 def test_the_last_layer_refit_lowers_the_loss_and_keeps_ownership(gen):
-    from train.finish import refit_class_layer
+    from dpnet.train.finish import refit_class_layer
 
     m = random_module(gen, d=5, p=6, c=3, q=2)
     m.class_layer = "owned"
@@ -353,7 +353,7 @@ def test_the_last_layer_refit_lowers_the_loss_and_keeps_ownership(gen):
 
 
 def test_the_cluster_cost_against_a_loop(gen):
-    from train.model import cluster_cost
+    from dpnet.train.model import cluster_cost
 
     best = torch.rand(5, 6, generator=gen, dtype=torch.float64) * 2 - 1
     labels = torch.tensor([0, 2, 1, 1, 0])
@@ -386,7 +386,7 @@ def test_centred_scores_against_a_loop(gen, similarity):
 
 def test_a_positive_class_layer_weighs_no_part_against_a_class():
     """class_layer="positive": V as used is ReLU(V); logits and contributions agree with a loop."""
-    from train.model import DPNetModule
+    from dpnet.train.model import DPNetModule
 
     torch.manual_seed(0)
     m = DPNetModule(6, 6, 3, 2, (), {}, similarity="cosine", class_layer="positive")
@@ -402,10 +402,10 @@ def test_a_positive_class_layer_weighs_no_part_against_a_class():
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_the_refit_meets_the_bags_the_model_predicts_with(similarity):
-    """train.finish.pooled_bags (the last-layer refit's input) equals the model's own bag, for both
+    """dpnet.train.finish.pooled_bags (the last-layer refit's input) equals the model's own bag, for both
     similarities (it once L2-normalised every bag, which the cosine model does not)."""
-    from train.finish import pooled_bags
-    from train.model import DPNetModule
+    from dpnet.train.finish import pooled_bags
+    from dpnet.train.model import DPNetModule
 
     torch.manual_seed(0)
     m = DPNetModule(8, 6, 3, 2, (), {}, basis_dim=5, similarity=similarity)
@@ -417,7 +417,7 @@ def test_the_refit_meets_the_bags_the_model_predicts_with(similarity):
 
 
 def test_a_presence_bag_counts_a_part_only_past_its_threshold():
-    from train.model import DPNetModule
+    from dpnet.train.model import DPNetModule
 
     m = DPNetModule(4, 3, 3, 1, (), {}, similarity="cosine", presence=0.3)
     best = torch.tensor([[0.1, 0.3, 0.75], [-0.2, 0.31, 0.0]])
@@ -429,7 +429,7 @@ def test_a_presence_bag_counts_a_part_only_past_its_threshold():
 @pytest.mark.parametrize("similarity,presence", [("dot", 0.0), ("cosine", 0.0), ("cosine", 0.2)])
 def test_pooling_with_regions_removed_equals_the_masked_max(similarity, presence):
     """One image's bag with a few regions left out, from each part's best few: the masked pool's bag."""
-    from train.model import DPNetModule
+    from dpnet.train.model import DPNetModule
 
     gen = torch.Generator().manual_seed(4)
     m = DPNetModule(6, 7, 3, 1, (), {}, similarity=similarity, presence=presence)
@@ -447,8 +447,8 @@ def test_pooling_with_regions_removed_equals_the_masked_max(similarity, presence
 def test_pruning_silences_parts_whose_best_images_are_of_other_classes(class_layer):
     """ProtoPNet's pruning: a part whose k best training images hold fewer than tau of its own class
     belongs to no class afterwards and weighs nothing in any logit, whatever the class layer."""
-    from train.finish import prune_parts
-    from train.model import DPNetModule
+    from dpnet.train.finish import prune_parts
+    from dpnet.train.model import DPNetModule
 
     gen = torch.Generator().manual_seed(5)
     m = DPNetModule(4, 6, 3, 2, (), {}, class_layer=class_layer)  # C = 3, q = 2: part p is class p // 2's
@@ -469,7 +469,7 @@ def test_pruning_silences_parts_whose_best_images_are_of_other_classes(class_lay
 
 def test_a_pruned_model_is_saved_and_read_with_its_pruned_parts(tmp_path):
     """owner travels with the model (pruning changes it); a model saved before pruning existed reads as p // q."""
-    from train.model import DPNetModule
+    from dpnet.train.model import DPNetModule
 
     m = DPNetModule(4, 6, 3, 2, (), {})
     m.owner[[1, 4]] = -1
@@ -486,9 +486,9 @@ def test_a_pruned_model_is_saved_and_read_with_its_pruned_parts(tmp_path):
 def test_the_last_layer_l1_sends_wrong_class_weights_to_zero():
     """ProtoPNet's last-layer step: with an L1 cost on the weights that link a part to another class,
     the refit leaves those weights near 0 while the class's own stay."""
-    from train.estimator import DPNetClassifier
-    from train.finish import refit_class_layer
-    from train.model import DPNetModule
+    from dpnet.train.estimator import DPNetClassifier
+    from dpnet.train.finish import refit_class_layer
+    from dpnet.train.model import DPNetModule
 
     gen = torch.Generator().manual_seed(8)
     bags = torch.rand(30, 6, generator=gen)
@@ -508,7 +508,7 @@ def test_the_last_layer_l1_sends_wrong_class_weights_to_zero():
 def test_the_occurrence_prior_against_a_loop(gen):
     """C_occur (issue 16 lever 6): per part, the sorted occurrences against k_p ones after N - k_p zeros,
     k_p the images of its class; mean absolute difference over images and parts."""
-    from train.losses import occurrence_cost
+    from dpnet.train.losses import occurrence_cost
 
     tau = torch.rand(7, 6, generator=gen, dtype=torch.float64)
     labels = torch.tensor([0, 2, 1, 1, 0, 1, 2])
@@ -548,10 +548,79 @@ def test_the_occurrence_is_the_most_any_region_is_assigned_to_a_part(gen, simila
 def test_every_constraint_weight_reaches_the_module():
     """A new constraint needs its lambda field and its term only: the estimator hands every known
     constraint's weight to the module."""
-    from train.estimator import DPNetClassifier
-    from train.losses import KNOWN_CONSTRAINTS
+    from dpnet.train.estimator import DPNetClassifier
+    from dpnet.train.losses import KNOWN_CONSTRAINTS
 
     est = DPNetClassifier(lambda_occur=0.37, lambda_clst=0.11, constraints=("orth", "occur"))
     m = est.make_module(8, 3)
     assert m.lambdas["occur"] == 0.37 and m.lambdas["clst"] == 0.11
     assert set(KNOWN_CONSTRAINTS) <= set(m.lambdas) and m.constraints == ("orth", "occur")
+
+
+def _softmax(v):
+    m = max(v)
+    e = [math.exp(x - m) for x in v]
+    return [x / sum(e) for x in e]
+
+
+def ref_assign_agreement(s, s_view, scale):
+    """-mean over images and regions of log(z . z'), z the assignment softmax over parts (loops)."""
+    total, count = 0.0, 0
+    for img, img_view in zip(s, s_view):
+        for reg, reg_view in zip(img, img_view):
+            z = _softmax([v * t for v, t in zip(reg, scale)])
+            zv = _softmax([v * t for v, t in zip(reg_view, scale)])
+            total += -math.log(sum(a * b for a, b in zip(z, zv)))
+            count += 1
+    return total / count
+
+
+def ref_peak_agreement(s, s_view, own, scale):
+    """-mean over images and their own parts of log(pi . pi'), pi the part's softmax over regions (loops)."""
+    total, count = 0.0, 0
+    for img, img_view, parts in zip(s, s_view, own):
+        for k in parts:
+            pi = _softmax([reg[k] * scale[k] for reg in img])
+            pv = _softmax([reg[k] * scale[k] for reg in img_view])
+            total += -math.log(sum(a * b for a, b in zip(pi, pv)))
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_the_views_agreement_against_a_loop(gen, similarity):
+    """C_agree (issue 16 lever 3): the assignments of corresponding regions (over the picked rows), and
+    each own part's soft peak over all regions, agree across the two views; a view equal to the image
+    agrees best."""
+    from train.model import PEAK_SHARPEN
+
+    m = random_module(gen, d=5, p=6, c=3, q=2, constraints=("orth", "agree"))
+    m.similarity = similarity
+    x = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([2, 0])
+    own = [[4, 5], [0, 1]]  # class c owns parts 2c, 2c + 1
+
+    def agreement(*args, **kw):
+        return m.view_agreement(*args, **kw).detach()
+
+    a = m.training_fold()[2].detach().tolist()
+    s, sv = m.scores(x).detach().tolist(), m.scores(v).detach().tolist()
+    peak = ref_peak_agreement(s, sv, own, [t * PEAK_SHARPEN for t in a])
+    want = ref_assign_agreement(s, sv, a) + peak
+    assert float(agreement(x, v, labels)) == pytest.approx(want, rel=1e-9)
+    if similarity == "cosine":  # prepared input (the trainer's path) gives the same value
+        prepared = m.view_agreement(m.prepare(x), m.prepare(v), labels, prepared=True)
+        assert float(prepared.detach()) == pytest.approx(want, rel=1e-9)
+    rows = torch.tensor([[0, 3], [6, 1]])
+    picked = [[img[j] for j in r] for img, r in zip(s, rows.tolist())]
+    picked_view = [[img[j] for j in r] for img, r in zip(sv, rows.tolist())]
+    want_rows = ref_assign_agreement(picked, picked_view, a) + peak
+    assert float(agreement(x, v, labels, rows)) == pytest.approx(want_rows, rel=1e-9)
+    assert float(agreement(x, x, labels)) < want
+    loss, terms = m.loss(x, labels, view=v, gemm_dtype=torch.float64)
+    assert float(terms["agree"].detach()) == pytest.approx(want, rel=1e-9)
+    loss.backward()
+    assert torch.isfinite(m.parts.grad).all()
+    with pytest.raises(ValueError, match="needs a view"):
+        m.loss(x, labels, gemm_dtype=torch.float64)

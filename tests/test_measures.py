@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from extract.cache import RegionCache
+from dpnet.extract.cache import RegionCache
 
-from analyze.localize import (keypoint_hits, on_object_share, part_consistency, part_purity, part_stability,
+from dpnet.analyze.localize import (keypoint_hits, on_object_share, part_consistency, part_purity, part_stability,
                               peak_boxes)
-from analyze.ownership import own_evidence_share, own_top3_share, owned_parts
-from analyze.localize import best_regions
-from analyze.pixels import auc, cam_map, cell_order, evidence_map, step_masks
+from dpnet.analyze.ownership import own_evidence_share, own_top3_share, owned_parts
+from dpnet.analyze.localize import best_regions
+from dpnet.analyze.pixels import auc, cam_map, cell_order, evidence_map, step_masks
 
 
 @pytest.fixture
@@ -171,10 +171,10 @@ def run_with_baselines(tmp_path_factory):
 @torch.no_grad()
 def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_baselines):
     """Slow reference for one step: blank the named cells by hand, run the backbone and the model."""
-    from analyze.analysis import load_run
-    from analyze.pixels import PixelProbe, deletion_curves, sample_test_images
-    from train.baselines import LINEAR_KIND
-    from train.serialize import load_file
+    from dpnet.analyze.analysis import load_run
+    from dpnet.analyze.pixels import PixelProbe, deletion_curves, sample_test_images
+    from dpnet.train.baselines import LINEAR_KIND
+    from dpnet.train.serialize import load_file
 
     est, cache, _ = load_run(run_with_baselines)
     sample = sample_test_images(cache, 3, seed=0)
@@ -206,8 +206,8 @@ def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_basel
 
 
 def test_stability_is_complete_without_noise(run_with_baselines, monkeypatch):
-    import analyze.pixels as px
-    from analyze.analysis import dataset_index, load_run
+    import dpnet.analyze.pixels as px
+    from dpnet.analyze.analysis import dataset_index, load_run
 
     est, cache, _ = load_run(run_with_baselines)
     index = dataset_index(cache)
@@ -241,7 +241,7 @@ def _slow_margin_shares(contrib: np.ndarray, shown: int, share: float):
 
 
 def test_margin_shares_match_a_loop():
-    from analyze.explain import margin_contributions, margin_shares
+    from dpnet.analyze.explain import margin_contributions, margin_shares
 
     rng = np.random.default_rng(3)
     contrib = rng.normal(size=(40, 5, 30)).astype(np.float64)
@@ -260,8 +260,8 @@ def test_margin_shares_match_a_loop():
 
 
 def test_the_margin_table_of_an_image_adds_up_to_its_margin(base):
-    from analyze.explain import DPNetExplainer
-    from train.estimator import DPNetClassifier
+    from dpnet.analyze.explain import DPNetExplainer
+    from dpnet.train.estimator import DPNetClassifier
 
     run = base / "run"
     est = DPNetClassifier.load(run / "model.pt")
@@ -278,7 +278,7 @@ def test_the_margin_table_of_an_image_adds_up_to_its_margin(base):
 
 
 def test_on_part_share_matches_a_loop():
-    from analyze.localize import on_part_share
+    from dpnet.analyze.localize import on_part_share
 
     rng = np.random.default_rng(5)
     boxes = np.sort(rng.uniform(0, 100, (6, 5, 2, 2)), axis=2).transpose(0, 1, 3, 2).reshape(6, 5, 4)
@@ -293,7 +293,7 @@ def test_on_part_share_matches_a_loop():
 
 # ------------------------------------------------------------ where a part is: one definition (issue 16)
 def test_part_peaks_are_the_mean_centre_of_each_parts_best_regions():
-    from analyze.localize import part_peaks
+    from dpnet.analyze.localize import part_peaks
 
     rng = np.random.default_rng(6)
     n, r, p, k = 3, 40, 4, 5
@@ -314,7 +314,7 @@ def test_part_peaks_are_the_mean_centre_of_each_parts_best_regions():
 
 def test_a_near_copy_of_the_best_region_does_not_decide_where_a_part_is():
     """Two overlapping regions far from the other eight best: one stray region moves the peak only a tenth."""
-    from analyze.localize import PEAK_REGIONS, part_peaks
+    from dpnet.analyze.localize import PEAK_REGIONS, part_peaks
 
     r = 30
     boxes = np.tile(np.array([10, 10, 12, 12]), (1, r, 1))
@@ -327,8 +327,8 @@ def test_a_near_copy_of_the_best_region_does_not_decide_where_a_part_is():
 
 def test_the_report_measures_use_the_part_peaks(base, monkeypatch):
     """Consistency, on-part share and landmark error all read where parts are from part_peaks."""
-    import analyze.analysis as an
-    import analyze.localize as lz
+    import dpnet.analyze.analysis as an
+    import dpnet.analyze.localize as lz
 
     calls = []
     real = lz.part_peaks
@@ -346,7 +346,7 @@ def test_the_report_measures_use_the_part_peaks(base, monkeypatch):
 
 # ------------------------------------------------------------ pixel measures with their intervals (issue 18)
 def test_bootstrap_interval_matches_a_loop_and_narrows_with_more_images():
-    from analyze.stats import bootstrap_interval
+    from dpnet.analyze.stats import bootstrap_interval
 
     values = np.random.default_rng(7).normal(0.3, 0.1, 400)
     lo, hi = bootstrap_interval(len(values), lambda idx: float(values[idx].mean()), reps=300, seed=1)
@@ -359,7 +359,7 @@ def test_bootstrap_interval_matches_a_loop_and_narrows_with_more_images():
 
 
 def test_areas_are_the_per_image_trapezoids_whose_mean_is_the_auc():
-    from analyze.pixels import areas
+    from dpnet.analyze.pixels import areas
 
     curves = np.random.default_rng(8).uniform(0, 1, (5, 9))
     want = [sum((c[i] + c[i + 1]) / 2 for i in range(8)) / 8 for c in curves]
@@ -369,9 +369,9 @@ def test_areas_are_the_per_image_trapezoids_whose_mean_is_the_auc():
 def test_the_quick_and_full_pixel_measures(run_with_baselines):
     """--measures quick (the default) and full pick the sample; the report gives each pixel measure's
     interval and the paired difference against the CAM."""
-    from analyze.analysis import analyse
-    from analyze.config import PIXEL_MEASURES
-    from analyze.cli import build_parser, pixel_plan
+    from dpnet.analyze.analysis import analyse
+    from dpnet.analyze.config import PIXEL_MEASURES
+    from dpnet.analyze.cli import build_parser, pixel_plan
 
     assert pixel_plan(build_parser().parse_args(["report"])) == PIXEL_MEASURES["quick"]
     assert pixel_plan(build_parser().parse_args(["report", "--measures", "full"])) == PIXEL_MEASURES["full"]
@@ -388,7 +388,7 @@ def test_the_quick_and_full_pixel_measures(run_with_baselines):
 
 
 def test_activation_map_takes_each_cells_best_covering_region():
-    from analyze.localize import activation_map
+    from dpnet.analyze.localize import activation_map
 
     rng = np.random.default_rng(9)
     lo = rng.integers(0, 5, (12, 2))
@@ -402,7 +402,7 @@ def test_activation_map_takes_each_cells_best_covering_region():
 
 
 def test_consistency_rates_per_keypoint_against_a_loop(rng):
-    from analyze.localize import consistency_rates
+    from dpnet.analyze.localize import consistency_rates
 
     n, q, c, k = 24, 2, 3, 4
     labels = rng.integers(0, c, n)
@@ -421,7 +421,7 @@ def test_consistency_rates_per_keypoint_against_a_loop(rng):
 
 
 def test_the_analysis_config_checks_its_options_in_one_place(tmp_path):
-    from analyze.config import PIXEL_MEASURES, AnalyzeConfig
+    from dpnet.analyze.config import PIXEL_MEASURES, AnalyzeConfig
     from dpnet.errors import ConfigError
 
     assert AnalyzeConfig().pixel_plan() == PIXEL_MEASURES["quick"]

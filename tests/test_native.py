@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from train import native
-from train.model import DPNetModule, _TrainOp
+from dpnet.train import native
+from dpnet.train.model import DPNetModule, _TrainOp
 
 has_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler here")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.regions import boxes_to_pixels, global_means, integral_image, region_means, sample_boxes
+from dpnet.extract.regions import boxes_to_pixels, global_means, integral_image, region_means, sample_boxes
 
 
 def brute_means(fmap: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -71,7 +71,7 @@ def test_region_means_rejects_wrong_box_shape():
 
 
 def test_dense_windows_cover_every_position_of_each_size():
-    from extract.regions import dense_boxes, image_boxes
+    from dpnet.extract.regions import dense_boxes, image_boxes
 
     boxes = dense_boxes((1, 2), 4, 5)
     assert len(boxes) == 4 * 5 + 3 * 4
@@ -88,7 +88,7 @@ def test_dense_windows_cover_every_position_of_each_size():
 
 def test_cub_extracts_cropped_with_dense_windows_by_default():
     """CUB's measured defaults (crop to the bird box, 2x2 dense windows); each one word away."""
-    from extract.cli import build_parser, config_from_args
+    from dpnet.extract.cli import build_parser, config_from_args
 
     def cfg(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
@@ -103,8 +103,8 @@ def test_cub_extracts_cropped_with_dense_windows_by_default():
 def test_the_per_dataset_defaults_live_in_the_config():
     """ExtractConfig(dataset="cub") is the cache `make extract DATASET=cub` makes (and imagenet's R=100),
     and the command line restates no default: what it leaves unset is the config's."""
-    from extract.cli import build_parser, config_from_args
-    from extract.config import ExtractConfig
+    from dpnet.extract.cli import build_parser, config_from_args
+    from dpnet.extract.config import ExtractConfig
 
     for dataset in ("cub", "imagenet", "folder", "synth"):
         from_cli = config_from_args(build_parser().parse_args(["--dataset", dataset]))
@@ -112,3 +112,17 @@ def test_the_per_dataset_defaults_live_in_the_config():
     assert ExtractConfig(dataset="cub").cache_name() == "cub-efficientnet_lite0-r500-d2-s544-crop"
     assert ExtractConfig(dataset="imagenet").regions == 100
     assert ExtractConfig(dataset="cub", crop=False, dense=()).cache_name() == "cub-efficientnet_lite0-r500-s544"
+
+
+def test_a_mirrored_box_on_a_mirrored_map_pools_what_the_box_pools_on_the_map():
+    """Lever 3's views: region r of the flipped image is the mirror of region r (exact, any box)."""
+    from dpnet.extract.regions import image_boxes, region_means
+    from dpnet.extract.runtime import mirror_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    fmap = torch.randn(2, 5, 7, 7, generator=gen, dtype=torch.float64)
+    boxes = torch.from_numpy(np.stack([image_boxes(0, i, 60, 7, 7, (2,)) for i in range(2)]).astype(np.int64))
+    mirrored = torch.from_numpy(mirror_boxes(boxes.numpy(), 7))
+    torch.testing.assert_close(region_means(fmap.flip(-1), mirrored), region_means(fmap, boxes))
+    assert np.array_equal(mirror_boxes(mirrored.numpy(), 7), boxes.numpy())
+    assert (mirrored[..., 0] < mirrored[..., 2]).all() and not torch.equal(mirrored, boxes)

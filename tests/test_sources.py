@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract import sources
-from extract.datasets import DatasetOptions, load_dataset
-from extract.download import DownloadError, fetch
+from dpnet.extract import sources
+from dpnet.extract.datasets import DatasetOptions, load_dataset
+from dpnet.extract.download import DownloadError, fetch
 from dpnet.errors import DatasetLayoutError
-from extract.pipeline import run_extraction
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import tiny_config
 
 
@@ -158,7 +158,7 @@ def test_mit67_bad_layout_names_the_fix(tmp_path):
 def test_imagenet_val_helper_and_reader(tmp_path):
     from scipy.io import savemat
 
-    from extract.imagenet_val import arrange_val
+    from dpnet.extract.imagenet_val import arrange_val
 
     root = tmp_path / "ILSVRC2012"
     wnids = ["n02000002", "n01000001"]  # meta.mat order is not sorted order
@@ -186,7 +186,7 @@ def test_imagenet_val_helper_and_reader(tmp_path):
 
 # ------------------------------------------------------------------------------ CUB box crop
 def test_crop_box_and_pixel_mapping():
-    from extract.regions import boxes_to_pixels, crop_box
+    from dpnet.extract.regions import boxes_to_pixels, crop_box
 
     assert crop_box((10.4, 5.6, 20.0, 30.0), (100, 50)) == (10, 5, 31, 36)
     assert crop_box((95.0, -3.0, 20.0, 2.0), (100, 50)) == (92, 0, 100, 8)  # clipped, grown to 8 px
@@ -198,7 +198,7 @@ def test_crop_box_and_pixel_mapping():
 
 
 def test_load_rgb_crops_to_the_box_before_resizing(tmp_path):
-    from extract.images import load_rgb
+    from dpnet.extract.images import load_rgb
 
     img = Image.new("RGB", (60, 40), (0, 0, 255))
     img.paste((255, 0, 0), (20, 10, 44, 30))  # a red 24 x 20 block
@@ -216,7 +216,7 @@ def test_crop_option_extracts_recorded_and_refused_without_boxes(tmp_path):
 
     manifest = json.loads((cropped.cache_dir / "manifest.json").read_text())
     assert manifest["config"]["crop"] is True
-    from extract.cache import RegionCache
+    from dpnet.extract.cache import RegionCache
 
     a, b = RegionCache(plain.cache_dir).load_shard(0), RegionCache(cropped.cache_dir).load_shard(0)
     assert np.array_equal(a["boxes"], b["boxes"]) and not np.array_equal(a["regions"], b["regions"])

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from extract.cache import RegionCache
-from extract.pipeline import run_extraction
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import python, tiny_config
 
 CHURN = """
@@ -65,7 +65,7 @@ def test_the_frozen_cpu_backbone_gives_the_eager_descriptors(tmp_path):
 def test_auto_runtime_is_frozen_on_the_cpu_for_caches_that_repay_it(tmp_path):
     import torch
 
-    from extract.runtime import FROZEN_MIN_IMAGES, resolve_runtime
+    from dpnet.extract.runtime import FROZEN_MIN_IMAGES, resolve_runtime
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_runtime("auto", cpu, FROZEN_MIN_IMAGES) == "frozen"

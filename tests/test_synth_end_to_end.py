@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from extract.pipeline import ExtractConfig, run_extraction
-from train.config import TrainConfig
-from train.run import train_run
+from dpnet.extract.pipeline import ExtractConfig, run_extraction
+from dpnet.train.config import TrainConfig
+from dpnet.train.run import train_run
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
     assert m["dpnet"]["top1"] > m["global_linear"]["top1"] + 5
     assert m["dpnet"]["top1"] > 50  # 10 classes: chance is 10
 
-    from analyze.report import build_report
+    from dpnet.analyze.report import build_report
 
     page = build_report(tmp_path / "run", k=4, n_show=4, pixel_images=24)  # pixel measures on a small sample
     numbers = json.loads((page.parent / "analysis.json").read_text())

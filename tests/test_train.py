@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from dpnet.errors import CacheMismatchError, NonFiniteError
-from extract.cache import RegionCache
-from extract.pipeline import run_extraction
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.pipeline import run_extraction
 from tests.helpers import tiny_config
-from train.config import TrainConfig
-from train.estimator import DPNetClassifier, NotFittedError
-from train.trainer import Trainer
-from train.run import train_run
-from train.serialize import load_file, save_file
+from dpnet.train.config import TrainConfig
+from dpnet.train.estimator import DPNetClassifier, NotFittedError
+from dpnet.train.trainer import Trainer
+from dpnet.train.run import train_run
+from dpnet.train.serialize import load_file, save_file
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_checkpoint_with_other_cache_is_refused(tiny_cache, tmp_path):
 def test_streamed_fit_equals_held_fit(tiny_cache):
     """Streaming the shards every epoch (budget 0: mapped, read ahead, unmapped in the reader)
     trains exactly as holding the split in memory."""
-    from train.data import ShardSource
+    from dpnet.train.data import ShardSource
 
     assert tiny_cache.n_shards > 1 and not ShardSource(tiny_cache, 0.3, 0, budget_mb=0).hold
     held = quick(val_fraction=0.3).fit(tiny_cache)
@@ -195,7 +195,7 @@ def test_nan_in_test_image_named_by_evaluate(tmp_path):
 
 
 def test_nan_loss_names_epoch_and_image(tiny_cache, monkeypatch):
-    from train.model import DPNetModule
+    from dpnet.train.model import DPNetModule
 
     forward = DPNetModule.forward_train
 
@@ -227,7 +227,7 @@ def test_train_run_writes_run_files(tiny_cache, tmp_path):
 @pytest.mark.parametrize("backward", ["dense", "sparse"])
 def test_micro_batches_give_the_batch_gradient(micro, backward):
     """A step pushed through in micro-batches has the gradient of the whole batch's loss."""
-    from train.data import Chunk
+    from dpnet.train.data import Chunk
 
     torch.manual_seed(0)
     n, r, d, c, q = 8, 5, 6, 3, 2
@@ -253,8 +253,8 @@ def test_the_hyper_parameters_have_one_definition():
     import dataclasses
     import inspect
 
-    from train.cli import build_parser
-    from train.config import FitParams, fit_options
+    from dpnet.train.cli import build_parser
+    from dpnet.train.config import FitParams, fit_options
 
     names = [n for n in inspect.signature(DPNetClassifier.__init__).parameters if n != "self"]
     assert list(DPNetClassifier().get_params()) == sorted(names)  # scikit-learn lists them by name
@@ -272,7 +272,7 @@ def test_the_hyper_parameters_have_one_definition():
 
 
 def test_the_paper_preset_is_one_word_away():
-    from train.config import TrainConfig
+    from dpnet.train.config import TrainConfig
 
     paper = TrainConfig.from_options("c", "r", preset="paper").fit_params("cub")
     assert (paper.parts_per_class, paper.epochs, paper.inner_epochs, paper.lr, paper.lr_step) == (20, 40, 32, 1e-3, 10)
@@ -284,7 +284,7 @@ def test_the_paper_preset_is_one_word_away():
 
 def test_the_paper_schedule_is_one_word_away_on_the_default_model():
     """SCHEDULE=paper: the paper's 40 x 32 at lr 1e-3, without early stopping, on the default model."""
-    from train.config import TrainConfig
+    from dpnet.train.config import TrainConfig
 
     default = TrainConfig.from_options("c", "r").fit_params("cub")
     sched = TrainConfig.from_options("c", "r", schedule="paper").fit_params("cub")
@@ -380,7 +380,7 @@ def test_the_default_model_learns_resumes_and_reloads(tiny_cache, tmp_path):
     """The estimator's defaults (cosine parts in a PCA subspace, gather backward, sampled entropy,
     bfloat16 GEMMs where the CPU has them, early stopping) fit the tiny cache, resume to the same
     weights and reload to the same predictions."""
-    from train.gemm import resolve_gemm_dtype
+    from dpnet.train.gemm import resolve_gemm_dtype
 
     kw = dict(parts_per_class=2, epochs=6, inner_epochs=3, batch_size=4, pca_dim=32, entropy_regions=4)
     est = DPNetClassifier(**kw, val_fraction=0.0).fit(tiny_cache)
@@ -403,7 +403,7 @@ def test_the_default_model_learns_resumes_and_reloads(tiny_cache, tmp_path):
 def test_bfloat16_gemms_give_the_float32_gradient_to_bfloat16_precision(tiny_cache):
     """The bfloat16 GEMM path (CUDA's, and the CPU's where it has bfloat16 units) trains the same
     model as float32 to within bfloat16 rounding: first-step gradients agree closely."""
-    from train.data import Chunk
+    from dpnet.train.data import Chunk
 
     torch.manual_seed(0)
     n, r, d, c, q = 8, 6, 16, 3, 2
@@ -429,7 +429,7 @@ def test_bfloat16_gemms_give_the_float32_gradient_to_bfloat16_precision(tiny_cac
 def test_region_stats_against_numpy(tiny_cache):
     """Mean, std over every training region, and the correlation of the sampled regions (float32
     GEMMs summed in float64) against a float64 numpy reference over the same picks."""
-    from train.data import ShardSource, region_stats
+    from dpnet.train.data import ShardSource, region_stats
 
     source = ShardSource(tiny_cache, 0.0, 0)
     mean, std, corr = region_stats(source, 5, seed=3)
@@ -447,8 +447,8 @@ def test_region_stats_against_numpy(tiny_cache):
 def test_ablation_shows_table_2_the_run_s_setting_and_the_paper_preset(tiny_cache, tmp_path):
     import json
 
-    from train.config import TrainConfig
-    from train.run import run_ablation
+    from dpnet.train.config import TrainConfig
+    from dpnet.train.run import run_ablation
 
     cfg = TrainConfig.from_options(cache=str(tiny_cache.path), run_dir=str(tmp_path / "run"), parts_per_class=2,
                                    epochs=1, inner_epochs=1, batch_size=4, val_fraction=0.0, baselines=False,
@@ -465,7 +465,7 @@ def test_ablation_shows_table_2_the_run_s_setting_and_the_paper_preset(tiny_cach
 def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_path, monkeypatch):
     """prune_parts runs ProtoPNet's pruning after training, before the last-layer refit: a pruned part
     weighs nothing in the refitted layer, in the saved model, and in its predictions."""
-    import train.trainer as te
+    import dpnet.train.trainer as te
 
     calls = []
 
@@ -486,7 +486,7 @@ def test_pruned_parts_stay_silent_through_the_refit_and_a_save(tiny_cache, tmp_p
 
 def test_the_training_path_says_which_arithmetic_a_fit_takes():
     """Benchmarks and the fit's log say which GEMM dtype, space, backward and kernel were taken."""
-    from train.gemm import training_path
+    from dpnet.train.gemm import training_path
 
     text = training_path(DPNetClassifier(gemm_dtype="float32", pca_dim=0, backward="dense"), torch.device("cpu"))
     assert "GEMMs in float32" in text and "full D" in text and "dense backward" in text and "pool + entropy" in text
@@ -499,7 +499,7 @@ def test_the_estimator_is_a_scikit_learn_estimator_from_the_one_declaration():
     FitParams; an unknown name is refused either way."""
     from sklearn.base import clone
 
-    from train.params import FIELDS
+    from dpnet.train.params import FIELDS
 
     est = DPNetClassifier(pca_dim=0, constraints=["orth", "occur"])
     assert list(est.get_params()) == sorted(f.name for f in FIELDS) and est.constraints == ("orth", "occur")
@@ -512,3 +512,45 @@ def test_the_estimator_is_a_scikit_learn_estimator_from_the_one_declaration():
         est.set_params(no_such=1)
     with pytest.raises(TypeError, match="no_such"):
         DPNetClassifier(no_such=1)
+
+
+def test_views_train_to_agree_and_must_pair(tmp_path):
+    """Lever 3: a fit with a view cache (FLIP=1) and the agree constraint lowers C_agree; the micro-batch
+    pieces of a step with views add up to the batch's gradient; a cache that is not its view is refused,
+    and agree without a view (or a view without agree) says what to pass."""
+    from dpnet.errors import CacheMismatchError, ConfigError
+    from dpnet.train.data import Chunk
+
+    kw = dict(image_size=96, regions=16, weights=None, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    cache = RegionCache(run_extraction(tiny_config(tmp_path, **kw)).cache_dir)
+    views = RegionCache(run_extraction(tiny_config(tmp_path, flip=True, **kw)).cache_dir)
+    agree = dict(constraints=("orth", "assign", "cs", "clst", "agree"), similarity="cosine", pca_dim=8)
+    est = quick(**{**agree, "epochs": 4, "entropy_regions": 4}).fit(cache, views=views)
+    first, last = est.history_[0]["loss_agree"], est.history_[-1]["loss_agree"]
+    assert last < first
+    with pytest.raises(CacheMismatchError, match="flip"):
+        quick(**agree).fit(cache, views=cache)
+    other = RegionCache(run_extraction(tiny_config(tmp_path, flip=True, **{**kw, "regions": 12})).cache_dir)
+    with pytest.raises(CacheMismatchError, match="R"):
+        quick(**agree).fit(cache, views=other)
+    with pytest.raises(ConfigError, match="--views"):
+        quick(**agree).fit(cache)
+    with pytest.raises(ConfigError, match="--views"):
+        quick().fit(cache, views=views)
+
+    # micro-batches with views: the step's gradient is the batch's
+    (x, y), (xv, _) = train_arrays(cache), train_arrays(views)
+    n = 6
+    chunk = Chunk(0, x[:n], np.arange(n), y[:n].astype(np.int64), np.arange(n), xv[:n])
+    grads = []
+    for micro in (n, 2):
+        e = DPNetClassifier(parts_per_class=2, batch_size=n, micro_batch=micro, constraints=("agree",),
+                            similarity="cosine", pca_dim=0, entropy_regions=0, gemm_dtype="float32")
+        module = e.make_module(cache.dim, cache.n_classes)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            module.parts.copy_(torch.randn(module.parts.shape, generator=gen))
+        opt = torch.optim.SGD(module.parameters(), lr=0.0)
+        next(Trainer(e)._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
+        grads.append(module.parts.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

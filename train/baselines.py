@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.cache import RegionCache
+from dpnet.extract.cache import RegionCache
 
 from .data import check_finite, split_arrays
 from .estimator import accuracy

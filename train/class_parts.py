@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from extract.cache import RegionCache
+from dpnet.extract.cache import RegionCache
 
 from .data import check_finite
 from .estimator import DPNetClassifier

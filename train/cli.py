@@ -1,4 +1,4 @@
-"""Command line of stage 2: ``python -m train [--cache NAME] [--preset paper] [--ablation]``.
+"""Command line of stage 2: ``python -m dpnet.train [--cache NAME] [--preset paper] [--ablation]``.
 
 Every hyper-parameter of DPNetClassifier is an option (``--parts-per-class``/``--q``,
 ``--epochs``, ``--lr``, ...); those not given take the preset's value, then the default.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dpnet.errors import ConfigError, DpnetError
 from dpnet.stop import run_command
-from extract.cache import cache_name, resolve_cache
+from dpnet.extract.cache import cache_name, resolve_cache
 
 from . import distributed
 from .config import PRESETS, SCHEDULES, TrainConfig, add_fit_arguments, fit_options
@@ -21,7 +21,7 @@ from .run import run_ablation, train_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dpnet.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
@@ -45,6 +45,9 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", type=int, default=None, help="with --dataset: only caches of R regions")
     p.add_argument("--image-size", type=int, default=None, help="with --dataset: only caches of this input size")
     p.add_argument("--cache-root", default="data/cache")
+    p.add_argument("--views", default=None,
+                   help="the cache's view cache (the same extraction with FLIP=1: every image mirrored), for the "
+                        "agree constraint (--constraints ...,agree)")
 
 
 def pick_cache(args: argparse.Namespace) -> Path | str:
@@ -80,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cache = pick_cache(args)
     return TrainConfig(cache=str(cache), run_dir=args.run_dir or str(Path(args.runs_root) / cache_name(cache)),
                        options=fit_options(args), preset=args.preset, baselines=not args.no_baselines,
-                       progress=not args.no_progress, schedule=args.schedule)
+                       progress=not args.no_progress, schedule=args.schedule,
+                       views=str(resolve_cache(args.views, args.cache_root)) if args.views else None)
 
 
 def summary_table(metrics: dict) -> str:

@@ -1,6 +1,6 @@
 """Stage 2's typed config: the estimator's hyper-parameters, the run's options, and named presets.
 
-The hyper-parameters are declared once, as the fields of :class:`train.params.FitParams` (type,
+The hyper-parameters are declared once, as the fields of :class:`dpnet.train.params.FitParams` (type,
 default, help, range). The estimator's signature, the command line (:func:`add_fit_arguments`)
 and the saved run config are made from it; the resolved :class:`FitParams` is passed whole to
 the estimator and saved with the run.
@@ -66,6 +66,7 @@ class TrainConfig:
         schedule: a name of :data:`SCHEDULES` (applied over the preset).
         baselines: also fit the global baselines.
         progress: show progress bars.
+        views: the cache's view cache (extracted with FLIP=1), for the agree constraint.
     """
 
     cache: str
@@ -75,6 +76,7 @@ class TrainConfig:
     baselines: bool = True
     progress: bool = True
     schedule: str = "default"
+    views: str | None = None
 
     def fit_params(self, dataset: str) -> FitParams:
         """The resolved hyper-parameters for a cache of ``dataset``."""
@@ -85,9 +87,10 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, cache: str, run_dir: str, preset: str = "default", baselines: bool = True,
-                     progress: bool = True, schedule: str = "default", **options: Any) -> "TrainConfig":
+                     progress: bool = True, schedule: str = "default", views: str | None = None,
+                     **options: Any) -> "TrainConfig":
         """A config from flat keyword options (hyper-parameters mixed with the run's own)."""
-        return cls(cache, run_dir, options, preset, baselines, progress, schedule)
+        return cls(cache, run_dir, options, preset, baselines, progress, schedule, views)
 
 
 # ------------------------------------------------------------------------- command line

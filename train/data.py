@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dpnet.errors import DpnetError, NonFiniteError
-from extract.cache import RegionCache
-from extract.datasets import hash_fraction
+from dpnet.errors import CacheMismatchError, DpnetError, NonFiniteError
+from dpnet.extract.cache import RegionCache
+from dpnet.extract.datasets import hash_fraction
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Chunk:
     rows: np.ndarray
     labels: np.ndarray
     image_ids: np.ndarray
+    view: np.ndarray | None = None  # the view cache's array of the same shard (rows index it alike), if any
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,6 +56,10 @@ class Chunk:
     def batch(self, idx: np.ndarray) -> np.ndarray:
         """float16 (len(idx), R, D) of the chunk's images ``idx`` (positions in this chunk)."""
         return self.regions[self.rows[idx]]
+
+    def view_batch(self, idx: np.ndarray) -> np.ndarray:
+        """The view's (len(idx), R, D) of the same images (region r the mirror of region r)."""
+        return self.view[self.rows[idx]]
 
     def batch_into(self, idx: np.ndarray, buf: torch.Tensor) -> torch.Tensor:
         """The images ``idx`` converted into the float32 buffer ``buf`` (flat, large enough), viewed
@@ -69,9 +74,11 @@ class Chunk:
 
     def compact(self) -> "Chunk":
         """A copy holding only this chunk's rows (for keeping in memory across epochs)."""
-        if isinstance(self.regions, np.ndarray) and len(self.rows) == len(self.regions):
+        if isinstance(self.regions, np.ndarray) and len(self.rows) == len(self.regions) and \
+                (self.view is None or isinstance(self.view, np.ndarray)):
             return self
-        return Chunk(self.shard, self.regions[self.rows], np.arange(len(self.rows)), self.labels, self.image_ids)
+        view = None if self.view is None else np.asarray(self.view[self.rows])
+        return Chunk(self.shard, self.regions[self.rows], np.arange(len(self.rows)), self.labels, self.image_ids, view)
 
 
 def check_finite(values: np.ndarray, image_ids: np.ndarray, where: str, what: str = "region descriptors") -> None:
@@ -95,9 +102,12 @@ class ShardSource:
     streams them again, holding at most two shards.
     """
 
-    def __init__(self, cache: RegionCache, val_fraction: float, seed: int, budget_mb: float | None = None):
-        self.cache, self.val_fraction, self.seed = cache, val_fraction, seed
-        bytes_train = cache.count("train") * cache.n_regions * cache.dim * 2
+    def __init__(self, cache: RegionCache, val_fraction: float, seed: int, budget_mb: float | None = None,
+                 views: RegionCache | None = None):
+        self.cache, self.val_fraction, self.seed, self.views = cache, val_fraction, seed, views
+        if views is not None:
+            check_views(cache, views)
+        bytes_train = cache.count("train") * cache.n_regions * cache.dim * 2 * (1 if views is None else 2)
         self.budget_mb = default_budget_mb() if budget_mb is None else budget_mb
         self.hold = bytes_train / 2**20 <= self.budget_mb
         self._held: list[Chunk] | None = None
@@ -116,11 +126,13 @@ class ShardSource:
         # (it shares the cores with the trainer) two zarr reads and the validation hash per shard.
         fields = ("regions",) if self._index is not None else ("regions", "labels", "image_ids")
         # streaming maps the shards (no copy); a split that is kept is copied into memory once
+        views = self.views.iter_shards("train", ("regions",), mmap=True) if self.views is not None else None
         for shard, arrays in self.cache.iter_shards("train", fields, mmap=True):
             if shard not in index:
                 keep = np.flatnonzero(~is_val(arrays["image_ids"], self.val_fraction, self.seed))
                 index[shard] = keep, arrays["labels"][keep], arrays["image_ids"][keep]
-            chunk = Chunk(shard, arrays["regions"], *index[shard])
+            view = None if views is None else next(views)[1]["regions"]  # the same shard (check_views)
+            chunk = Chunk(shard, arrays["regions"], *index[shard], view)
             del arrays
             if self.hold:
                 chunk = chunk.compact()
@@ -130,6 +142,28 @@ class ShardSource:
         self._index = index
         if self.hold:
             self._held = held
+
+
+VIEW_SAME = ("format", "dataset", "backbone", "weights_sha256", "layer", "image_size", "grid", "R", "D", "seed",
+             "order", "shard_bounds")
+VIEW_CONFIG_SAME = ("crop", "dense", "hypercolumn")
+
+
+def check_views(cache: RegionCache, views: RegionCache) -> None:
+    """A view cache pairs with ``cache`` when it holds the same images in the same shards, each region
+    the mirror of the same region: made by the same extraction with FLIP=1 (and ``cache`` without).
+
+    Raises:
+        CacheMismatchError: naming every field that differs, and the command that makes the view.
+    """
+    a, b = cache.manifest, views.manifest
+    ca, cb = a.get("config", {}), b.get("config", {})
+    diffs = [k for k in VIEW_SAME if a.get(k) != b.get(k)] + [k for k in VIEW_CONFIG_SAME if ca.get(k) != cb.get(k)]
+    if not cb.get("flip") or ca.get("flip"):
+        diffs.append("flip (the view must be extracted with FLIP=1, the cache without)")
+    if diffs:
+        raise CacheMismatchError(f"the view cache {views.path} does not pair with {cache.path}: {', '.join(diffs)} "
+                                 f"differ. Make it with the cache's own extraction command plus FLIP=1 (--flip).")
 
 
 def split_arrays(cache: RegionCache, split: str, val_fraction: float, seed: int,
@@ -210,7 +244,7 @@ class PreparedChunks:
 
     def __init__(self, source: ShardSource, prepare, width: int, budget_mb: float | None = None):
         self.source, self.project = source, prepare
-        need = source.cache.count("train") * source.cache.n_regions * width * 4 / 2**20
+        need = source.cache.count("train") * source.cache.n_regions * width * 4 / 2**20 * (1 + (source.views is not None))
         self.hold = need <= (default_budget_mb() if budget_mb is None else budget_mb)
         self._held: list[Chunk] | None = None
         log.info("prepared training split: %.1f MiB, %s", need, "held in memory" if self.hold else "prepared each pass")
@@ -222,13 +256,16 @@ class PreparedChunks:
         held = []
         buf = None
         for chunk in self.source.chunks():
-            out = []
+            out, view = [], []
             for a in range(0, len(chunk), 16):
                 rows = np.arange(a, min(a + 16, len(chunk)))
                 if buf is None:
                     buf = torch.empty(16 * chunk.regions.shape[1] * chunk.regions.shape[2])
                 out.append(self.project(chunk.batch_into(rows, buf)).numpy())
-            projected = Chunk(chunk.shard, np.concatenate(out), np.arange(len(chunk)), chunk.labels, chunk.image_ids)
+                if chunk.view is not None:
+                    view.append(self.project(torch.from_numpy(np.asarray(chunk.view_batch(rows), np.float32))).numpy())
+            projected = Chunk(chunk.shard, np.concatenate(out), np.arange(len(chunk)), chunk.labels, chunk.image_ids,
+                              np.concatenate(view) if view else None)
             del chunk
             if self.hold:
                 held.append(projected)

@@ -2,7 +2,7 @@
 micro-batches, and the ranks add their gradients (an all-reduce) before the one optimiser step
 they all take. The steps are then the one-process run's, up to float summation order.
 
-``torchrun --nproc_per_node=N -m train ...`` (or ``RANKS=N make train``): gloo on the CPU, NCCL
+``torchrun --nproc_per_node=N -m dpnet.train ...`` (or ``RANKS=N make train``): gloo on the CPU, NCCL
 on CUDA (rank r on GPU ``LOCAL_RANK``). A rank reads only the rows of its micro-batches. Rank 0
 owns the run folder: it locks it, writes the checkpoint, the log and the model; the others follow.
 """

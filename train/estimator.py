@@ -1,9 +1,9 @@
 """DPNetClassifier: DP-Net as a small estimator in scikit-learn's spirit, fitted from a cache.
 
-It holds the hyper-parameters (one field each in :class:`train.params.FitParams`, from which its
+It holds the hyper-parameters (one field each in :class:`dpnet.train.params.FitParams`, from which its
 signature, docstring, validation, the typed config and the command line are made), the fitted
 model (attributes ending in ``_``), prediction and save/load. ``fit(cache)`` hands the work to
-:class:`train.trainer.Trainer`: the paper's batch-level epochs, the best epoch by validation,
+:class:`dpnet.train.trainer.Trainer`: the paper's batch-level epochs, the best epoch by validation,
 atomic checkpoints, and a resume that ends with the same weights.
 """
 
@@ -20,7 +20,7 @@ import torch
 from sklearn.base import BaseEstimator
 
 from dpnet.errors import DpnetError
-from extract.cache import RegionCache, check_compatible
+from dpnet.extract.cache import RegionCache, check_compatible
 
 from .losses import KNOWN_CONSTRAINTS
 from .model import DPNetModule
@@ -40,7 +40,7 @@ class NotFittedError(DpnetError):
 class DPNetClassifier(BaseEstimator):
     """Discriminative parts on cached region descriptors.
 
-    Hyper-parameters are keyword arguments, one per field of :class:`train.params.FitParams`
+    Hyper-parameters are keyword arguments, one per field of :class:`dpnet.train.params.FitParams`
     (declared there once, with their help and range; the signature is made from it, so
     scikit-learn's ``get_params``, ``clone`` and ``repr`` work from that one declaration).
 
@@ -89,14 +89,16 @@ class DPNetClassifier(BaseEstimator):
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,
-            on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: bool = False) -> "DPNetClassifier":
-        """Learn U and V from the training split of ``cache`` (a :class:`train.trainer.Trainer` runs the
-        fit); resumes from ``checkpoint`` if present. ``on_epoch`` gets each epoch's log row."""
+            on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: bool = False,
+            views: RegionCache | None = None) -> "DPNetClassifier":
+        """Learn U and V from the training split of ``cache`` (a :class:`dpnet.train.trainer.Trainer` runs
+        the fit); resumes from ``checkpoint`` if present. ``on_epoch`` gets each epoch's log row.
+        ``views``: the cache's view cache (FLIP=1), for the agree constraint."""
         self._validate()
         self.cache_manifest_ = {k: cache.manifest.get(k) for k in MANIFEST_KEYS}
         self.cache_path_ = cache.path
         self.classes_ = list(cache.manifest["classes"])
-        module, state = Trainer(self, cache).run(checkpoint, on_epoch, progress)
+        module, state = Trainer(self, cache, views=views).run(checkpoint, on_epoch, progress)
         self.module_, self.history_, self.best_epoch_ = module, state["history"], state["best_epoch"]
         return self
 
@@ -160,7 +162,7 @@ class DPNetClassifier(BaseEstimator):
         return self.decision_function(regions).argmax(1)
 
     def part_scores(self, regions: np.ndarray) -> np.ndarray:
-        """b, the bag of parts (see :meth:`train.model.DPNetModule.bag`), float32 (N, P)."""
+        """b, the bag of parts (see :meth:`dpnet.train.model.DPNetModule.bag`), float32 (N, P)."""
         return self._batched(regions, lambda x: self.module_.pool(self.module_.scores(x)).b)
 
     def region_scores(self, regions: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ def project_parts(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, tor
 def pooled_bags(module: DPNetModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The bags of parts b (N, P) and labels (N,) of prepared batches: the model's own scores, pool
-    and bag (:class:`~train.model.DPNetModule`), so V is refitted on the bags it predicts with."""
+    and bag (:class:`~dpnet.train.model.DPNetModule`), so V is refitted on the bags it predicts with."""
     bags, labels = [], []
     for z, y in batches:
         bags.append(module.pool(module.scores(z, prepared=True)).b)

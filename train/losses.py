@@ -1,7 +1,7 @@
 """DP-Net's constraint terms on U and V, as method.md writes them (signs and absolute value corrected).
 
-The assignment term C_assign lives in the fused training op of :mod:`train.model` (it needs the
-scores S); :class:`train.model.DPNetModule` puts the terms together into the loss.
+The assignment term C_assign lives in the fused training op of :mod:`dpnet.train.model` (it needs the
+scores S); :class:`dpnet.train.model.DPNetModule` puts the terms together into the loss.
 Glossary: N images, R regions, D descriptor size, P parts, C classes, q parts per class.
 """
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 CONSTRAINTS = ("orth", "assign", "cs")  # the paper's
-# clst: ProtoPNet's cluster cost (cosine similarity only); occur: region grouping's occurrence prior
-KNOWN_CONSTRAINTS = CONSTRAINTS + ("clst", "occur")
+# clst: ProtoPNet's cluster cost (cosine similarity only); occur: region grouping's occurrence prior;
+# agree: the views' agreement (PIP-Net's alignment, needs a view cache)
+KNOWN_CONSTRAINTS = CONSTRAINTS + ("clst", "occur", "agree")
 
 
 def orthogonality(parts: torch.Tensor) -> torch.Tensor:
@@ -69,3 +70,16 @@ def occurrence_cost(occurrence: torch.Tensor, labels: torch.Tensor, owner: torch
     shown = (labels[:, None] == owner[None, :]).sum(0)  # (P,) k_p
     prior = (torch.arange(n, device=occurrence.device)[:, None] >= n - shown[None, :]).to(occurrence.dtype)
     return (occurrence.sort(dim=0).values - prior).abs().mean()
+
+
+def distribution_agreement(logits: torch.Tensor, logits_view: torch.Tensor) -> torch.Tensor:
+    """-mean log(p . p'), p = softmax(logits) over the last axis: PIP-Net's alignment of two views.
+
+    0 when both put all their mass on the same entry; the mean runs over every other axis. Computed
+    as a log-sum-exp of log-probabilities, so two sharp distributions that disagree still get an
+    exact value and a gradient (their dot product can be far below float eps).
+
+    Args:
+        logits, logits_view: Tensor[..., K].
+    """
+    return -(logits.log_softmax(-1) + logits_view.log_softmax(-1)).logsumexp(-1).mean()

@@ -12,12 +12,13 @@ it holds, folded into the parts so that the scores stay one GEMM::
     loss = CE + l_orth C_orth + l_assign C_assign + l_cs C_cs          (docs: method.md)
            + l_clst C_clst                          (cosine: each class's parts present in its images)
            + l_occur C_occur                        (region grouping's occurrence prior, off by default)
+           + l_agree C_agree                        (two views agree: assignments and peaks; needs a view cache)
 
 With ``class_layer="owned"`` V keeps only each class's own parts (v_cp = 0 for p not of c), so
 every class is explained by its own parts alone.
 
 Every stage computes these through this module: training (:meth:`DPNetModule.loss`, backed by
-one fused op), prediction, and the analysis (thin numpy wrappers in ``analyze.explain``).
+one fused op), prediction, and the analysis (thin numpy wrappers in ``dpnet.analyze.explain``).
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import native
+from dpnet.train import native
 
-from .losses import CONSTRAINTS, class_specific, occurrence_cost, orthogonality
+from .losses import CONSTRAINTS, class_specific, distribution_agreement, occurrence_cost, orthogonality
 
-LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8, "occur": 0.1}
+LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8, "occur": 0.1, "agree": 1.0}
 SIMILARITIES = ("dot", "cosine")
 CLASS_LAYERS = ("free", "owned", "positive")
 POSITIVE_FOREIGN_INIT = 0.01  # a positive layer's start for other classes' parts: alive (ReLU), nearly silent
+PEAK_SHARPEN = 5.0  # a part's soft peak over regions: softmax_r of its assignment logits times this (cosine: x 50)
 COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (softmax over P parts of values in
 # [-1, 1] would be nearly uniform whatever the parts)
 
@@ -297,7 +299,7 @@ class DPNetModule(nn.Module):
     def class_weights(self) -> torch.Tensor:
         """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts;
         with a positive one (PIP-Net's), its non-negative part, so that every point of evidence is a part
-        found, never a part missed. A pruned part (owner -1, :func:`train.finish.prune_parts`) weighs
+        found, never a part missed. A pruned part (owner -1, :func:`dpnet.train.finish.prune_parts`) weighs
         nothing in any class."""
         if self.class_layer == "owned":
             return self.classifier * self.own_mask()
@@ -364,8 +366,10 @@ class DPNetModule(nn.Module):
         best, _, ent = _TrainOp.apply(regions.to(gemm_dtype), w, c, inv_norm, rows, entropy, sparse)
         return TrainOut(self.logits(self.bag(best)), ent, best)
 
-    def data_loss(self, regions: torch.Tensor, labels: torch.Tensor, **train) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """The terms of one batch (CE, l_assign C_assign, l_clst C_clst): (loss, terms, logits).
+    def data_loss(self, regions: torch.Tensor, labels: torch.Tensor, view: torch.Tensor | None = None,
+                  **train) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """The terms of one batch (CE, l_assign C_assign, l_clst C_clst, ...): (loss, terms, logits).
+        ``view``: the same images' view (N, R, D or W), region r the mirror of region r, for C_agree.
         ``train``: see :meth:`forward_train`."""
         assign = "assign" in self.constraints
         out = self.forward_train(regions, assign, **train)
@@ -377,6 +381,10 @@ class DPNetModule(nn.Module):
         if "occur" in self.constraints:
             terms["occur"] = occurrence_cost(self.occurrence(regions, train.get("rows"), train.get("prepared", False)),
                                              labels, self.owner)
+        if "agree" in self.constraints:
+            if view is None:
+                raise ValueError("the agree constraint needs a view of each image (train --views <cache>)")
+            terms["agree"] = self.view_agreement(regions, view, labels, train.get("rows"), train.get("prepared", False))
         loss = terms["ce"] + sum(self.lambdas[k] * v for k, v in terms.items() if k != "ce")
         return loss, terms, out.logits
 
@@ -389,6 +397,34 @@ class DPNetModule(nn.Module):
             regions = regions.gather(1, rows.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
         s = self.scores(regions, prepared)  # (N, R', P)
         return (s * self.training_fold(prepared)[2]).softmax(dim=-1).amax(dim=1)
+
+    def own_index(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N, q) the parts each image's class owns, from the owner buffer (every class owning q parts,
+        as while training, before any pruning)."""
+        return self.owner.argsort(stable=True).view(-1, self.parts_per_class)[labels]
+
+    def view_agreement(self, regions: torch.Tensor, view: torch.Tensor, labels: torch.Tensor,
+                       rows: torch.Tensor | None = None, prepared: bool = False) -> torch.Tensor:
+        """C_agree (issue 16 lever 3, PIP-Net's alignment in the cache): two views of each image (region r
+        of ``view`` shows the mirror of region r) should (1) assign each region alike, over the regions
+        ``rows`` (all when None): the assignment softmax_p(s_pr a_p) of C_assign; and (2) put each of the
+        image's own class's parts at the same region: its soft peak softmax_r(s_pr a_p PEAK_SHARPEN).
+        Each is -mean log of the two distributions' dot product (losses.distribution_agreement);
+        C_agree is their sum.
+        """
+        a = self.training_fold(prepared)[2]
+        picked = [regions, view] if rows is None else \
+            [x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2])) for x in (regions, view)]
+        z, z_view = (self.scores(x, prepared) * a for x in picked)  # assignment logits (N, R', P)
+        own = self.own_index(labels)  # (N, q)
+        if prepared:
+            u = self.unit_parts()[own]  # (N, q, W)
+            peaks = [torch.einsum("nrw,nqw->nrq", x.to(u.dtype), u) for x in (regions, view)]
+        else:  # raw descriptors: score every part, keep the own ones (tests and small models)
+            peaks = [self.scores(x).gather(2, own.unsqueeze(1).expand(-1, x.shape[1], -1)) for x in (regions, view)]
+        sharp = a[own].unsqueeze(1) * PEAK_SHARPEN  # (N, 1, q)
+        pi, pi_view = ((s * sharp).transpose(1, 2) for s in peaks)  # soft-peak logits over regions (N, q, R)
+        return distribution_agreement(z, z_view) + distribution_agreement(pi, pi_view)
 
     def weight_loss(self) -> tuple[torch.Tensor, dict]:
         """The terms on U and V alone (C_orth, C_cs), weighted and summed: (loss, terms)."""

@@ -1,7 +1,7 @@
 """The compiled CPU kernel of the training step: max-pool over regions + assignment entropy.
 
 Glossary: N images, R regions, P parts. ``pool_entropy.c`` reads each (N, R, P) score once in
-the forward and once in the backward, where the torch composition in ``train.model`` walks it
+the forward and once in the backward, where the torch composition in ``dpnet.train.model`` walks it
 about a dozen times; on a 2-core CPU that is most of the training step outside its two GEMMs.
 
 The C file is built on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into

@@ -1,8 +1,8 @@
 """DP-Net's hyper-parameters, declared once: one typed field each, with its help, choices and range.
 
 :class:`FitParams` is the one place a hyper-parameter is declared. The estimator's signature and
-docstring (:class:`train.estimator.DPNetClassifier`), its validation (:func:`check_params`), the
-command line (``python -m train --help``, :func:`train.config.add_fit_arguments`) and the saved
+docstring (:class:`dpnet.train.estimator.DPNetClassifier`), its validation (:func:`check_params`), the
+command line (``python -m dpnet.train --help``, :func:`dpnet.train.config.add_fit_arguments`) and the saved
 run config are all made from it; a new hyper-parameter is its field here and the code that uses it.
 """
 
@@ -50,23 +50,28 @@ class FitParams:
     batch_size: int = param(32, "images per optimiser step.", check=_at_least(1), want=">= 1")
     constraints: tuple[str, ...] = param(
         ("orth", "assign", "cs", "clst"),
-        "subset of (orth, assign, cs, clst, occur); clst (cosine similarity only; left out, with a warning, for dot) is "
+        "subset of (orth, assign, cs, clst, occur, agree); clst (cosine similarity only; left out, with a warning, for dot) is "
         "ProtoPNet's cluster cost: each part of a class should find a close region in every image of the class.",
         check=lambda v: set(v) <= set(KNOWN_CONSTRAINTS), want=f"a subset of {', '.join(KNOWN_CONSTRAINTS)}")
     lambda_orth: float = param(1e-2, "weight of C_orth.", check=_at_least(0), want=">= 0")
     lambda_assign: float = param(1e-3, "weight of C_assign.", check=_at_least(0), want=">= 0")
     lambda_cs: float = param(1e-3, "weight of C_cs.", check=_at_least(0), want=">= 0")
     lambda_clst: float = param(0.8, "weight of C_clst.", check=_at_least(0), want=">= 0")
+    lambda_agree: float = param(1.0, "weight of C_agree (constraint agree, with a view cache: train --views): two "
+                                     "views of each image assign each region alike and put each own part at the same "
+                                     "region (PIP-Net's alignment; DPNetModule.view_agreement).", check=_at_least(0),
+                                want=">= 0")
     lambda_occur: float = param(0.1, "weight of C_occur (constraint occur, off by default): region grouping's prior "
                                      "on part occurrence, each part occurring in as many images of a batch as its "
-                                     "class has there (train.losses.occurrence_cost).", check=_at_least(0),
+                                     "class has there (dpnet.train.losses.occurrence_cost).", check=_at_least(0),
                                 want=">= 0")
     init: str = param("random", "random (Gaussian U; V Gaussian with dot similarity, else +1 on a part's own class "
                                 "and -0.5 elsewhere, or a small positive weight with the positive class layer) or "
                                 "regions (each part starts at a random training region of its class).", choices=INITS)
     backward: str = param("sparse", "dense (dW = dS^T X, a second GEMM) or sparse (the max-pool's gradient as a "
                                     "gather of the argmax rows); the same gradient either way.", choices=BACKWARDS)
-    entropy_regions: int = param(32, "regions per image the assignment entropy (and the occurrence prior) is averaged over at each step, "
+    entropy_regions: int = param(32, "regions per image the assignment entropy (and the occurrence and agreement "
+                                     "terms) is averaged over at each step, "
                                      "drawn at random (an unbiased estimate); 0 takes every region.",
                                  check=_at_least(0), want=">= 0 (0: every region)")
     pca_dim: int = param(256, "D' > 0 learns the parts in the D'-dimensional PCA subspace of the standardised "
@@ -88,7 +93,7 @@ class FitParams:
                                        "patch.")
     prune_parts: bool = param(False, "after training (and projection), ProtoPNet's pruning: a part whose 6 best "
                                      "training images hold fewer than 3 of its own class belongs to no class and "
-                                     "weighs nothing (train.finish.prune_parts); the report counts them "
+                                     "weighs nothing (dpnet.train.finish.prune_parts); the report counts them "
                                      "(parts.pruned).")
     last_layer_steps: int = param(0, "after training (projection and pruning), optimise the class layer alone for "
                                      "this many full-batch steps on the fixed parts' scores (a convex problem); "
@@ -107,7 +112,7 @@ class FitParams:
                              "epoch.", check=_at_least(0), want=">= 0 (0: run every epoch)")
     memory_budget_mb: float | None = param(None, "hold the training split in memory when it fits (None: RAM / 4).",
                                            check=lambda v: v is None or v >= 0, want=">= 0")
-    micro_batch: int = param(0, "images per forward/backward piece of a step (0: auto, see train.trainer.Trainer._micro); "
+    micro_batch: int = param(0, "images per forward/backward piece of a step (0: auto, see dpnet.train.trainer.Trainer._micro); "
                                 "the gradient is the batch's either way, up to float summation order.",
                              check=_at_least(0), want=">= 0 (0: auto)")
     seed: int = param(0, "seeds the initialisation, the shuffles and the entropy's regions.", check=_at_least(0),

@@ -26,7 +26,7 @@ import numpy as np
 from dpnet.errors import CacheMismatchError, DpnetError
 from dpnet.files import FolderLock, claim_folder, keep_mark, read_json, remove_stale_temps, write_json_atomic
 from dpnet.files import write_text_atomic
-from extract.cache import RegionCache, is_url
+from dpnet.extract.cache import RegionCache, is_url
 
 from . import distributed
 from .baselines import run_baselines
@@ -84,8 +84,12 @@ def _follow(cfg: TrainConfig) -> dict[str, Any]:
     """A rank > 0's part of a run: the same fit, from the same checkpoint; rank 0 writes everything."""
     cache = RegionCache(cfg.cache)
     est = DPNetClassifier(**dataclasses.asdict(cfg.fit_params(cache.manifest["dataset"])))
-    est.fit(cache, checkpoint=Path(cfg.run_dir) / "checkpoint.pt")
+    est.fit(cache, checkpoint=Path(cfg.run_dir) / "checkpoint.pt", views=_views(cfg))
     return {}
+
+
+def _views(cfg: TrainConfig) -> RegionCache | None:
+    return RegionCache(cfg.views) if cfg.views else None
 
 
 # What a run folder of an older version (before marks) holds: such a folder is still a run.
@@ -98,7 +102,7 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     warn_thin_classes(cache)
     fit = cfg.fit_params(cache.manifest["dataset"])
     write_json_atomic(run / "config.json", {"cache": cfg.cache, "run_dir": cfg.run_dir, "preset": cfg.preset,
-                                            "schedule": cfg.schedule,
+                                            "schedule": cfg.schedule, "views": cfg.views,
                                             "baselines": cfg.baselines, "fit": _jsonable(fit),
                                             "cache_manifest": _manifest_summary(cache)})
     est = DPNetClassifier(**dataclasses.asdict(fit))
@@ -106,7 +110,7 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
     epochs.write()  # a run killed between its checkpoint and its log row gets the row back here
     t0 = time.perf_counter()
     try:
-        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress)
+        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress, views=_views(cfg))
     except CacheMismatchError as exc:
         raise CacheMismatchError(f"{exc}\nThe run folder {run} holds the training of another cache: delete it to "
                                  f"train afresh here (rm -r {run}), or train into a new folder (--run-dir, or "

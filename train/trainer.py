@@ -1,6 +1,6 @@
 """The fit's machinery: the epoch loop, micro-batches, validation and checkpoints.
 
-:class:`Trainer` runs one fit of a :class:`train.estimator.DPNetClassifier` (which keeps the
+:class:`Trainer` runs one fit of a :class:`dpnet.train.estimator.DPNetClassifier` (which keeps the
 hyper-parameters, the fitted model, prediction and save/load): the paper's batch-level epochs
 (``inner_epochs`` passes over each loaded shard before the next), the best epoch by validation
 accuracy, atomic checkpoints, and a resume that ends with the same weights as an unbroken fit.
@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import CacheMismatchError, NonFiniteError
+from dpnet.errors import CacheMismatchError, ConfigError, NonFiniteError
 from dpnet.memory import large_buffers_reused
-from extract.cache import RegionCache, check_compatible
+from dpnet.extract.cache import RegionCache, check_compatible
 
 from . import distributed
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
@@ -48,10 +48,12 @@ class Trainer:
         est: the estimator whose hyper-parameters (and checkpoint metadata) this fit uses.
         cache: the region cache to fit on (None only for driving single steps in tests).
         device: where to train (default: the estimator's ``device``).
+        views: a view cache of ``cache`` (FLIP=1), for the agree constraint.
     """
 
-    def __init__(self, est: "DPNetClassifier", cache: RegionCache | None = None, device: torch.device | None = None):
-        self.est, self.cache = est, cache
+    def __init__(self, est: "DPNetClassifier", cache: RegionCache | None = None, device: torch.device | None = None,
+                 views: RegionCache | None = None):
+        self.est, self.cache, self.views = est, cache, views
         self.dev = device or resolve_device(est.device)
         self._buf: torch.Tensor | None = None  # the reused CPU input buffer of the micro-batches
         self._val: tuple[list[torch.Tensor], np.ndarray] | None = None  # the projected validation split
@@ -64,7 +66,10 @@ class Trainer:
         (``history``, ``best_epoch``, ...)."""
         est, cache, dev = self.est, self.cache, self.dev
         torch.manual_seed(est.seed)
-        source = ShardSource(cache, est.val_fraction, est.seed, est.memory_budget_mb)
+        if ("agree" in est.constraints) != (self.views is not None):
+            raise ConfigError("the agree constraint and a view cache go together: pass --views <the cache extracted "
+                              "with FLIP=1> with --constraints ...,agree, or neither")
+        source = ShardSource(cache, est.val_fraction, est.seed, est.memory_budget_mb, self.views)
         module = est.make_module(cache.dim, cache.n_classes).to(dev)
         log.info("training path: %s", training_path(est, dev))
         opt = torch.optim.Adam(module.parameters(), lr=est.lr)
@@ -217,10 +222,22 @@ class Trainer:
             self._buf = torch.empty(need, dtype=torch.float32)
         return chunk.batch_into(idx, self._buf)
 
+    @staticmethod
+    def _view_input(module: DPNetModule, chunk: Chunk, idx: np.ndarray, dev: torch.device,
+                    prepare: bool) -> torch.Tensor | None:
+        """The view of the images ``idx`` (b, R, D or W) as the step takes them, or None without views."""
+        if chunk.view is None:
+            return None
+        v = torch.from_numpy(np.asarray(chunk.view_batch(idx), np.float32)).to(dev)
+        if prepare:
+            with torch.no_grad():
+                v = module.prepare(v)
+        return v
+
     def _entropy_rows(self, rng: np.random.Generator, n: int, n_regions: int, dev: torch.device) -> torch.Tensor | None:
         """(n, k) random distinct regions per image for the entropy estimate, or None for all."""
         k = self.est.entropy_regions
-        if not {"assign", "occur"} & set(self.est.constraints) or k <= 0 or k >= n_regions:
+        if not {"assign", "occur", "agree"} & set(self.est.constraints) or k <= 0 or k >= n_regions:
             return None
         return torch.from_numpy(rng.random((n, n_regions)).argsort(1)[:, :k]).to(dev)
 
@@ -255,7 +272,8 @@ class Trainer:
                         x = module.prepare(x)
                 y = torch.from_numpy(chunk.labels[sub].astype(np.int64)).to(dev)
                 rows = self._entropy_rows(rows_rng, len(sub), x.shape[1], dev)
-                loss, part_terms, logits = module.data_loss(x, y, parts=parts, rows=rows, **train)
+                view = self._view_input(module, chunk, sub, dev, per_batch)
+                loss, part_terms, logits = module.data_loss(x, y, view, parts=parts, rows=rows, **train)
                 if not torch.isfinite(loss):
                     self._raise_nonfinite(logits, y, chunk, sub, epoch)
                 share = len(sub) / len(idx)
@@ -337,7 +355,7 @@ def map_split(fn: Callable[[torch.Tensor], torch.Tensor], cache: RegionCache, sp
               val_fraction: float, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
     """``fn`` over a split's raw regions in batches of 64 (outputs on the CPU), and its labels;
     a non-finite output is blamed on its descriptors, named by shard and image. ``val_fraction``
-    and ``seed`` place the validation images (see :func:`train.data.split_arrays`)."""
+    and ``seed`` place the validation images (see :func:`dpnet.train.data.split_arrays`)."""
     out, labels = [], []
     for shard, arrays in split_arrays(cache, split, val_fraction, seed, ("regions", "labels"), with_shard=True):
         for a in range(0, len(arrays["labels"]), 64):

@@ -1,6 +1,6 @@
 """The region-descriptor cache, in rooms: ``layout`` (the format), ``writer`` (one shard, atomic),
 ``chunks`` (chunk checks and the raw/mapped ``regions`` readers), ``location`` (local or fsspec)
-and ``reader`` (:class:`RegionCache`). Publishing to another location is :mod:`extract.publish`.
+and ``reader`` (:class:`RegionCache`). Publishing to another location is :mod:`dpnet.extract.publish`.
 """
 
 from .layout import FIELDS, FORMAT, SPLITS, STORES, cache_identity, extract_command, field_specs, shard_path

@@ -181,7 +181,7 @@ class RegionCache:
         into the result (one ``readinto`` per image: less CPU taken from a trainer running
         beside it); anything else goes through zarr or h5py, after checking that every chunk
         the array promises exists. With ``mmap``, that ``regions`` comes back as
-        :class:`~extract.cache.chunks.MappedRows` instead: no copy at all (the trainer's
+        :class:`~dpnet.extract.cache.chunks.MappedRows` instead: no copy at all (the trainer's
         streaming path).
         """
         self.check_shard(shard)
@@ -255,7 +255,7 @@ class RegionCache:
 
     def image_table(self) -> list[dict[str, Any]]:
         """Rows of ``images.tsv``: position, image_id, label, is_train, path (checked to stay in the dataset)."""
-        from extract.datasets import checked_relative
+        from dpnet.extract.datasets import checked_relative
 
         where = self._join("images.tsv")
         lines = self.loc.read_text("images.tsv").splitlines()
