@@ -7,8 +7,18 @@ command runs.
 """
 
 import os
+from pathlib import Path
 
 __version__ = "0.2.0"
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "setup.cfg").is_file() and all((_CHECKOUT / s / "__init__.py").is_file()
+                                               for s in ("extract", "train", "analyze")):
+    # A source checkout: dpnet.<stage> is the stage folder beside this one (the design card's layout),
+    # found before the editable install's mapping, so a second checkout (a git worktree) runs its
+    # own stages and `PYTHONPATH=. python -m dpnet.train` works without an install. An installed
+    # dpnet has its stages inside this folder and nothing is added.
+    __path__.append(str(_CHECKOUT))  # noqa: F821 - a package's own __path__
 
 # How OpenMP threads wait for work, set before torch starts its OpenMP runtime (each stage imports
 # dpnet first). "passive": idle threads sleep, so a process sharing the cores (a report beside a

@@ -54,3 +54,17 @@ def test_imports_flow_extract_then_train_then_analyze():
                                                                  or parts[1] == "cli"):
                         bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, bad
+
+
+def test_a_second_checkout_runs_its_own_stages(tmp_path):
+    """A copy of the source (a git worktree, say) imports dpnet.<stage> from its own folders, not from the
+    checkout the editable install points at."""
+    import shutil
+
+    for name in ("dpnet", *STAGES):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(ROOT / "setup.cfg", tmp_path / "setup.cfg")
+    got = _run("import dpnet.train.model as m, dpnet.extract.pipeline as p; print(m.__file__); print(p.__file__)",
+               tmp_path)
+    model, pipeline = got.splitlines()
+    assert Path(model) == tmp_path / "train" / "model.py" and Path(pipeline) == tmp_path / "extract" / "pipeline.py"
