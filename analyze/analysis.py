@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpnet.errors import DpnetError
+from dpnet.errors import CacheMismatchError, DpnetError
 from dpnet.extract.cache import RegionCache
 from dpnet.extract.datasets import DatasetIndex
 from dpnet.extract.regions import boxes_to_pixels, crop_box
@@ -380,6 +380,24 @@ def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray])
     return part_purity(hits.reshape(top_image.shape + (kp.shape[1],)))
 
 
+def _global_linear(path: Path, cache: RegionCache) -> dict[str, torch.Tensor] | None:
+    """The run's linear baseline (the CAM of the pixel measures), or None when the run has none.
+
+    Raises:
+        CacheMismatchError: the file was made on another cache (its id, or its D, differs).
+    """
+    if not path.is_file():
+        return None
+    _, meta, linear = load_file(path, (LINEAR_KIND,))
+    made_on = meta.get("cache_id")
+    if (made_on is not None and cache.cache_id is not None and made_on != cache.cache_id) \
+            or linear["weight"].shape[1] != cache.dim:
+        raise CacheMismatchError(f"{path} was made on another cache (id {made_on}, D {linear['weight'].shape[1]}) "
+                                 f"than {cache.path} (id {cache.cache_id}, D {cache.dim}): delete it (the report "
+                                 f"then leaves out the CAM comparison) or train this run again with baselines")
+    return linear
+
+
 def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetIndex | None, obj: dict[int, tuple],
                     run_dir: Path, n: int, steps: int, seed: int, progress: bool) -> dict[str, Any]:
     """Stability and pixel-space deletion / insertion on a seeded sample of test images (dpnet.analyze.pixels)."""
@@ -407,8 +425,7 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
         out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, q)
         out["localisation"]["stability_evalprotopnet_ci95"] = bootstrap_interval(
             len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], q), reps=200, seed=seed)
-    linear_file = run_dir / "global_linear.pt"
-    linear = load_file(linear_file, (LINEAR_KIND,))[2] if linear_file.is_file() else None
+    linear = _global_linear(run_dir / "global_linear.pt", cache)
     curves = deletion_curves(probe, sample, linear, steps, seed, progress=progress)
     for name, c in curves.items():
         kind, order = name.split("_")

@@ -33,7 +33,7 @@ def templates():
     """The jinja2 environment of dpnet's pages: every value escaped, an unknown name an error."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("analyze", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("dpnet.analyze", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["num"] = num
     return env

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs the suite in pytest-xdist workers, one per core: each takes its share of the
+    # cores (set before dpnet or torch start OpenMP), so workers do not oversubscribe them.
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

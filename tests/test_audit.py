@@ -505,7 +505,7 @@ def test_a_malformed_boxes_csv_names_its_line(copy, capsys, text, says):
 def _make_line(*args: str) -> list[str]:
     done = subprocess.run(["make", "-n", "-s", *args], cwd=ROOT, capture_output=True, text=True)
     module = {"explain": "analyze", "report": "analyze"}.get(args[0], args[0])  # the stage's own line, not setup's
-    line = next(ln for ln in done.stdout.splitlines() if f" -m {module} " in ln)
+    line = next(ln for ln in done.stdout.splitlines() if f" -m dpnet.{module} " in ln)
     return shlex.split(line)
 
 

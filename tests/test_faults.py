@@ -302,6 +302,21 @@ def test_a_checkpoint_or_model_of_another_cache_with_equal_shapes_is_refused(tmp
     DPNetClassifier.load(tmp_path / "model.pt", a)  # its own cache is fine
 
 
+def test_a_global_linear_file_of_another_cache_in_a_run_is_named_not_crashed_on(copy, capsys):
+    """global_linear.pt (the CAM baseline of the pixel measures) copied in from a run on another cache
+    (here: another D, as a hypercolumn cache has) gets an error naming the file and the fix."""
+    from dpnet.train.baselines import LINEAR_KIND
+    from dpnet.train.serialize import save_file
+
+    c = RegionCache(copy.cache)
+    save_file(copy.run / "global_linear.pt", LINEAR_KIND, {"cache_id": "0" * 16},
+              {"weight": torch.zeros(c.n_classes, c.dim + 112), "bias": torch.zeros(c.n_classes),
+               "mean": torch.zeros(c.dim + 112), "std": torch.ones(c.dim + 112)})
+    assert analyze_main(["report", "--run", str(copy.run), "--no-progress", "--pixel-images", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "global_linear.pt" in err and "another cache" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------- non-finite values (item 16-17)
 def _poke(cache: Path, shard: int, field: str, index: tuple, value: float) -> int:
     """Set one value of a stored array; returns the image id of the row touched."""
