@@ -554,3 +554,26 @@ def test_views_train_to_agree_and_must_pair(tmp_path):
         next(Trainer(e)._chunk_steps(module, opt, chunk, 0, 0, torch.device("cpu")))
         grads.append(module.parts.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_view_pairs_with_a_cache_made_before_the_newer_extraction_options(tmp_path, capsys):
+    """A cache whose config predates an option (no 'hypercolumn' key: it was off) pairs with its view;
+    a view that does not pair is refused by `train --views` without blaming the run folder."""
+    import json
+
+    from dpnet.train.cli import main
+    from dpnet.train.data import check_views
+
+    kw = dict(image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    cache = RegionCache(run_extraction(tiny_config(tmp_path, **kw)).cache_dir)
+    views = RegionCache(run_extraction(tiny_config(tmp_path, flip=True, **kw)).cache_dir)
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    del manifest["config"]["hypercolumn"], manifest["config"]["flip"]  # as an older dpnet wrote it
+    (cache.path / "manifest.json").write_text(json.dumps(manifest))
+    check_views(RegionCache(cache.path), views)
+    other = RegionCache(run_extraction(tiny_config(tmp_path, flip=True, **{**kw, "regions": 12})).cache_dir)
+    argv = ["--cache", str(cache.path), "--views", str(other.path), "--run-dir", str(tmp_path / "run"),
+            "--constraints", "orth,agree", "--no-baselines", "--no-progress", "--epochs", "1"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "does not pair" in err and "holds the training of another cache" not in err

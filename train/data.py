@@ -146,7 +146,7 @@ class ShardSource:
 
 VIEW_SAME = ("format", "dataset", "backbone", "weights_sha256", "layer", "image_size", "grid", "R", "D", "seed",
              "order", "shard_bounds")
-VIEW_CONFIG_SAME = ("crop", "dense", "hypercolumn")
+VIEW_CONFIG_SAME = {"crop": False, "dense": [], "hypercolumn": False}  # with the value a cache without the key had
 
 
 def check_views(cache: RegionCache, views: RegionCache) -> None:
@@ -158,7 +158,8 @@ def check_views(cache: RegionCache, views: RegionCache) -> None:
     """
     a, b = cache.manifest, views.manifest
     ca, cb = a.get("config", {}), b.get("config", {})
-    diffs = [k for k in VIEW_SAME if a.get(k) != b.get(k)] + [k for k in VIEW_CONFIG_SAME if ca.get(k) != cb.get(k)]
+    diffs = [k for k in VIEW_SAME if a.get(k) != b.get(k)]
+    diffs += [k for k, old in VIEW_CONFIG_SAME.items() if ca.get(k, old) != cb.get(k, old)]
     if not cb.get("flip") or ca.get("flip"):
         diffs.append("flip (the view must be extracted with FLIP=1, the cache without)")
     if diffs:

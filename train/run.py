@@ -32,7 +32,7 @@ from . import distributed
 from .baselines import run_baselines
 from .class_parts import fit_class_parts
 from .config import SCHEDULE_KEYS, TrainConfig
-from .data import is_val
+from .data import check_views, is_val
 from .estimator import DPNetClassifier
 from .serialize import load_file
 
@@ -106,11 +106,14 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
                                             "baselines": cfg.baselines, "fit": _jsonable(fit),
                                             "cache_manifest": _manifest_summary(cache)})
     est = DPNetClassifier(**dataclasses.asdict(fit))
+    views = _views(cfg)
+    if views is not None:
+        check_views(cache, views)  # before the fit: its mismatch is the view's, not the run folder's
     epochs = EpochLog(run / "log.csv", _checkpoint_history(run / "checkpoint.pt"))
     epochs.write()  # a run killed between its checkpoint and its log row gets the row back here
     t0 = time.perf_counter()
     try:
-        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress, views=_views(cfg))
+        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress, views=views)
     except CacheMismatchError as exc:
         raise CacheMismatchError(f"{exc}\nThe run folder {run} holds the training of another cache: delete it to "
                                  f"train afresh here (rm -r {run}), or train into a new folder (--run-dir, or "
