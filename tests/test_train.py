@@ -577,3 +577,22 @@ def test_a_view_pairs_with_a_cache_made_before_the_newer_extraction_options(tmp_
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "does not pair" in err and "holds the training of another cache" not in err
+
+
+def test_a_module_hyper_parameter_is_its_field_and_the_module_s_argument():
+    """The fields marked module=True are exactly DPNetModule's own keyword arguments (besides the shapes,
+    constraints, weights and basis the estimator computes), so such a hyper-parameter touches its field
+    and the module only; every lambda_<term> default is the module's default weight."""
+    import inspect
+
+    from dpnet.train.losses import KNOWN_CONSTRAINTS
+    from dpnet.train.model import LAMBDAS, DPNetModule
+    from dpnet.train.params import FIELDS
+
+    computed = {"self", "dim", "n_parts", "n_classes", "parts_per_class", "constraints", "lambdas", "basis_dim"}
+    module_args = set(inspect.signature(DPNetModule.__init__).parameters) - computed
+    assert {f.name for f in FIELDS if f.metadata["module"]} == module_args
+    est = DPNetClassifier(presence=0.3, centre=True, class_layer="owned")
+    m = est.make_module(6, 2)
+    assert (m.presence, m.centre, m.class_layer) == (0.3, True, "owned")
+    assert LAMBDAS == {k: DPNetClassifier().get_params()[f"lambda_{k}"] for k in KNOWN_CONSTRAINTS}

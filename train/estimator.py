@@ -84,8 +84,8 @@ class DPNetClassifier(BaseEstimator):
         constraints = tuple(c for c in self.constraints if c != "clst" or self.similarity == "cosine")
         return DPNetModule(dim, self.parts_per_class * n_classes, n_classes, self.parts_per_class, constraints,
                            {k: getattr(self, f"lambda_{k}") for k in KNOWN_CONSTRAINTS},
-                           basis_dim=self._basis_dim(dim), similarity=self.similarity, class_layer=self.class_layer,
-                           centre=self.centre, presence=self.presence)
+                           basis_dim=self._basis_dim(dim),
+                           **{f.name: getattr(self, f.name) for f in FIELDS if f.metadata["module"]})
 
     # -------------------------------------------------------------------------- fit
     def fit(self, cache: RegionCache, checkpoint: str | os.PathLike | None = None,

@@ -31,11 +31,12 @@ from torch import nn
 
 from dpnet.train import native
 
-from .losses import CONSTRAINTS, class_specific, distribution_agreement, occurrence_cost, orthogonality
+from .losses import CONSTRAINTS, KNOWN_CONSTRAINTS, class_specific, distribution_agreement, occurrence_cost
+from .losses import orthogonality
+from .params import CLASS_LAYERS, FIELDS, SIMILARITIES
 
-LAMBDAS = {"orth": 1e-2, "assign": 1e-3, "cs": 1e-3, "clst": 0.8, "occur": 0.1, "agree": 1.0}
-SIMILARITIES = ("dot", "cosine")
-CLASS_LAYERS = ("free", "owned", "positive")
+# each term's default weight: its lambda_<term> field's (declared once, in train/params.py)
+LAMBDAS = {k: next(f.default for f in FIELDS if f.name == f"lambda_{k}") for k in KNOWN_CONSTRAINTS}
 POSITIVE_FOREIGN_INIT = 0.01  # a positive layer's start for other classes' parts: alive (ReLU), nearly silent
 PEAK_SHARPEN = 5.0  # a part's soft peak over regions: softmax_r of its assignment logits times this (cosine: x 50)
 COSINE_ASSIGN_SCALE = 10.0  # cosines times this are the assignment logits (softmax over P parts of values in

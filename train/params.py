@@ -15,19 +15,21 @@ from typing import Any, Callable
 from dpnet.errors import check_options
 
 from .losses import KNOWN_CONSTRAINTS
-from .model import CLASS_LAYERS, SIMILARITIES
 
+SIMILARITIES = ("dot", "cosine")
+CLASS_LAYERS = ("free", "owned", "positive")
 BACKWARDS = ("dense", "sparse")
 INITS = ("random", "regions")
 GEMM_DTYPE_NAMES = ("auto", "float32", "bfloat16")
 
 
 def param(default: Any, help: str, *, choices: tuple | None = None, check: Callable[[Any], bool] | None = None,
-          want: str = "", flags: tuple[str, ...] = ()) -> Any:
+          want: str = "", flags: tuple[str, ...] = (), module: bool = False) -> Any:
     """A hyper-parameter's field: its default, help (the --help text), allowed ``choices`` or a
-    ``check`` with the range it stands for (``want``), and extra command-line ``flags``."""
+    ``check`` with the range it stands for (``want``), and extra command-line ``flags``. ``module``:
+    :class:`dpnet.train.model.DPNetModule` takes it as the keyword argument of the same name."""
     return field(default=default, metadata={"help": help, "choices": choices, "check": check, "want": want,
-                                            "flags": flags})
+                                            "flags": flags, "module": module})
 
 
 def _at_least(n: float) -> Callable[[Any], bool]:
@@ -79,15 +81,17 @@ class FitParams:
                               "work per pass); the parts are still scored in descriptor space. 0, or D' >= D: no "
                               "projection.", check=_at_least(0), want=">= 0 (0: no projection)")
     similarity: str = param("cosine", "dot (the paper's u . x) or cosine (parts and standardised regions "
-                                      "normalised).", choices=SIMILARITIES)
+                                      "normalised).", choices=SIMILARITIES, module=True)
     class_layer: str = param("free", "free (V weighs any part for any class), owned (each class weighs only its own "
                                      "parts: its explanation is its parts) or positive (PIP-Net's non-negative V: a "
-                                     "decision is a sum of parts found, none weighted against).", choices=CLASS_LAYERS)
+                                     "decision is a sum of parts found, none weighted against).", choices=CLASS_LAYERS,
+                             module=True)
     centre: bool = param(False, "subtract from each image's standardised regions their mean over the image before "
-                                "scoring: parts then meet what distinguishes a region within its image.")
+                                "scoring: parts then meet what distinguishes a region within its image.", module=True)
     presence: float = param(0.0, "with cosine similarity, a part's entry in the bag is how far its best cosine passes "
                                  "this value (0 below it): parts absent from an image add nothing to any class. 0: "
-                                 "the best cosine itself.", check=lambda v: 0 <= v < 1, want="in [0, 1) (a cosine)")
+                                 "the best cosine itself.", check=lambda v: 0 <= v < 1, want="in [0, 1) (a cosine)",
+                            module=True)
     project_parts: bool = param(False, "after training, replace each part by its best-scoring training region among "
                                        "its own class's images (ProtoPNet's projection): every part is then a real "
                                        "patch.")
