@@ -8,43 +8,30 @@ from pathlib import Path
 
 from dpnet.extract.cache import cache_name
 from dpnet.errors import DpnetError
+from dpnet.options import Parser, add_arguments, given, parse
 from dpnet.stop import run_command
 from dpnet.train.cli import add_cache_arguments, pick_cache
 from dpnet.train.run import read_run
 
-from .config import PIXEL_MEASURES, AnalyzeConfig
+from .config import AnalyzeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpnet.analyze", description=__doc__)
+    p = Parser(prog="python -m dpnet.analyze", description=__doc__)
     p.add_argument("command", choices=("report", "explain"))
     p.add_argument("image", nargs="?", help="explain: the image file")
     p.add_argument("--run", default=None, help="run folder or name under data/runs (default: the LATEST cache's run)")
     add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
-    p.add_argument("--top-k", type=int, default=AnalyzeConfig.top_k, help="regions shown per part in the gallery")
-    p.add_argument("--images", type=int, default=AnalyzeConfig.images, help="test images in the image view")
-    p.add_argument("--boxes-csv", default=None, help="object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game")
+    add_arguments(p, AnalyzeConfig)
     p.add_argument("--out", default=None, help="explain: output folder (default <run>/explain/<image name>)")
-    p.add_argument("--dask", default=None, help="run the training-set pass on dask: 'local' (a local cluster) "
-                                                "or a distributed scheduler address (tcp://host:8786)")
-    p.add_argument("--measures", choices=tuple(PIXEL_MEASURES), default="quick",
-                   help="report: the pixel-space measures (stability, deletion, insertion) on "
-                        + " or ".join(f"{n} test images in {s} steps ({k})" for k, (n, s) in PIXEL_MEASURES.items())
-                        + "; each is given with its 95%% interval")
-    p.add_argument("--pixel-images", type=int, default=None,
-                   help="report: test images (a seeded sample) described again for the pixel-space measures, in "
-                        "place of --measures' number; 0 skips them, a large number takes every test image")
-    p.add_argument("--pixel-steps", type=int, default=None,
-                   help="report: steps of the deletion / insertion curves, in place of --measures' number")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> AnalyzeConfig:
-    return AnalyzeConfig(top_k=args.top_k, images=args.images, boxes_csv=args.boxes_csv, dask=args.dask,
-                         measures=args.measures, pixel_images=args.pixel_images, pixel_steps=args.pixel_steps,
-                         progress=not args.no_progress)
+    """The config of the options given; the others are the config's defaults."""
+    return AnalyzeConfig(**given(args, AnalyzeConfig), progress=not args.no_progress)
 
 
 def pixel_plan(args: argparse.Namespace) -> tuple[int, int]:
@@ -81,7 +68,9 @@ def _dask_client(where: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     return run_command(lambda: _main(args))
 
 

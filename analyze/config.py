@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpnet.errors import ConfigError, check_options
+from dpnet.errors import ConfigError
+from dpnet.options import check_fields, option
 
 # (test images, curve steps) of the measures that send images through the backbone again: quick
 # (the report's default, in about the time of extraction on CUB-sized sets) and full
@@ -14,26 +15,25 @@ PIXEL_MEASURES = {"quick": (24, 4), "full": (200, 8)}
 
 @dataclass
 class AnalyzeConfig:
-    """The report's and explain's options.
+    """The report's and explain's options, each a field (:func:`dpnet.options.option`) with its help and
+    range: the command line and :meth:`validate` are made from them."""
 
-    Attributes:
-        top_k: regions shown per part in the gallery.
-        images: test images in the image view.
-        boxes_csv: object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game.
-        dask: run the training-set pass on dask: "local" or a scheduler address; None: in process.
-        measures: a name of :data:`PIXEL_MEASURES` (how many images the pixel measures take).
-        pixel_images, pixel_steps: in place of ``measures``' numbers when given.
-        progress: progress bars.
-    """
-
-    top_k: int = 6
-    images: int = 8
-    boxes_csv: str | None = None
-    dask: str | None = None
-    measures: str = "quick"
-    pixel_images: int | None = None
-    pixel_steps: int | None = None
-    progress: bool = True
+    top_k: int = option(6, "regions shown per part in the gallery", check=lambda v: v >= 1, want=">= 1")
+    images: int = option(8, "test images in the image view", check=lambda v: v >= 0, want=">= 0")
+    boxes_csv: str | None = option(None, "object boxes (image_name,xmin,ymin,xmax,ymax) for the pointing game",
+                                   make="BOXES")
+    dask: str | None = option(None, "run the training-set pass on dask: 'local' (a local cluster) or a distributed "
+                                    "scheduler address (tcp://host:8786); None: in this process", make="DASK")
+    measures: str = option("quick", "report: the pixel-space measures (stability, deletion, insertion) on "
+                           + " or ".join(f"{n} test images in {s} steps ({k})" for k, (n, s) in PIXEL_MEASURES.items())
+                           + "; each is given with its 95% interval", make="MEASURES", choices=tuple(PIXEL_MEASURES))
+    pixel_images: int | None = option(None, "report: test images (a seeded sample) described again for the "
+                                            "pixel-space measures, in place of --measures' number; 0 skips them, a "
+                                            "large number takes every test image",
+                                      check=lambda v: v is None or v >= 0, want=">= 0 (0 skips the pixel measures)")
+    pixel_steps: int | None = option(None, "report: steps of the deletion / insertion curves, in place of "
+                                           "--measures' number", check=lambda v: v is None or v >= 1, want=">= 1")
+    progress: bool = option(True, "progress bars", cli=False)
 
     def pixel_plan(self) -> tuple[int, int]:
         """(test images, curve steps) of the pixel-space measures."""
@@ -43,12 +43,7 @@ class AnalyzeConfig:
 
     def validate(self) -> "AnalyzeConfig":
         """Refuse values the analysis cannot take, naming the option (ConfigError)."""
-        check_options([("--measures", self.measures, self.measures in PIXEL_MEASURES,
-                        f"one of {', '.join(PIXEL_MEASURES)}")])
-        images, steps = self.pixel_plan()
-        check_options([("--pixel-steps", steps, steps >= 1, ">= 1"),
-                       ("--pixel-images", images, images >= 0, ">= 0 (0 skips the pixel measures)"),
-                       ("--top-k", self.top_k, self.top_k >= 1, ">= 1"), ("--images", self.images, self.images >= 0, ">= 0")])
+        check_fields(self)
         if self.boxes_csv is not None and not Path(self.boxes_csv).is_file():
             raise ConfigError(f"BOXES={self.boxes_csv} (--boxes-csv): no such file. Give a CSV with the columns "
                               f"image_name,xmin,ymin,xmax,ymax, or leave BOXES out")

@@ -30,15 +30,24 @@ FAITHFULNESS = [("deletion_auc", "deletion AUC (lower is better)"),
                 ("insertion_auc_cam", "insertion AUC, global linear model's CAM")]
 
 
-def _cost(metrics: dict) -> dict[str, str]:
-    """Extraction seconds (the cache's own record), fit seconds and the cache's size on disk."""
-    cache = Path(metrics.get("cache", ""))
+def _cache_cost(cache: Path) -> tuple[float | None, float | None]:
+    """(extraction seconds as the cache records them, size on disk in GiB), None where unknown."""
     manifest = json.loads((cache / "manifest.json").read_text()) if (cache / "manifest.json").is_file() else {}
-    seconds = manifest.get("extract_seconds")
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else None
-    return {"extraction seconds (cache)": "n/a" if seconds is None else f"{seconds:.0f}",
+    return manifest.get("extract_seconds"), None if size is None else size / 2**30
+
+
+def _cost(metrics: dict, config: dict) -> dict[str, str]:
+    """Extraction seconds (the cache's own record), fit seconds and the cache's size on disk; a run
+    trained with a view cache (--views) shows the cache's cost + the view's."""
+    costs = [_cache_cost(Path(metrics.get("cache", "")))]
+    if config.get("views"):
+        costs.append(_cache_cost(Path(config["views"])))
+    seconds = " + ".join("n/a" if s is None else f"{s:.0f}" for s, _ in costs)
+    size = " + ".join("n/a" if g is None else f"{g:.2f}" for _, g in costs)
+    return {"extraction seconds (cache)": seconds,
             "fit seconds (DP-Net)": f"{metrics['dpnet'].get('fit_seconds', float('nan')):.0f}",
-            "cache size, GiB": "n/a" if size is None else f"{size / 2**30:.2f}"}
+            "cache size, GiB": size}
 
 
 def _value(numbers: dict, key: str, digits: str) -> str:
@@ -64,7 +73,8 @@ def column(run: Path) -> dict[str, str]:
         out[name] = _value(analysis.get("faithfulness", {}), key, ".3f")
     parts = analysis.get("parts", {})
     out["parts pruned / silent (weigh for no class)"] = f"{parts.get('pruned', 0)} / {parts.get('silent', 'n/a')}"
-    return {**out, **_cost(metrics)}
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    return {**out, **_cost(metrics, config)}
 
 
 def main() -> int:

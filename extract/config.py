@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpnet.device import resolve_device
-from dpnet.errors import check_options
+from dpnet.options import check_fields, option
 
 from .cache import STORES
 
@@ -35,36 +35,65 @@ RUNTIMES = ("auto", "eager", "frozen")
 MIN_IMAGE_SIZE = 32  # below this no backbone has a feature grid; the grid itself is checked once it is known
 
 
+def _datasets() -> tuple[str, ...]:
+    from .datasets import list_datasets
+
+    return tuple(list_datasets())
+
+
 @dataclass
 class ExtractConfig:
-    """Everything stage 1 needs; saved (resolved) in the cache's plan and manifest."""
+    """Everything stage 1 needs; saved (resolved) in the cache's plan and manifest. Each field is an
+    option (:func:`dpnet.options.option`): its help, range and make variable; the command line and
+    :meth:`validate` are made from them."""
 
-    dataset: str = "synth"
-    data_dir: str | None = None
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    regions: int | None = None  # None: the dataset's default (DATASET_DEFAULTS), else 500
-    image_size: int = 544
-    store: str = "zarr"
-    seed: int = 0
-    shard_mb: float = 256.0
-    batch_size: int = 0  # 0: 8 on CPU, 64 on CUDA
-    workers: int = -1  # -1: auto, see default_workers
-    device: str = "auto"
-    skip_bad: bool = False
-    test_fraction: float = 0.5
-    synth: dict[str, int] = field(default_factory=lambda: {"n_classes": 10, "per_class": 60, "image_size": 256})
-    out_root: str = "data/cache"
-    name: str | None = None
-    progress: bool = True
-    ranks: int = 1  # processes to start on this machine, each taking every ranks-th shard
-    rank: int = -1  # this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1
-    world_size: int = 0
-    crop: bool | None = None  # cut each image to its object box first (CUB protocol; needs boxes); None: the dataset's
-    runtime: str = "auto"  # the CPU backbone: "eager", "frozen" (TorchScript + oneDNN fusion), "auto"
-    dense: tuple[int, ...] | None = None  # square windows laid densely (stride 1) before the random boxes; None: the dataset's
-    hypercolumn: bool = False  # append the backbone's stride-16 stage to each region (EfficientNets; issue 16 lever 2)
-    flip: bool = False  # a view cache: every image mirrored, region r the mirror of region r (issue 16 lever 3)
+    dataset: str = option("synth", "the dataset: synth, cub, folder, imagenet, ...", make="DATASET",
+                          check=lambda v: v in _datasets(), want="one of the known datasets (python -m dpnet.extract "
+                                                                 "--help lists them)")
+    data_dir: str | None = option(None, "the dataset's folder (None: data/raw/<dataset>)", make="DATA_DIR")
+    backbone: str = option("efficientnet_lite0", "efficientnet_lite0 (embedded), efficientnet_lite2, resnet50, vgg19 "
+                                                 "or any timm model name", make="BACKBONE")
+    weights: str | None = option(None, "a state-dict file, or 'random' (tests only); None: the backbone's own",
+                                 make="WEIGHTS")
+    regions: int | None = option(None, "R, regions per image", make="REGIONS", check=lambda v: v >= 1, want=">= 1")
+    image_size: int = option(544, "input side in pixels", make="IMAGE_SIZE", check=lambda v: v >= MIN_IMAGE_SIZE,
+                             want=f">= {MIN_IMAGE_SIZE} pixels")
+    store: str = option("zarr", f"shard format: {' or '.join(STORES)}", make="STORE", choices=STORES)
+    seed: int = option(0, "seeds the regions and the image order", make="SEED", check=lambda v: 0 <= v < 2**32,
+                       want="in [0, 2^32)")
+    shard_mb: float = option(256.0, "target size of one shard, MiB", check=lambda v: v > 0, want="> 0")
+    batch_size: int = option(0, "images per backbone batch; 0: 8 on CPU, 64 on CUDA", make="BATCH",
+                             check=lambda v: v >= 0, want=">= 1, or 0 for the device's default")
+    workers: int = option(-1, "decoding processes; -1: auto (see default_workers)", make="WORKERS",
+                          check=lambda v: v >= -1, want=">= 0, or -1 for auto")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...", make="DEVICE")
+    skip_bad: bool = option(False, "leave unreadable images out (listed in the manifest)", make="SKIP_BAD")
+    test_fraction: float = option(0.5, "test share of folder datasets without train/ and test/", make="TEST_FRACTION",
+                                  check=lambda v: 0.0 <= v <= 1.0, want="in [0, 1]")
+    synth: dict[str, int] = option(help="the synthetic set's size", cli=False,
+                                   factory=lambda: {"n_classes": 10, "per_class": 60, "image_size": 256})
+    out_root: str = option("data/cache", "where caches go")
+    name: str | None = option(None, "cache folder name (None: <dataset>-<backbone>[-hc]-r<R>[-d<k>]-s<size>"
+                                    "[-crop][-flip])")
+    progress: bool = option(True, "progress bars", cli=False)
+    ranks: int = option(1, "extraction processes on this machine, each writing every ranks-th shard (under "
+                           "torchrun, RANK / WORLD_SIZE are read instead)", make="RANKS", check=lambda v: v >= 1,
+                        want=">= 1")
+    rank: int = option(-1, "this process's rank; -1: from torchrun's RANK / WORLD_SIZE, else 0 of 1", cli=False)
+    world_size: int = option(0, "the number of ranks (with rank)", cli=False)
+    crop: bool | None = option(None, "cut each image to its object box first (the CUB protocol; needs boxes)",
+                               make="CROP")
+    runtime: str = option("auto", "CPU backbone: frozen (TorchScript with oneDNN fusion, 1.5x faster), eager, or auto "
+                                  "(frozen for caches of 64+ images)", make="RUNTIME", choices=RUNTIMES)
+    dense: tuple[int, ...] | None = option(None, "square window sizes (grid cells) laid densely, stride 1, before the "
+                                                 "random boxes, e.g. 1,2 (they count in REGIONS; none: no dense "
+                                                 "windows)", make="DENSE",
+                                           check=lambda v: all(isinstance(k, int) and k >= 1 for k in v),
+                                           want="window sizes >= 1 (grid cells), e.g. 2 or 1,2, or none")
+    hypercolumn: bool = option(False, "append the backbone's stride-16 stage, pooled into the same regions "
+                                      "(EfficientNets; issue 16's finer descriptors)", make="HYPERCOLUMN")
+    flip: bool = option(False, "a view cache: every image mirrored left-right, region r the mirror of region r of "
+                               "the same cache without it (train --views takes it)", make="FLIP")
 
     def __post_init__(self) -> None:
         """Options left None take the dataset's measured default (:data:`DATASET_DEFAULTS`), then the general one."""
@@ -86,29 +115,12 @@ class ExtractConfig:
         return resolve_device(self.device)
 
     def validate(self) -> "ExtractConfig":
-        """Refuse values an option cannot take, naming the option (make's name first) and its range.
+        """Refuse values an option cannot take, naming each such option (make's name first) and its range.
 
         Raises:
-            ConfigError: the first option out of its range.
+            ConfigError: naming every option out of its range.
         """
-        from .datasets import list_datasets
-
-        checks = [("DATASET (--dataset)", self.dataset, self.dataset in list_datasets(),
-                   f"one of the known datasets: {', '.join(list_datasets())}"),
-                  ("REGIONS (--regions)", self.regions, self.regions >= 1, ">= 1"),
-                  ("IMAGE_SIZE (--image-size)", self.image_size, self.image_size >= MIN_IMAGE_SIZE,
-                   f">= {MIN_IMAGE_SIZE} pixels"),
-                  ("TEST_FRACTION (--test-fraction)", self.test_fraction, 0.0 <= self.test_fraction <= 1.0, "in [0, 1]"),
-                  ("BATCH (--batch-size)", self.batch_size, self.batch_size >= 0, ">= 1, or 0 for the device's default"),
-                  ("WORKERS (--workers)", self.workers, self.workers >= -1, ">= 0, or -1 for auto"),
-                  ("SEED (--seed)", self.seed, 0 <= self.seed < 2**32, "in [0, 2^32)"),
-                  ("RANKS (--ranks)", self.ranks, self.ranks >= 1, ">= 1"),
-                  ("--shard-mb", self.shard_mb, self.shard_mb > 0, "> 0"),
-                  ("DENSE (--dense)", self.dense, all(isinstance(k, int) and k >= 1 for k in self.dense),
-                   "window sizes >= 1 (grid cells), e.g. 2 or 1,2, or none"),
-                  ("STORE (--store)", self.store, self.store in STORES, f"one of {', '.join(STORES)}"),
-                  ("RUNTIME (--runtime)", self.runtime, self.runtime in RUNTIMES, f"one of {', '.join(RUNTIMES)}")]
-        check_options(checks)
+        check_fields(self)
         return self
 
     def resolved_rank(self) -> tuple[int, int]:

@@ -68,3 +68,37 @@ def test_a_second_checkout_runs_its_own_stages(tmp_path):
                tmp_path)
     model, pipeline = got.splitlines()
     assert Path(model) == tmp_path / "train" / "model.py" and Path(pipeline) == tmp_path / "extract" / "pipeline.py"
+
+
+def test_each_stage_s_command_line_is_made_from_its_config_fields():
+    """ExtractConfig, FitParams and AnalyzeConfig declare their options once (dpnet.options.option): every
+    field marked for the command line has its --flag with the field's help, and its range check names
+    the option."""
+    import dataclasses
+
+    import pytest
+
+    from dpnet.analyze.cli import build_parser as analyze_parser
+    from dpnet.analyze.config import AnalyzeConfig
+    from dpnet.errors import ConfigError
+    from dpnet.extract.cli import build_parser as extract_parser
+    from dpnet.extract.config import ExtractConfig
+    from dpnet.train.cli import build_parser as train_parser
+    from dpnet.train.params import FitParams
+
+    for cls, parser in ((ExtractConfig, extract_parser()), (FitParams, train_parser()),
+                        (AnalyzeConfig, analyze_parser())):
+        text = " ".join(parser.format_help().split())
+        for f in dataclasses.fields(cls):
+            if f.metadata["cli"]:
+                assert "--" + f.name.replace("_", "-") in text, (cls.__name__, f.name)
+                assert " ".join(f.metadata["help"].split()[:4]) in text, (cls.__name__, f.name)
+    with pytest.raises(ConfigError, match=r"REGIONS \(--regions\) must be >= 1"):
+        ExtractConfig(regions=0).validate()
+    with pytest.raises(ConfigError, match=r"--top-k must be >= 1"):
+        AnalyzeConfig(top_k=0).validate()
+    args = extract_parser().parse_args(["--dense", "none", "--flip", "--regions", "7"])
+    from dpnet.extract.cli import config_from_args
+
+    cfg = config_from_args(args)
+    assert (cfg.dense, cfg.flip, cfg.regions, cfg.hypercolumn) == ((), True, 7, False)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from dpnet.errors import ConfigError, DpnetError
+from dpnet.options import Parser, parse
 from dpnet.stop import run_command
 from dpnet.extract.cache import cache_name, resolve_cache
 
@@ -21,7 +22,7 @@ from .run import run_ablation, train_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpnet.train", description=__doc__,
+    p = Parser(prog="python -m dpnet.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(p)
     p.add_argument("--runs-root", default="data/runs")
@@ -96,7 +97,9 @@ def summary_table(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     return run_command(lambda: _main(args))
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpnet.options import add_arguments, given
+
 from .estimator import DPNetClassifier
-from .params import FIELDS, FitParams
+from .params import FitParams
 
 # Named schedules: only how long and how fast the fit runs, on top of a preset's model.
 # "paper": the paper's 40 x 32 batch-level epochs at lr 1e-3 (hours on a CPU; see the README).
@@ -94,43 +94,12 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------- command line
-def _converter(tp: Any):
-    """A string -> value function for an annotation (int, float, str, bool, X | None, tuple[str, ...])."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = _converter(next(a for a in typing.get_args(tp) if a is not type(None)))
-        return lambda s: None if s.lower() in ("none", "") else inner(s)
-    if origin is tuple:
-        return lambda s: () if s.lower() in ("", "none") else tuple(x.strip() for x in s.split(",") if x.strip())
-    if tp is bool:
-        return _boolean
-    return tp
-
-
-def _boolean(text: str) -> bool:
-    """1/true/yes/on or 0/false/no/off; anything else is refused (argparse names the option)."""
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false (1/0, yes/no, on/off), got {text!r}")
-
-
-_boolean.__name__ = "boolean"
-
-
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--name-with-dashes`` option per hyper-parameter (default: unset, so the preset applies)."""
     group = parser.add_argument_group("hyper-parameters (unset: the preset's value, then the default)")
-    hints = typing.get_type_hints(FitParams)
-    for f in FIELDS:
-        flags = [f"--{f.name.replace('_', '-')}", *f.metadata["flags"]]
-        group.add_argument(*flags, dest=f.name, type=_converter(hints[f.name]), default=None, metavar=f.name.upper(),
-                           choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']} (default {f.default!r})".replace("%", "%%"))
+    add_arguments(group, FitParams, switches=False)
 
 
 def fit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The hyper-parameters given on the command line."""
-    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    return given(args, FitParams)

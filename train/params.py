@@ -9,10 +9,11 @@ run config are all made from it; a new hyper-parameter is its field here and the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
-from dpnet.errors import check_options
+from dpnet.options import check_fields, flag, option
 
 from .losses import KNOWN_CONSTRAINTS
 
@@ -25,11 +26,11 @@ GEMM_DTYPE_NAMES = ("auto", "float32", "bfloat16")
 
 def param(default: Any, help: str, *, choices: tuple | None = None, check: Callable[[Any], bool] | None = None,
           want: str = "", flags: tuple[str, ...] = (), module: bool = False) -> Any:
-    """A hyper-parameter's field: its default, help (the --help text), allowed ``choices`` or a
-    ``check`` with the range it stands for (``want``), and extra command-line ``flags``. ``module``:
-    :class:`dpnet.train.model.DPNetModule` takes it as the keyword argument of the same name."""
-    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "want": want,
-                                            "flags": flags, "module": module})
+    """A hyper-parameter's field (:func:`dpnet.options.option`): its default, help (the --help text),
+    allowed ``choices`` or a ``check`` with the range it stands for (``want``), and extra command-line
+    ``flags``. ``module``: :class:`dpnet.train.model.DPNetModule` takes it as the keyword argument of
+    the same name."""
+    return option(default, help, choices=choices, check=check, want=want, flags=flags, module=module)
 
 
 def _at_least(n: float) -> Callable[[Any], bool]:
@@ -128,25 +129,9 @@ FIELDS = dataclasses.fields(FitParams)
 
 
 def check_params(values: dict[str, Any]) -> None:
-    """Every hyper-parameter inside what it can take: one ConfigError naming each that is not
-    (its command-line option too), from the fields' choices and ranges."""
-    checks = []
-    for f in FIELDS:
-        v, meta = values[f.name], f.metadata
-        if f.type in (bool, "bool"):
-            ok, want = isinstance(v, bool), "true or false"
-        elif meta["choices"]:
-            ok, want = v in meta["choices"], f"one of {', '.join(meta['choices'])}"
-        elif meta["check"]:
-            try:
-                ok = bool(meta["check"](v))
-            except TypeError:
-                ok = False
-            want = meta["want"]
-        else:
-            continue
-        checks.append((f"{f.name} (--{f.name.replace('_', '-')})", v, ok, want))
-    check_options(checks)
+    """Every hyper-parameter inside what it can take, from the fields' choices and ranges; else a
+    ConfigError naming the first that is not (and its command-line option)."""
+    check_fields(SimpleNamespace(**values), FIELDS, label_of=lambda f: f"{f.name} ({flag(f)})")
 
 
 def docstring_args() -> str:
