@@ -99,8 +99,10 @@ report: setup
 explain: setup
 	$(PY) -m dpnet.analyze explain "$(IMG)" $(ANALYZE_ARGS) $(if $(OUT),--out "$(OUT)")
 
+# the suite in one pytest-xdist worker per core (TEST_JOBS=0: in this process)
+TEST_JOBS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS))
 
 bench: setup
 	$(PY) benchmarks/bench_extract.py
