@@ -325,13 +325,13 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     if index is None or not index.part_locs or not all(int(i) in index.part_locs for i in ids):
         return out
     kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)  # (N, K, 3)
-    q = est.parts_per_class
+    classes = est.module_.part_classes().cpu().numpy()
     frames = _frames(ids, test["sizes"], test["crops"], obj)
-    rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], q)  # (P, K)
+    rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], classes)  # (P, K)
     out["consistency_evalprotopnet"] = consistent_share(rates)
     out["part_hit_rate"] = [round(float(r), 4) for r in rates.max(1)]  # each part's consistency on its keypoint
     out["part_keypoint"] = [int(k) for k in rates.argmax(1)]  # that keypoint (an index into "keypoints")
-    out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], q)
+    out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], classes)
     out["on_part_share"] = on_part_share(peak_boxes(evidence, frames), kp)
     out["keypoints"] = list(index.part_names)
     out["purity"] = _purity(index, stats, train)
@@ -421,10 +421,11 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
         clean, noisy = stability_hits(probe, sample, kp, _frames(sample.ids, sample.sizes, crops, obj), seed,
                                       progress=progress)
         clean, noisy = (_all_parts(h, sample.labels, est) for h in (clean, noisy))
-        q = est.parts_per_class
-        out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, q)
+        classes = est.module_.part_classes().cpu().numpy()
+        out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, classes)
         out["localisation"]["stability_evalprotopnet_ci95"] = bootstrap_interval(
-            len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], q), reps=200, seed=seed)
+            len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], classes), reps=200,
+            seed=seed)
     linear = _global_linear(run_dir / "global_linear.pt", cache)
     curves = deletion_curves(probe, sample, linear, steps, seed, progress=progress)
     for name, c in curves.items():
@@ -442,11 +443,11 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
 
 
 def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np.ndarray:
-    """(N, q, K) hits of each image's class parts -> (N, P, K), the other parts empty."""
-    q, p = est.parts_per_class, est.module_.parts.shape[0]
-    out = np.zeros((len(hits), p, hits.shape[-1]), bool)
+    """(N, q, K) hits of each image's class parts (in part order) -> (N, P, K), the other parts empty."""
+    classes = est.module_.part_classes().cpu().numpy()
+    out = np.zeros((len(hits), len(classes), hits.shape[-1]), bool)
     for i, c in enumerate(labels):
-        out[i, c * q:(c + 1) * q] = hits[i]
+        out[i, classes == c] = hits[i]
     return out
 
 

@@ -115,13 +115,13 @@ def keypoint_hits(boxes: np.ndarray, kp: np.ndarray) -> np.ndarray:
     return inside(kp[:, None, :, :2], boxes[:, :, None, :]) & (kp[:, None, :, 2] > 0)
 
 
-def consistency_rates(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int) -> np.ndarray:
+def consistency_rates(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Each part's hit rate on each keypoint: the share of its class's test images where the
     keypoint is visible whose part box holds it.
 
     Args:
         part_boxes: (N, P, 4) pixel boxes of each part (see :func:`part_consistency`).
-        kp: (N, K, 3). labels: (N,).
+        kp: (N, K, 3). labels: (N,). classes: (P,), each part's class (the model's part_classes).
 
     Returns:
         float64 (P, K); zero for a part whose class has no image here.
@@ -129,7 +129,7 @@ def consistency_rates(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray
     n, p, _ = part_boxes.shape
     rates = np.zeros((p, kp.shape[1]))
     for part in range(p):
-        mine = labels == part // parts_per_class
+        mine = labels == classes[part]
         if not mine.any():
             continue
         hit = inside(kp[mine, :, :2], part_boxes[mine, part][:, None, :])  # (n_c, K)
@@ -138,7 +138,7 @@ def consistency_rates(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray
     return rates
 
 
-def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, parts_per_class: int,
+def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray, classes: np.ndarray,
                      threshold: float = CONSISTENT) -> tuple[float, np.ndarray]:
     """EvalProtoPNet's consistency: a part is consistent when its box covers the same keypoint in
     >= ``threshold`` of the test images of its class where that keypoint is visible.
@@ -146,12 +146,12 @@ def part_consistency(part_boxes: np.ndarray, kp: np.ndarray, labels: np.ndarray,
     Args:
         part_boxes: (N, P, 4) pixel boxes of each part: its best region (the region-box variant),
             or :func:`peak_boxes` around its peak (EvalProtoPNet's protocol).
-        kp: (N, K, 3). labels: (N,).
+        kp: (N, K, 3). labels: (N,). classes: (P,), each part's class.
 
     Returns:
         The share of consistent parts (percent, higher is better) and each part's best hit rate (P,).
     """
-    rates = consistency_rates(part_boxes, kp, labels, parts_per_class)
+    rates = consistency_rates(part_boxes, kp, labels, classes)
     return consistent_share(rates, threshold), rates.max(1)
 
 
@@ -177,17 +177,16 @@ def activation_map(scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int])
     return out
 
 
-def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray, parts_per_class: int) -> float:
+def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> float:
     """EvalProtoPNet's stability: for each part, the share of its class's test images whose set of
     keypoints in its box is the same with the input perturbed; the mean over parts, percent.
 
     Args:
         hits, noisy_hits: (N, P, K) bool, from :func:`keypoint_hits` on clean and perturbed images.
-        labels: (N,). Parts whose class has no image here are left out.
+        labels: (N,). classes: (P,), each part's class. Parts whose class has no image here are left out.
     """
     same = (hits == noisy_hits).all(-1)  # (N, P)
-    owner = np.arange(hits.shape[1]) // parts_per_class
-    rates = [same[labels == owner[p], p].mean() for p in range(hits.shape[1]) if (labels == owner[p]).any()]
+    rates = [same[labels == classes[p], p].mean() for p in range(hits.shape[1]) if (labels == classes[p]).any()]
     return float(100 * np.mean(rates)) if rates else float("nan")
 
 

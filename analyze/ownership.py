@@ -1,5 +1,5 @@
-"""Does a part speak for the class that owns it? Part p belongs to class p // q by construction;
-these measures check whether the class layer V agrees.
+"""Does a part speak for the class that owns it? Each part is made for one class
+(:func:`dpnet.train.losses.part_classes`); these measures check whether the class layer V agrees.
 
 Glossary: N images, P parts, C classes, q parts per class.
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpnet.train.losses import part_classes
+
 
 def owners(n_parts: int, parts_per_class: int) -> np.ndarray:
-    """(P,) the class each part belongs to."""
-    return np.arange(n_parts) // parts_per_class
+    """(P,) the class each part belongs to (the model's rule, :func:`dpnet.train.losses.part_classes`)."""
+    return part_classes(n_parts, parts_per_class).numpy()
 
 
 def own_top3_share(d: np.ndarray, parts_per_class: int) -> float:

@@ -8,6 +8,8 @@ names, file names) is cut first, then escaped.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 import os
@@ -333,10 +335,15 @@ class _Renderer:
                  if "top_part_on_defining_part" in loc else None)
         return {"rows": rows, "synth": synth, "cropped": self.crop_index is not None}
 
+    @functools.cached_property
+    def part_classes(self) -> np.ndarray:
+        """(P,) each part's class, the model's (DPNetModule.part_classes)."""
+        return self.an.est.module_.part_classes().cpu().numpy()
+
     def part_label(self, p: int, limit: int = 18) -> str:
         """"part p (of <owner>)" where ownership holds (see dpnet.analyze.ownership), else "part p (not owned)"."""
         if self.owned[p]:
-            return f"part {p} (of {cut(self.classes[p // self.an.est.parts_per_class], limit)})"
+            return f"part {p} (of {cut(self.classes[self.part_classes[p]], limit)})"
         return f"part {p} (not owned)"
 
     def class_view(self) -> list[dict[str, Any]]:
@@ -357,8 +364,7 @@ class _Renderer:
         expl = self.an.explainer
         heat = expl.heatmaps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
         amap = expl.assignment_maps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
-        q = self.an.est.parts_per_class
-        own = np.arange(t.pred * q, (t.pred + 1) * q)
+        own = np.flatnonzero(self.an.est.module_.part_classes().cpu().numpy() == t.pred)
         return {"image_id": t.image_id, "true": self.classes[t.label], "pred": self.classes[t.pred],
                 "ok": t.pred == t.label,
                 "pictures": [self.pic(img, "orig", "image", 160), self.pic(draw.overlay_heatmap(img, heat), "heat", "heatmap", 160),

@@ -19,6 +19,17 @@ import pytest
 from tests.helpers import tiny_config, tiny_run
 
 
+def pytest_collection_modifyitems(items):
+    """The long tests (marked slow; the longest, with ``seconds=``, before them) first: pytest-xdist's
+    workers start them at once and share out the short ones after, so no long test is left to run
+    alone at the end."""
+    def key(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0))
+
+    items.sort(key=key)
+
+
 @pytest.fixture
 def tiny(tmp_path: Path):
     """The tiny extraction config of tests.helpers.tiny_config, in this test's folder."""

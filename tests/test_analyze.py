@@ -62,7 +62,7 @@ def test_pointing_game_and_consistency_by_hand():
     # 1 class, q = 2; part 0's best region always holds keypoint 0, part 1's only once in 2
     best = np.array([[[0, 0, 10, 10], [50, 50, 60, 60]], [[0, 0, 10, 10], [0, 0, 10, 10]]], float)
     kp = np.array([[[5, 5, 1], [55, 55, 1]], [[5, 5, 1], [90, 90, 1]]], float)
-    share, rate = part_consistency(best, kp, np.array([0, 0]), parts_per_class=2)
+    share, rate = part_consistency(best, kp, np.array([0, 0]), classes=np.array([0, 0]))
     assert rate.tolist() == [1.0, 0.5] and share == 50.0
 
 
@@ -385,6 +385,7 @@ def test_explain_does_not_depend_on_whether_a_report_was_built(tmp_path):
     assert len(top) == 3 and DPNetExplainer(est).class_parts(before.pred, 3).tolist() == top.tolist()
 
 
+@pytest.mark.slow
 def test_the_dpnet_command_runs_every_stage(tmp_path):
     """``dpnet extract|train|report|explain`` (the console script pip installs, or python -m dpnet)."""
     import sys

@@ -557,6 +557,7 @@ run_extraction(tiny_config(pathlib.Path({tmp!r}), weights=None, regions=20, imag
 """
 
 
+@pytest.mark.slow
 def test_a_resumed_frozen_extraction_equals_an_unbroken_one(tmp_path):
     """Each in a fresh process: the frozen graph's first calls of a shape ran unfused kernels."""
     raw = str(tmp_path / "raw")
@@ -622,6 +623,7 @@ def _arrays(cache: Path) -> dict[str, np.ndarray]:
     return {f"{s}/{k}": np.asarray(v) for s in range(c.n_shards) for k, v in c.load_shard(s).items()}
 
 
+@pytest.mark.slow
 def test_extraction_stopped_by_sigint_and_sigterm_ends_identical(tmp_path):
     raw = str(tmp_path / "raw")
     python(CLI_CHILD.format(root=str(ROOT), stage="extract",
@@ -636,6 +638,7 @@ def test_extraction_stopped_by_sigint_and_sigterm_ends_identical(tmp_path):
     assert not leftovers(tmp_path / "k")
 
 
+@pytest.mark.slow
 def test_training_stopped_by_sigint_and_sigterm_ends_identical(copy):
     from dpnet.train.estimator import DPNetClassifier
 
@@ -653,6 +656,7 @@ def test_training_stopped_by_sigint_and_sigterm_ends_identical(copy):
     assert not leftovers(work)
 
 
+@pytest.mark.slow
 def test_a_report_stopped_by_sigint_and_sigterm_ends_identical(copy):
     argv = ["report", "--run", str(copy.run), "--no-progress", "--pixel-images", "4"]
     python(CLI_CHILD.format(root=str(ROOT), stage="analyze", argv=argv), check=True)

@@ -67,12 +67,14 @@ def _assert_same(state: dict, est: DPNetClassifier) -> None:
         torch.testing.assert_close(state[k], est.module_.state_dict()[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_fit_what_one_process_fits(cache_dir, tmp_path):
     one = DPNetClassifier(**PARAMS).fit(RegionCache(cache_dir))
     _spawn(tmp_path, cache_dir, tmp_path / "two.pt")
     _assert_same(torch.load(tmp_path / "two.pt"), one)
 
 
+@pytest.mark.slow
 def test_a_distributed_fit_stopped_and_resumed_ends_where_an_unbroken_one_does(cache_dir, tmp_path):
     one = DPNetClassifier(**PARAMS).fit(RegionCache(cache_dir))
     ckpt = tmp_path / "checkpoint.pt"
@@ -84,6 +86,7 @@ def test_a_distributed_fit_stopped_and_resumed_ends_where_an_unbroken_one_does(c
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
                     reason="torchrun is not beside this python")
+@pytest.mark.slow
 def test_torchrun_trains_a_run_that_one_process_reproduces(cache_dir, tmp_path):
     """``torchrun --nproc_per_node=2 -m dpnet.train`` (what RANKS=2 make train runs) writes one run, rank 0's."""
     common = ["--cache", str(cache_dir), "--no-baselines", "--no-progress", "--q", "2", "--epochs", "2",

@@ -153,6 +153,7 @@ def test_raw_chunk_reader_equals_zarr(tmp_path):
             c.load_shard(1, "all", ("regions",), mmap=mmap)
 
 
+@pytest.mark.slow
 def test_two_ranks_make_the_single_process_cache(tmp_path):
     """Two processes, each taking every other shard, give exactly the 1-process cache."""
     one = run_extraction(tiny_config(tmp_path / "one")).cache_dir

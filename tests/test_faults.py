@@ -409,6 +409,7 @@ rp.build_report(pathlib.Path({run!r}), k=2, n_show=2)
 """
 
 
+@pytest.mark.slow
 def test_a_report_killed_while_it_renders_leaves_the_old_one_whole(copy):
     from dpnet.analyze.report import build_report
 
@@ -608,6 +609,7 @@ run_extraction(tiny_config(pathlib.Path({tmp!r}), ranks=2, image_size=320,
 """
 
 
+@pytest.mark.slow
 def test_extraction_ranks_die_with_their_parent(tmp_path):
     parent = spawn(RANKS.format(root=str(ROOT), tmp=str(tmp_path)))
     ranks: list[int] = []
@@ -667,6 +669,7 @@ def _kill_and_rerun(code: str, ready, rng: random.Random, tries: int) -> int:
     return kills
 
 
+@pytest.mark.slow
 def test_faults_extraction_killed_at_random_moments_ends_identical(tmp_path):
     # every run in a fresh process with the same environment: CPU convolutions round differently
     # with another thread count, so the reference is not made in this (long-lived) process

@@ -102,3 +102,18 @@ def test_each_stage_s_command_line_is_made_from_its_config_fields():
 
     cfg = config_from_args(args)
     assert (cfg.dense, cfg.flip, cfg.regions, cfg.hypercolumn) == ((), True, 7, False)
+
+
+def test_which_class_a_part_belongs_to_is_computed_in_one_place():
+    """`p // q` (a part's class) is written once, in dpnet.train.losses.part_classes; everything else
+    asks the model (part_classes, the owner buffer) or that function."""
+    places = []
+    for stage in STAGES:
+        for path in (ROOT / stage).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.BinOp) and isinstance(node.op, ast.FloorDiv):
+                    right = node.right
+                    name = right.id if isinstance(right, ast.Name) else right.attr if isinstance(right, ast.Attribute) else ""
+                    if name in ("q", "parts_per_class"):
+                        places.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert places == ["train/losses.py:" + places[0].split(":")[1]] and len(places) == 1, places

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpnet.train.losses import class_specific, orthogonality
+from dpnet.train.losses import class_specific, orthogonality, part_classes
 from dpnet.train.model import DPNetModule
 
 
@@ -77,7 +77,7 @@ def plain_loss(m, raw, y, rows=None):
     if "orth" in m.constraints:
         terms["orth"] = orthogonality(m.parts)
     if "cs" in m.constraints:
-        terms["cs"] = class_specific(m.classifier, m.parts_per_class)
+        terms["cs"] = class_specific(m.classifier, m.part_classes())
     return terms["ce"] + sum(m.lambdas[k] * v for k, v in terms.items() if k != "ce"), terms
 
 
@@ -107,11 +107,11 @@ def test_orthogonality_matches_loop(gen):
 
 def test_class_specific_matches_loop(gen):
     v = torch.randn(3, 6, generator=gen, dtype=torch.float64)
-    assert class_specific(v, 2).item() == pytest.approx(ref_cs(v, 2), rel=1e-12)
+    assert class_specific(v, part_classes(v.shape[1], 2)).item() == pytest.approx(ref_cs(v, 2), rel=1e-12)
     own_only = torch.zeros(3, 6, dtype=torch.float64)
     own_only[0, :2] = own_only[1, 2:4] = own_only[2, 4:] = -5.0
-    assert class_specific(own_only, 2).item() == 0.0  # a class's own parts are free
-    assert class_specific(-v.abs(), 2).item() > 0  # L1: negative weights cost too
+    assert class_specific(own_only, part_classes(own_only.shape[1], 2)).item() == 0.0  # a class's own parts are free
+    assert class_specific(-v.abs(), part_classes(v.shape[1], 2)).item() > 0  # L1: negative weights cost too
 
 
 @pytest.mark.parametrize("term", ["orth", "cs"])
@@ -119,7 +119,7 @@ def test_gradcheck_of_the_weight_terms(term, gen):
     u = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 4, generator=gen, dtype=torch.float64).add(0.3).requires_grad_()
     fn = {"orth": lambda: torch.autograd.gradcheck(orthogonality, (u,)),
-          "cs": lambda: torch.autograd.gradcheck(lambda b: class_specific(b, 2), (v,))}[term]
+          "cs": lambda: torch.autograd.gradcheck(lambda b: class_specific(b, part_classes(b.shape[1], 2)), (v,))}[term]
     assert fn()
 
 
@@ -291,7 +291,7 @@ def test_cosine_training_gradient_equals_plain_autograd(gen, sparse):
     logp = (s * COSINE_ASSIGN_SCALE).log_softmax(-1)
     clst = torch.stack([1 - best[n, 2 * y[n]:2 * y[n] + 2].mean() for n in range(3)]).mean()
     loss = (F.cross_entropy(logits, y) + m.lambdas["assign"] * -(logp.exp() * logp).sum(-1).mean()
-            + m.lambdas["orth"] * orthogonality(m.parts) + m.lambdas["cs"] * class_specific(m.classifier, 2)
+            + m.lambdas["orth"] * orthogonality(m.parts) + m.lambdas["cs"] * class_specific(m.classifier, part_classes(m.classifier.shape[1], 2))
             + m.lambdas["clst"] * clst)
     want = torch.autograd.grad(loss, (m.parts, m.classifier))
     for a, b in zip(got, want):
@@ -358,7 +358,7 @@ def test_the_cluster_cost_against_a_loop(gen):
     best = torch.rand(5, 6, generator=gen, dtype=torch.float64) * 2 - 1
     labels = torch.tensor([0, 2, 1, 1, 0])
     want = sum(1 - sum(float(best[n, p]) for p in range(6) if p // 2 == labels[n]) / 2 for n in range(5)) / 5
-    assert float(cluster_cost(best, labels, 2)) == pytest.approx(want)
+    assert float(cluster_cost(best, labels, part_classes(6, 2))) == pytest.approx(want)
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
@@ -592,7 +592,7 @@ def test_the_views_agreement_against_a_loop(gen, similarity):
     """C_agree (issue 16 lever 3): the assignments of corresponding regions (over the picked rows), and
     each own part's soft peak over all regions, agree across the two views; a view equal to the image
     agrees best."""
-    from train.model import PEAK_SHARPEN
+    from dpnet.train.model import PEAK_SHARPEN
 
     m = random_module(gen, d=5, p=6, c=3, q=2, constraints=("orth", "agree"))
     m.similarity = similarity

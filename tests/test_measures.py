@@ -35,7 +35,7 @@ def test_evalprotopnet_consistency_against_their_loop(rng):
     kp = _keypoints(rng, n, k)
     kp[:, 0, :] = [25.0, 22.0, 1.0]  # keypoint 0 always there: part 0 is consistent
     frames = np.tile([[100.0, 80.0]], (n, 1))
-    got, rate = part_consistency(peak_boxes(centres, frames), kp, labels, q)
+    got, rate = part_consistency(peak_boxes(centres, frames), kp, labels, np.arange(q * c) // q)
     consistent = []
     for p in range(q * c):
         imgs = np.flatnonzero(labels == p // q)
@@ -67,8 +67,9 @@ def test_stability_counts_parts_whose_keypoints_do_not_move(rng):
     for p in range(q * c):
         imgs = np.flatnonzero(labels == p // q)
         want.append(np.mean([(own[i, p] == own_noisy[i, p]).all() for i in imgs]))
-    assert part_stability(own, own_noisy, labels, q) == pytest.approx(100 * np.mean(want))
-    assert part_stability(own, own.copy(), labels, q) == 100.0
+    classes = np.arange(q * c) // q
+    assert part_stability(own, own_noisy, labels, classes) == pytest.approx(100 * np.mean(want))
+    assert part_stability(own, own.copy(), labels, classes) == 100.0
 
 
 def test_purity_is_the_share_of_the_most_common_keypoint(rng):
@@ -409,14 +410,14 @@ def test_consistency_rates_per_keypoint_against_a_loop(rng):
     lo = rng.uniform(0, 60, (n, q * c, 2))
     boxes = np.concatenate([lo, lo + 40], -1)
     kp = _keypoints(rng, n, k)
-    got = consistency_rates(boxes, kp, labels, q)
+    got = consistency_rates(boxes, kp, labels, np.arange(q * c) // q)
     for p in range(q * c):
         for j in range(k):
             mine = [i for i in range(n) if labels[i] == p // q and kp[i, j, 2] > 0]
             hit = [i for i in mine if boxes[i, p, 0] <= kp[i, j, 0] <= boxes[i, p, 2]
                    and boxes[i, p, 1] <= kp[i, j, 1] <= boxes[i, p, 3]]
             assert got[p, j] == pytest.approx(len(hit) / max(len(mine), 1))
-    score, rate = part_consistency(boxes, kp, labels, q)
+    score, rate = part_consistency(boxes, kp, labels, np.arange(q * c) // q)
     assert np.allclose(rate, got.max(1)) and score == pytest.approx(100 * (got.max(1) >= 0.8).mean())
 
 

@@ -21,7 +21,7 @@ def default_synth(tmp_path_factory):
     return run_extraction(cfg).cache_dir
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=240)  # a default-size extraction, fit and report: the suite's longest
 def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
     cfg = TrainConfig.from_options(cache=str(default_synth), run_dir=str(tmp_path / "run"), epochs=12, inner_epochs=2,
                       lr=1e-2, lr_step=4, progress=False)

@@ -444,6 +444,7 @@ def test_region_stats_against_numpy(tiny_cache):
     np.testing.assert_allclose(corr, want, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_ablation_shows_table_2_the_run_s_setting_and_the_paper_preset(tiny_cache, tmp_path):
     import json
 

@@ -102,7 +102,7 @@ def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Ten
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(module.logits(bags), labels)
         if "cs" in module.constraints and module.class_layer != "owned":
-            loss = loss + module.lambdas["cs"] * class_specific(module.class_weights(), module.parts_per_class)
+            loss = loss + module.lambdas["cs"] * class_specific(module.class_weights(), module.part_classes())
         if l1 > 0:
             loss = loss + l1 * (module.class_weights() * ~module.own_mask()).abs().sum()
         loss.backward()

@@ -28,21 +28,28 @@ def orthogonality(parts: torch.Tensor) -> torch.Tensor:
     return (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / p**2
 
 
-def class_specific(weights: torch.Tensor, parts_per_class: int) -> torch.Tensor:
-    """C_cs = (1/(P(C-1))) sum_c sum_{p not of class c} |v_cp|; part p belongs to class p // q.
+def part_classes(n_parts: int, parts_per_class: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(P,) int64: the class each part is made for. Part p belongs to class p // q: the one place that
+    says so (the model's owner buffer starts from it; pruning later sets a part's owner to -1, while
+    the constraints and the part measures keep grouping it with its class)."""
+    return torch.arange(n_parts, device=device) // parts_per_class
+
+
+def class_specific(weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """C_cs = (1/(P(C-1))) sum_c sum_{p not of class c} |v_cp|.
 
     Args:
         weights: V, Tensor[C, P].
-        parts_per_class: q.
+        classes: Tensor[P], each part's class (:func:`part_classes`).
     """
     c, p = weights.shape
-    return (weights.abs() * foreign_mask(c, p, parts_per_class, weights)).sum() / (p * max(c - 1, 1))
+    return (weights.abs() * foreign_mask(c, classes, weights)).sum() / (p * max(c - 1, 1))
 
 
-def foreign_mask(n_classes: int, n_parts: int, parts_per_class: int, like: torch.Tensor) -> torch.Tensor:
-    """(C, P) mask, 1 where part p does not belong to class c."""
-    owner = torch.arange(n_parts, device=like.device) // parts_per_class  # (P,)
-    return (owner[None, :] != torch.arange(n_classes, device=like.device)[:, None]).to(like.dtype)
+def foreign_mask(n_classes: int, classes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C, P) mask, 1 where part p does not belong to class c (``classes`` (P,): each part's class)."""
+    classes = classes.to(like.device)
+    return (classes[None, :] != torch.arange(n_classes, device=like.device)[:, None]).to(like.dtype)
 
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from dpnet.train import native
 
 from .losses import CONSTRAINTS, KNOWN_CONSTRAINTS, class_specific, distribution_agreement, occurrence_cost
-from .losses import orthogonality
+from .losses import orthogonality, part_classes
 from .params import CLASS_LAYERS, FIELDS, SIMILARITIES
 
 # each term's default weight: its lambda_<term> field's (declared once, in train/params.py)
@@ -163,7 +163,7 @@ class DPNetModule(nn.Module):
 
     Args:
         dim: D. n_parts: P. n_classes: C.
-        parts_per_class: q; part p belongs to class p // q (for C_cs).
+        parts_per_class: q; each class has q parts (losses.part_classes says which).
         constraints: subset of ("orth", "assign", "cs") in the loss.
         lambdas: weight of each constraint (defaults: method.md's).
         basis_dim: D' of the parts' subspace; 0: the parts live in descriptor space.
@@ -184,8 +184,8 @@ class DPNetModule(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.register_buffer("basis", torch.zeros(dim, basis_dim) if basis_dim else None)
         self.parts_per_class, self.constraints = parts_per_class, tuple(constraints)
-        # part p belongs to class owner[p] = p // q: the one place that says so; -1 once pruned
-        self.register_buffer("owner", torch.arange(n_parts) // parts_per_class)
+        # each part's class (losses.part_classes); -1 once pruned (finish.prune_parts)
+        self.register_buffer("owner", part_classes(n_parts, parts_per_class))
         self.lambdas = {**LAMBDAS, **(lambdas or {})}
         if similarity not in SIMILARITIES or class_layer not in CLASS_LAYERS:
             raise ValueError(f"similarity must be one of {SIMILARITIES} and class_layer one of {CLASS_LAYERS}, "
@@ -194,7 +194,7 @@ class DPNetModule(nn.Module):
         self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; a state saved before pruning existed has no ``owner``: part p is class p // q's."""
+        """As nn.Module's; a state saved before pruning existed has no ``owner``: each part is its class's."""
         if "owner" not in state_dict:
             state_dict = {**state_dict, "owner": self.owner.clone()}
         return super().load_state_dict(state_dict, strict, assign)
@@ -378,7 +378,7 @@ class DPNetModule(nn.Module):
         if assign:
             terms["assign"] = out.entropy
         if "clst" in self.constraints:
-            terms["clst"] = cluster_cost(out.best, labels, self.parts_per_class)
+            terms["clst"] = cluster_cost(out.best, labels, self.part_classes())
         if "occur" in self.constraints:
             terms["occur"] = occurrence_cost(self.occurrence(regions, train.get("rows"), train.get("prepared", False)),
                                              labels, self.owner)
@@ -398,6 +398,11 @@ class DPNetModule(nn.Module):
             regions = regions.gather(1, rows.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
         s = self.scores(regions, prepared)  # (N, R', P)
         return (s * self.training_fold(prepared)[2]).softmax(dim=-1).amax(dim=1)
+
+    def part_classes(self) -> torch.Tensor:
+        """(P,) the class each part is made for (losses.part_classes), pruned parts included: what the
+        constraints group parts by."""
+        return part_classes(self.parts.shape[0], self.parts_per_class, self.parts.device)
 
     def own_index(self, labels: torch.Tensor) -> torch.Tensor:
         """(N, q) the parts each image's class owns, from the owner buffer (every class owning q parts,
@@ -433,7 +438,7 @@ class DPNetModule(nn.Module):
         if "orth" in self.constraints:
             terms["orth"] = orthogonality(self.parts)
         if "cs" in self.constraints and self.class_layer != "owned":  # owned: foreign weights are 0 already
-            terms["cs"] = class_specific(self.class_weights(), self.parts_per_class)
+            terms["cs"] = class_specific(self.class_weights(), self.part_classes())
         loss = sum((self.lambdas[k] * v for k, v in terms.items()), self.parts.new_zeros(()))
         return loss, terms
 
@@ -456,15 +461,15 @@ class TrainOut(NamedTuple):
     best: torch.Tensor  # (N, P) each part's best score
 
 
-def cluster_cost(best: torch.Tensor, labels: torch.Tensor, parts_per_class: int) -> torch.Tensor:
+def cluster_cost(best: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """C_clst = mean over images of 1 - the mean best cosine of their class's own parts.
 
     ProtoPNet's cluster cost in cosine form: each of a class's parts should find a close region in
-    every image of the class, which makes it a part the class always shows. best: (N, P), labels (N,).
+    every image of the class, which makes it a part the class always shows. best: (N, P), labels (N,),
+    classes (P,): each part's class (losses.part_classes).
     """
-    q = parts_per_class
-    own = labels[:, None] * q + torch.arange(q, device=best.device)  # (N, q)
-    return (1.0 - best.gather(1, own)).mean()
+    own = (labels[:, None] == classes.to(labels.device)[None, :]).to(best.dtype)  # (N, P)
+    return (1.0 - (best * own).sum(1) / own.sum(1).clamp_min(1)).mean()
 
 
 class StepParts:
