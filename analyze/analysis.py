@@ -89,16 +89,8 @@ def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClas
 
 
 def dataset_index(cache: RegionCache) -> DatasetIndex | None:
-    """The dataset the cache was extracted from (for keypoints, boxes and image files), if readable."""
-    from dpnet.extract.pipeline import ExtractConfig, load_index
-
-    cfg = dict(cache.manifest["config"])
-    cfg["data_dir"] = cache.manifest.get("dataset_root", cfg.get("data_dir"))
-    try:
-        return load_index(ExtractConfig(**{k: v for k, v in cfg.items() if k in ExtractConfig.__dataclass_fields__}))
-    except Exception as exc:  # noqa: BLE001 - the report still builds without images' annotations
-        log.warning("could not read the dataset of %s (%s); localisation is skipped", cache.path, exc)
-        return None
+    """The dataset of ``cache`` (its keypoints, boxes and files): :meth:`RegionCache.dataset_index`."""
+    return cache.dataset_index()
 
 
 def crop_boxes(cache: RegionCache, index: DatasetIndex | None, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:

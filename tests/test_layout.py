@@ -117,3 +117,16 @@ def test_which_class_a_part_belongs_to_is_computed_in_one_place():
                     if name in ("q", "parts_per_class"):
                         places.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert places == ["train/losses.py:" + places[0].split(":")[1]] and len(places) == 1, places
+
+
+def test_finding_a_cache_and_its_dataset_belong_to_the_cache():
+    """pick_cache's search and dataset_index live with the cache (dpnet.extract.cache); the stages' CLIs
+    and the analysis only ask."""
+    import inspect
+
+    from dpnet.extract.cache.reader import RegionCache, find_cache
+
+    assert callable(find_cache) and callable(RegionCache.dataset_index)
+    from dpnet.train import cli
+
+    assert "find_cache" in inspect.getsource(cli.pick_cache) and ".glob(f\"{" not in inspect.getsource(cli)

@@ -11,10 +11,11 @@ import json
 import logging
 from pathlib import Path
 
-from dpnet.errors import ConfigError, DpnetError
+from dpnet.errors import ConfigError
 from dpnet.options import Parser, parse
 from dpnet.stop import run_command
 from dpnet.extract.cache import cache_name, resolve_cache
+from dpnet.extract.cache.reader import find_cache
 
 from . import distributed
 from .config import PRESETS, SCHEDULES, TrainConfig, add_fit_arguments, fit_options
@@ -52,32 +53,11 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def pick_cache(args: argparse.Namespace) -> Path | str:
-    """The cache named by --cache, else the newest of --dataset that has the --backbone, --regions and
-    --image-size asked for, else LATEST."""
+    """The cache the options name (:func:`dpnet.extract.cache.reader.find_cache`): --cache, else the
+    newest of --dataset with the --backbone, --regions and --image-size asked for, else LATEST."""
     want = {k: v for k, v in (("backbone", getattr(args, "backbone", None)), ("R", getattr(args, "regions", None)),
                               ("image_size", getattr(args, "image_size", None))) if v is not None}
-    if args.cache or not args.dataset:
-        if want and not args.cache:
-            raise DpnetError("--backbone / --regions / --image-size pick among a dataset's caches: give DATASET= too "
-                             "(or CACHE=<name>)")
-        return resolve_cache(args.cache, args.cache_root)
-    found = [p for p in sorted(Path(args.cache_root).glob(f"{args.dataset}-*/manifest.json"),
-                               key=lambda p: p.stat().st_mtime) if _has(p, want)]
-    if not found:
-        asked = "".join(f", {k}={v}" for k, v in want.items())
-        raise DpnetError(f"no finished cache for dataset {args.dataset!r}{asked} in {args.cache_root}: "
-                         f"run `make extract DATASET={args.dataset}` (with the same options) first")
-    return found[-1].parent
-
-
-def _has(manifest: Path, want: dict) -> bool:
-    if not want:
-        return True
-    try:
-        m = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return all(m.get(k) == v for k, v in want.items())
+    return find_cache(args.cache, args.dataset, args.cache_root, want)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dpnet.errors import CacheIncompleteError, CacheMismatchError, DatasetLayoutError
+from dpnet.errors import CacheIncompleteError, CacheMismatchError, DatasetLayoutError, DpnetError
 
 from .chunks import damaged, map_raw_chunks, missing_chunks, read_raw_chunks
 from .layout import FIELDS, FORMAT, SPLITS, cache_identity, extract_command, field_specs
@@ -253,6 +253,20 @@ class RegionCache:
         """The file of an image of the table (``rel`` its path there) in the dataset the cache was made from."""
         return image_file(self.manifest, rel)
 
+    def dataset_index(self):
+        """The dataset this cache was extracted from (:class:`dpnet.extract.datasets.DatasetIndex`: its
+        keypoints, boxes and image files), or None (with a warning) when it cannot be read here."""
+        from ..config import ExtractConfig
+        from ..pipeline import load_index
+
+        cfg = dict(self.manifest["config"])
+        cfg["data_dir"] = self.manifest.get("dataset_root", cfg.get("data_dir"))
+        try:
+            return load_index(ExtractConfig(**{k: v for k, v in cfg.items() if k in ExtractConfig.__dataclass_fields__}))
+        except Exception as exc:  # noqa: BLE001 - the report still builds without images' annotations
+            log.warning("could not read the dataset of %s (%s); localisation is skipped", self.path, exc)
+            return None
+
     def image_table(self) -> list[dict[str, Any]]:
         """Rows of ``images.tsv``: position, image_id, label, is_train, path (checked to stay in the dataset)."""
         from dpnet.extract.datasets import checked_relative
@@ -321,3 +335,36 @@ def resolve_cache(ref: str | os.PathLike | None, cache_root: str | os.PathLike =
         return root / latest.read_text().strip()
     path = Path(ref)
     return path if path.is_dir() or path.is_absolute() or len(path.parts) > 1 else root / path
+
+
+def find_cache(cache: str | os.PathLike | None, dataset: str | None, cache_root: str | os.PathLike = "data/cache",
+               want: dict[str, Any] | None = None) -> Path | str:
+    """The cache named by ``cache``, else the newest finished cache of ``dataset`` under ``cache_root``
+    whose manifest has the values ``want`` asks for (e.g. ``{"backbone": ..., "R": 500}``), else LATEST.
+
+    Raises:
+        DpnetError: ``want`` without a dataset to pick in, or no such cache (naming the make command).
+    """
+    want = want or {}
+    if cache or not dataset:
+        if want and not cache:
+            raise DpnetError("--backbone / --regions / --image-size pick among a dataset's caches: give DATASET= too "
+                             "(or CACHE=<name>)")
+        return resolve_cache(cache, cache_root)
+    found = [p for p in sorted(Path(cache_root).glob(f"{dataset}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+             if _has(p, want)]
+    if not found:
+        asked = "".join(f", {k}={v}" for k, v in want.items())
+        raise DpnetError(f"no finished cache for dataset {dataset!r}{asked} in {cache_root}: "
+                         f"run `make extract DATASET={dataset}` (with the same options) first")
+    return found[-1].parent
+
+
+def _has(manifest: Path, want: dict) -> bool:
+    if not want:
+        return True
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(m.get(k) == v for k, v in want.items())
