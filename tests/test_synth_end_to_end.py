@@ -31,7 +31,7 @@ def test_dpnet_beats_global_linear_on_default_synth(default_synth, tmp_path):
 
     from dpnet.analyze.report import build_report
 
-    page = build_report(tmp_path / "run", k=4, n_show=4, pixel_images=24)  # pixel measures on a small sample
+    page = build_report(tmp_path / "run", k=4, n_show=4, pixel_images=8)  # pixel measures on a small sample (their ranges)
     numbers = json.loads((page.parent / "analysis.json").read_text())
     assert 0 <= numbers["faithfulness"]["deletion_auc"] <= 1 and 0 <= numbers["faithfulness"]["insertion_auc"] <= 1
     for k in ("k1", "k3", "k5"):  # removing the named regions costs more than removing random ones
