@@ -55,6 +55,10 @@ class CacheMismatchError(DpnetError):
     """A cache does not match what its reader expects (a field of its manifest differs)."""
 
 
+class CheckpointMismatchError(CacheMismatchError):
+    """A training checkpoint was made on another cache, or with other hyper-parameters."""
+
+
 class CacheIncompleteError(DpnetError):
     """A cache folder has no finished manifest, or a file of it is missing or damaged."""
 

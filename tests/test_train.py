@@ -597,3 +597,18 @@ def test_a_module_hyper_parameter_is_its_field_and_the_module_s_argument():
     m = est.make_module(6, 2)
     assert (m.presence, m.centre, m.class_layer) == (0.3, True, "owned")
     assert LAMBDAS == {k: DPNetClassifier().get_params()[f"lambda_{k}"] for k in KNOWN_CONSTRAINTS}
+
+
+def test_a_run_folder_holding_another_cache_s_checkpoint_says_so(tmp_path, capsys):
+    """The run folder's checkpoint made on another cache: the error names the run folder and what to do
+    (the view check above must not get this advice; this one must keep it)."""
+    from dpnet.train.cli import main
+
+    kw = dict(image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    a = run_extraction(tiny_config(tmp_path / "a", **kw)).cache_dir
+    b = run_extraction(tiny_config(tmp_path / "b", seed=1, **kw)).cache_dir
+    common = ["--run-dir", str(tmp_path / "run"), "--no-baselines", "--no-progress", "--q", "2", "--batch-size", "4"]
+    assert main(["--cache", str(a), "--epochs", "1", *common]) == 0
+    assert main(["--cache", str(b), "--epochs", "2", *common]) != 0
+    err = capsys.readouterr().err
+    assert "holds the training of another cache" in err and str(tmp_path / "run") in err

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dpnet.errors import CacheMismatchError, DpnetError
+from dpnet.errors import CacheMismatchError, CheckpointMismatchError, DpnetError
 from dpnet.files import FolderLock, claim_folder, keep_mark, read_json, remove_stale_temps, write_json_atomic
 from dpnet.files import write_text_atomic
 from dpnet.extract.cache import RegionCache, is_url
@@ -32,7 +32,7 @@ from . import distributed
 from .baselines import run_baselines
 from .class_parts import fit_class_parts
 from .config import SCHEDULE_KEYS, TrainConfig
-from .data import check_views, is_val
+from .data import is_val
 from .estimator import DPNetClassifier
 from .serialize import load_file
 
@@ -106,15 +106,12 @@ def _train_locked(cfg: TrainConfig, run: Path) -> dict[str, Any]:
                                             "baselines": cfg.baselines, "fit": _jsonable(fit),
                                             "cache_manifest": _manifest_summary(cache)})
     est = DPNetClassifier(**dataclasses.asdict(fit))
-    views = _views(cfg)
-    if views is not None:
-        check_views(cache, views)  # before the fit: its mismatch is the view's, not the run folder's
     epochs = EpochLog(run / "log.csv", _checkpoint_history(run / "checkpoint.pt"))
     epochs.write()  # a run killed between its checkpoint and its log row gets the row back here
     t0 = time.perf_counter()
     try:
-        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress, views=views)
-    except CacheMismatchError as exc:
+        est.fit(cache, checkpoint=run / "checkpoint.pt", on_epoch=epochs, progress=cfg.progress, views=_views(cfg))
+    except CheckpointMismatchError as exc:  # the run folder's checkpoint; a view's mismatch says its own fix
         raise CacheMismatchError(f"{exc}\nThe run folder {run} holds the training of another cache: delete it to "
                                  f"train afresh here (rm -r {run}), or train into a new folder (--run-dir, or "
                                  f"extract with --name to give the cache, and so its run, another name).") from None

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpnet.device import resolve_device
-from dpnet.errors import CacheMismatchError, ConfigError, NonFiniteError
+from dpnet.errors import CacheMismatchError, CheckpointMismatchError, ConfigError, NonFiniteError
 from dpnet.memory import large_buffers_reused
 from dpnet.extract.cache import RegionCache, check_compatible
 
@@ -334,13 +334,16 @@ class Trainer:
         if not checkpoint or not Path(checkpoint).is_file():
             return None
         _, meta, tensors = load_file(Path(checkpoint), ("dpnet-fit",))
-        check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
+        try:
+            check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
+        except CacheMismatchError as exc:
+            raise CheckpointMismatchError(str(exc)) from None
         # a checkpoint from an older version lacks options added since: they had their defaults
         saved = {**type(self.est)().get_params(), **meta["params"]}
         saved["constraints"] = tuple(saved["constraints"])
         if saved != self.est.get_params():
             diff = {k: (saved.get(k), v) for k, v in self.est.get_params().items() if saved.get(k) != v}
-            raise CacheMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
+            raise CheckpointMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
                                      f"delete it to start over, or pass the same settings to resume")
         module.load_state_dict(unflatten("module", tensors))
         opt.load_state_dict(optimizer_state(meta["opt"], tensors))
