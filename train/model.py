@@ -81,7 +81,7 @@ class _TrainOp(torch.autograd.Function):
         else:
             best, where = s.max(dim=1)
             lse = h = None
-        s_e = (s if rows is None else s.gather(1, rows.unsqueeze(-1).expand(-1, -1, s.shape[2]))) if entropy else None
+        s_e = pick_rows(s, rows) if entropy else None
         if entropy and not whole and use_native:
             _, _, lse, h = native.forward(s_e, inv_norm, True)
         plogp = p = None
@@ -109,7 +109,7 @@ class _TrainOp(torch.autograd.Function):
         if ctx.sparse:
             g_w = _argmax_grad(x, where, g_best)
             if ds_e is not None:
-                x_e = x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+                x_e = pick_rows(x, rows)
                 g_w += _gemm_grad(ds_e, x_e, g_w.dtype)
             g_c = -g_best.sum(0) + (g_c_e if ds_e is not None else 0.0)
             return None, g_w.to(ctx.w_dtype), g_c, g_inv, None, None, None
@@ -333,15 +333,17 @@ class DPNetModule(nn.Module):
         """(W, c (P,), a (P,)): what the fused training op takes from U: S = X W^T - c, and the
         assignment logits S * a. W is (P, D) folded for raw descriptors, or the (unit) parts (P, W)
         for :meth:`prepare`-d ones (then c = 0). a is 1/||u_p|| (dot), or a constant scale (cosine)."""
-        p = self.parts.shape[0]
-        if self.similarity == "cosine":
-            inv_norm = self.parts.new_full((p,), COSINE_ASSIGN_SCALE)
-        else:
-            inv_norm = 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
+        p, inv_norm = self.parts.shape[0], self.assign_scale()
         if prepared:
             return self.unit_parts(), self.parts.new_zeros(p), inv_norm
         w, c = self.folded_parts()
         return w, c, inv_norm
+
+    def assign_scale(self) -> torch.Tensor:
+        """a (P,): the assignment logits are S * a; 1/||u_p|| (dot), or COSINE_ASSIGN_SCALE (cosine)."""
+        if self.similarity == "cosine":
+            return self.parts.new_full((self.parts.shape[0],), COSINE_ASSIGN_SCALE)
+        return 1.0 / self.parts.norm(dim=1).clamp_min(1e-12)
 
     def step_parts(self, prepared: bool = False) -> "StepParts":
         """The folded parts of one optimiser step, shared by its micro-batches (see StepParts)."""
@@ -394,10 +396,8 @@ class DPNetModule(nn.Module):
         """tau (N, P): each part's occurrence in each image, region grouping's part detector: the most
         any region is assigned to it, max_r softmax_p(s_pr a_p) with the assignment logits of C_assign.
         ``rows`` (N, R') takes those regions only (the assignment entropy's random ones), else all."""
-        if rows is not None:
-            regions = regions.gather(1, rows.unsqueeze(-1).expand(-1, -1, regions.shape[2]))
-        s = self.scores(regions, prepared)  # (N, R', P)
-        return (s * self.training_fold(prepared)[2]).softmax(dim=-1).amax(dim=1)
+        s = self.scores(pick_rows(regions, rows), prepared)  # (N, R', P)
+        return (s * self.assign_scale()).softmax(dim=-1).amax(dim=1)
 
     def part_classes(self) -> torch.Tensor:
         """(P,) the class each part is made for (losses.part_classes), pruned parts included: what the
@@ -405,9 +405,8 @@ class DPNetModule(nn.Module):
         return part_classes(self.parts.shape[0], self.parts_per_class, self.parts.device)
 
     def own_index(self, labels: torch.Tensor) -> torch.Tensor:
-        """(N, q) the parts each image's class owns, from the owner buffer (every class owning q parts,
-        as while training, before any pruning)."""
-        return self.owner.argsort(stable=True).view(-1, self.parts_per_class)[labels]
+        """(N, q) the parts each image's class is made with (:meth:`part_classes`)."""
+        return self.part_classes().argsort(stable=True).view(-1, self.parts_per_class)[labels]
 
     def view_agreement(self, regions: torch.Tensor, view: torch.Tensor, labels: torch.Tensor,
                        rows: torch.Tensor | None = None, prepared: bool = False) -> torch.Tensor:
@@ -418,10 +417,8 @@ class DPNetModule(nn.Module):
         Each is -mean log of the two distributions' dot product (losses.distribution_agreement);
         C_agree is their sum.
         """
-        a = self.training_fold(prepared)[2]
-        picked = [regions, view] if rows is None else \
-            [x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2])) for x in (regions, view)]
-        z, z_view = (self.scores(x, prepared) * a for x in picked)  # assignment logits (N, R', P)
+        a = self.assign_scale()
+        z, z_view = (self.scores(pick_rows(x, rows), prepared) * a for x in (regions, view))  # (N, R', P) logits
         own = self.own_index(labels)  # (N, q)
         if prepared:
             u = self.unit_parts()[own]  # (N, q, W)
@@ -451,6 +448,11 @@ class DPNetModule(nn.Module):
         data, terms, _ = self.data_loss(regions, labels, **train)
         weight, more = self.weight_loss()
         return data + weight, {**terms, **more}
+
+
+def pick_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x (N, R, K) -> x at the regions ``rows`` (N, R') of each image, (N, R', K); all of x when None."""
+    return x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
 
 class TrainOut(NamedTuple):
