@@ -30,7 +30,7 @@ from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_cont
 from .localize import (activation_map, consistency_rates, consistent_share, defining_part_hits, keypoint_hits,
                        landmark_error, on_object_share, on_part_share, part_consistency, part_peaks, part_purity,
                        part_stability, peak_boxes, peaks_to_pixels, pointing_game)
-from .ownership import own_evidence_share, own_top3_share, owned_parts
+from .ownership import model_part_classes, own_evidence_share, own_top3_share, owned_parts
 from .pixels import PixelProbe, areas, auc, deletion_curves, sample_test_images, stability_hits
 from .stats import PartStats, PartStatsPass, bootstrap_interval
 
@@ -317,7 +317,7 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     if index is None or not index.part_locs or not all(int(i) in index.part_locs for i in ids):
         return out
     kp = np.stack([index.part_locs[int(i)] for i in ids]).astype(np.float64)  # (N, K, 3)
-    classes = est.module_.part_classes().cpu().numpy()
+    classes = model_part_classes(est)
     frames = _frames(ids, test["sizes"], test["crops"], obj)
     rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], classes)  # (P, K)
     out["consistency_evalprotopnet"] = consistent_share(rates)
@@ -413,7 +413,7 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
         clean, noisy = stability_hits(probe, sample, kp, _frames(sample.ids, sample.sizes, crops, obj), seed,
                                       progress=progress)
         clean, noisy = (_all_parts(h, sample.labels, est) for h in (clean, noisy))
-        classes = est.module_.part_classes().cpu().numpy()
+        classes = model_part_classes(est)
         out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, classes)
         out["localisation"]["stability_evalprotopnet_ci95"] = bootstrap_interval(
             len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], classes), reps=200,
@@ -436,7 +436,7 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
 
 def _all_parts(hits: np.ndarray, labels: np.ndarray, est: DPNetClassifier) -> np.ndarray:
     """(N, q, K) hits of each image's class parts (in part order) -> (N, P, K), the other parts empty."""
-    classes = est.module_.part_classes().cpu().numpy()
+    classes = model_part_classes(est)
     out = np.zeros((len(hits), len(classes), hits.shape[-1]), bool)
     for i, c in enumerate(labels):
         out[i, classes == c] = hits[i]

@@ -16,6 +16,11 @@ def owners(n_parts: int, parts_per_class: int) -> np.ndarray:
     return part_classes(n_parts, parts_per_class).numpy()
 
 
+def model_part_classes(est) -> np.ndarray:
+    """(P,) each part's class as the fitted model says (``DPNetModule.part_classes``), for numpy measures."""
+    return est.module_.part_classes().cpu().numpy()
+
+
 def own_top3_share(d: np.ndarray, parts_per_class: int) -> float:
     """Percent of classes whose three parts of highest d(p, c) are all their own. d: (C, P)."""
     top = np.argsort(-d, axis=1, kind="stable")[:, :3]  # (C, 3)

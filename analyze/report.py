@@ -29,7 +29,7 @@ from .analysis import FAITH_K, Analysis, TestImage, analyse, image_grid_frames
 from .config import PIXEL_MEASURES
 from .explain import EVIDENCE_ROWS, margin_shares
 from .localize import CONSISTENT, activation_map, part_peaks, peak_boxes
-from .ownership import owned_parts
+from .ownership import model_part_classes, owned_parts
 from .pages import cut, num, templates
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class _Renderer:
     @functools.cached_property
     def part_classes(self) -> np.ndarray:
         """(P,) each part's class, the model's (DPNetModule.part_classes)."""
-        return self.an.est.module_.part_classes().cpu().numpy()
+        return model_part_classes(self.an.est)
 
     def part_label(self, p: int, limit: int = 18) -> str:
         """"part p (of <owner>)" where ownership holds (see dpnet.analyze.ownership), else "part p (not owned)"."""
@@ -364,7 +364,7 @@ class _Renderer:
         expl = self.an.explainer
         heat = expl.heatmaps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
         amap = expl.assignment_maps(t.scores[None], t.boxes[None], self.grid, np.array([t.pred]))[0]
-        own = np.flatnonzero(self.an.est.module_.part_classes().cpu().numpy() == t.pred)
+        own = np.flatnonzero(self.part_classes == t.pred)
         return {"image_id": t.image_id, "true": self.classes[t.label], "pred": self.classes[t.pred],
                 "ok": t.pred == t.label,
                 "pictures": [self.pic(img, "orig", "image", 160), self.pic(draw.overlay_heatmap(img, heat), "heat", "heatmap", 160),
