@@ -51,7 +51,7 @@ def _rank(rank: int, world: int, init: str, cache_dir: str, out: str, checkpoint
         except Stop:
             return
         if rank == 0:
-            torch.save({k: v for k, v in est.module_.state_dict().items()}, out)
+            torch.save({**est.module_.state_dict(), "val_top1": [row["val_top1"] for row in est.history_]}, out)
     finally:
         dist.destroy_process_group()
 
@@ -71,7 +71,33 @@ def _assert_same(state: dict, est: DPNetClassifier) -> None:
 def test_two_cpu_ranks_fit_what_one_process_fits(cache_dir, tmp_path):
     one = DPNetClassifier(**PARAMS).fit(RegionCache(cache_dir))
     _spawn(tmp_path, cache_dir, tmp_path / "two.pt")
-    _assert_same(torch.load(tmp_path / "two.pt"), one)
+    two = torch.load(tmp_path / "two.pt")
+    _assert_same(two, one)
+    assert two["val_top1"] == [row["val_top1"] for row in one.history_]  # the ranks' added counts: the same top-1
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_each_rank_scores_its_own_share_of_the_validation_split(cache_dir, monkeypatch, projected):
+    """Under torchrun the ranks split the validation images (disjoint shares, together the split);
+    the top-1 from their added counts is the one-process top-1."""
+    from dpnet.train import distributed
+    from dpnet.train.trainer import Trainer
+
+    est = DPNetClassifier(**{**PARAMS, "epochs": 1, "val_fraction": 0.5, "pca_dim": 8 if projected else 0}).fit(
+        RegionCache(cache_dir))
+    assert (est.module_.basis is not None) == projected
+    cache = RegionCache(cache_dir)
+    seen = []
+    monkeypatch.setattr(distributed, "sum_numbers", lambda values: seen.append(values) or values)
+    one = Trainer(est, cache)._val_accuracy(est.module_, cache, torch.device("cpu"))
+    counts = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 2))
+        Trainer(est, cache)._val_accuracy(est.module_, cache, torch.device("cpu"))
+        counts[rank] = seen[-1]
+    (right, n), (r0, n0), (r1, n1) = seen[0], counts[0], counts[1]
+    assert n >= 4 and n0 + n1 == n and abs(n0 - n1) <= cache.n_shards and r0 + r1 == right
+    assert one == 100.0 * (right / n)
 
 
 @pytest.mark.slow

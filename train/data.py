@@ -168,17 +168,25 @@ def check_views(cache: RegionCache, views: RegionCache) -> None:
 
 
 def split_arrays(cache: RegionCache, split: str, val_fraction: float, seed: int,
-                 fields: tuple[str, ...], with_shard: bool = False) -> Iterator:
+                 fields: tuple[str, ...], with_shard: bool = False, share: tuple[int, int] = (0, 1)) -> Iterator:
     """Stream ``fields`` of ``split`` in ``all``/``train``/``test``/``val``/``fit`` (train minus val).
 
     Yields dicts of arrays (``image_ids`` always included), or ``(shard, dict)`` with ``with_shard``.
+    ``share`` = (rank, ranks): only every ranks-th image of each shard, from the rank-th (the ranks'
+    shares are disjoint and together the split; only the rows of this share are read).
     """
     base = "train" if split in ("val", "fit") else split
-    # a subset of the train split maps its shards, so only the rows it keeps are copied
-    for shard, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"}), mmap=base != split):
-        if split in ("val", "fit"):
-            mask = is_val(arrays["image_ids"], val_fraction, seed)
-            arrays = {k: v[mask if split == "val" else ~mask] for k, v in arrays.items()}
+    rank, ranks = share
+    # a subset of the train split (or a rank's share) maps its shards, so only the rows it keeps are copied
+    subset = base != split or ranks > 1
+    for shard, arrays in cache.iter_shards(base, tuple(set(fields) | {"image_ids"}), mmap=subset):
+        if subset:
+            keep = np.ones(len(arrays["image_ids"]), bool)
+            if split in ("val", "fit"):
+                mask = is_val(arrays["image_ids"], val_fraction, seed)
+                keep = mask if split == "val" else ~mask
+            keep[np.flatnonzero(keep)[np.arange(keep.sum()) % ranks != rank]] = False
+            arrays = {k: v[keep] for k, v in arrays.items()}
         if len(arrays["image_ids"]):
             yield (shard, arrays) if with_shard else arrays
 

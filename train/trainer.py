@@ -309,18 +309,22 @@ class Trainer:
                              f"Lower LR, or check those images' descriptors in the cache.")
 
     def _val_accuracy(self, module: DPNetModule, cache: RegionCache, dev: torch.device) -> float:
+        """Top-1 % on the validation split; under torchrun each rank scores its share of the images
+        (:func:`dpnet.train.data.split_arrays`) and the ranks add their counts."""
         if self.est.val_fraction <= 0:  # no validation images: nothing to read
             return float("nan")
+        share = distributed.world()
         if module.basis is None:
-            scores, labels = split_scores(module, cache, "val", dev, self.est.val_fraction, self.est.seed)
+            scores, labels = split_scores(module, cache, "val", dev, self.est.val_fraction, self.est.seed, share)
         else:  # projected once (D / W times less work each epoch), like the fitting images
             if self._val is None:
-                self._val = map_split(module.prepare, cache, "val", dev, self.est.val_fraction, self.est.seed)
+                self._val = map_split(module.prepare, cache, "val", dev, self.est.val_fraction, self.est.seed, share)
             with torch.no_grad():
                 scores = np.concatenate([module(z.to(dev), prepared=True).float().cpu().numpy()
                                          for z in self._val[0]]) if self._val[0] else np.zeros((0, 1))
             labels = self._val[1]
-        return float(100.0 * (scores.argmax(1) == labels).mean()) if len(labels) else float("nan")
+        right, n = distributed.sum_numbers([float((scores.argmax(1) == labels).sum()), float(len(labels))])
+        return float(100.0 * (right / n)) if n else float("nan")
 
     def _save_checkpoint(self, path: Path, module: DPNetModule, opt: torch.optim.Optimizer,
                          state: dict[str, Any]) -> None:
@@ -355,12 +359,14 @@ class Trainer:
 
 @torch.no_grad()
 def map_split(fn: Callable[[torch.Tensor], torch.Tensor], cache: RegionCache, split: str, dev: torch.device,
-              val_fraction: float, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
+              val_fraction: float, seed: int, share: tuple[int, int] = (0, 1)) -> tuple[list[torch.Tensor], np.ndarray]:
     """``fn`` over a split's raw regions in batches of 64 (outputs on the CPU), and its labels;
     a non-finite output is blamed on its descriptors, named by shard and image. ``val_fraction``
-    and ``seed`` place the validation images (see :func:`dpnet.train.data.split_arrays`)."""
+    and ``seed`` place the validation images, ``share`` = (rank, ranks) takes one rank's share of them
+    (see :func:`dpnet.train.data.split_arrays`)."""
     out, labels = [], []
-    for shard, arrays in split_arrays(cache, split, val_fraction, seed, ("regions", "labels"), with_shard=True):
+    for shard, arrays in split_arrays(cache, split, val_fraction, seed, ("regions", "labels"), with_shard=True,
+                                      share=share):
         for a in range(0, len(arrays["labels"]), 64):
             y = fn(torch.from_numpy(arrays["regions"][a:a + 64]).to(dev)).cpu()
             if not torch.isfinite(y).all():
@@ -371,9 +377,9 @@ def map_split(fn: Callable[[torch.Tensor], torch.Tensor], cache: RegionCache, sp
 
 
 def split_scores(module: DPNetModule, cache: RegionCache, split: str, dev: torch.device, val_fraction: float,
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits float32 (N, C) and labels (N,) of a split, streamed."""
-    scores, labels = map_split(lambda x: module(x).float(), cache, split, dev, val_fraction, seed)
+                 seed: int, share: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Logits float32 (N, C) and labels (N,) of a split (or of a rank's ``share`` of it), streamed."""
+    scores, labels = map_split(lambda x: module(x).float(), cache, split, dev, val_fraction, seed, share)
     if not scores:
         return np.zeros((0, module.classifier.shape[0]), np.float32), labels
     return torch.cat(scores).numpy(), labels
