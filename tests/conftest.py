@@ -10,13 +10,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import tiny_config, tiny_run
+from tests.helpers import copy_of_base, tiny_config, tiny_run
 
 
 def pytest_collection_modifyitems(items):
@@ -55,12 +54,15 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture
 def copy(base: Path, tmp_path: Path) -> SimpleNamespace:
     """A private copy of the tiny cache and its trained run (files pointed at the copy)."""
-    src = next((base / "cache").glob("synth-*"))
-    cache = tmp_path / "cache" / src.name
-    shutil.copytree(src, cache)
-    run = tmp_path / "run"
-    shutil.copytree(base / "run", run)
-    for name in ("metrics.json", "config.json"):
-        text = (run / name).read_text().replace(str(src), str(cache))
-        (run / name).write_text(text)
-    return SimpleNamespace(cache=cache, run=run, tmp=tmp_path)
+    return copy_of_base(base, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_cache(tmp_path_factory) -> Path:
+    """The tiny synthetic set (96 px, R = 16, 3 classes x 8) extracted with the backbone's pretrained
+    weights, once for the session (read-only)."""
+    from dpnet.extract.pipeline import run_extraction
+
+    cfg = tiny_config(tmp_path_factory.mktemp("pretrained"), image_size=96, regions=16, weights=None,
+                      synth={"n_classes": 3, "per_class": 8, "image_size": 96})
+    return run_extraction(cfg).cache_dir

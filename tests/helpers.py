@@ -7,10 +7,12 @@ from a module of their own rather than from pytest's conftest.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from dpnet.extract.config import ExtractConfig
 
@@ -101,3 +103,16 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def copy_of_base(base: Path, dest: Path) -> SimpleNamespace:
+    """A private copy of the session's tiny cache and its trained run in ``dest`` (files pointed at the copy)."""
+    src = next((base / "cache").glob("synth-*"))
+    cache = dest / "cache" / src.name
+    shutil.copytree(src, cache)
+    run = dest / "run"
+    shutil.copytree(base / "run", run)
+    for name in ("metrics.json", "config.json"):
+        text = (run / name).read_text().replace(str(src), str(cache))
+        (run / name).write_text(text)
+    return SimpleNamespace(cache=cache, run=run, tmp=dest)

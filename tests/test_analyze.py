@@ -17,7 +17,7 @@ from dpnet.analyze.localize import defining_part_hits, landmark_error, part_cons
 from dpnet.analyze.stats import merge_topk, part_stats
 from dpnet.train.class_parts import class_part_weights
 from dpnet.extract.pipeline import run_extraction
-from tests.helpers import tiny_config
+from tests.helpers import copy_of_base, tiny_config
 from dpnet.train.config import TrainConfig
 from dpnet.train.run import train_run
 
@@ -96,14 +96,9 @@ def test_defining_part_hits_against_a_loop():
 
 # ------------------------------------------------------------------------- on a trained tiny run
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("an")
-    cfg = tiny_config(tmp, image_size=96, regions=16, synth={"n_classes": 3, "per_class": 8, "image_size": 96})
-    cache = run_extraction(cfg).cache_dir
-    run = tmp / "run"
-    train_run(TrainConfig.from_options(cache=str(cache), run_dir=str(run), parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2,
-                          batch_size=4, val_fraction=0.0, baselines=False, progress=False))
-    return run
+def tiny_run(base, tmp_path_factory) -> Path:
+    """This module's own copy of the session's tiny run (tests.helpers.tiny_run's settings)."""
+    return copy_of_base(base, tmp_path_factory.mktemp("an")).run
 
 
 def _test_arrays(run: Path):

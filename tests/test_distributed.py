@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from dpnet.extract.cache import RegionCache
-from dpnet.extract.pipeline import run_extraction
-from tests.helpers import tiny_config
 from dpnet.train.estimator import DPNetClassifier
 
 # several pieces per batch (micro_batch 1 of 4 images) so both ranks work on every step
@@ -23,11 +21,8 @@ PARAMS = dict(parts_per_class=2, epochs=3, inner_epochs=2, lr=1e-2, batch_size=4
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dist")
-    cfg = tiny_config(tmp, image_size=96, regions=16, weights=None,
-                      synth={"n_classes": 3, "per_class": 8, "image_size": 96})
-    return run_extraction(cfg).cache_dir
+def cache_dir(pretrained_tiny_cache) -> Path:
+    return pretrained_tiny_cache
 
 
 class Stop(Exception):

@@ -17,11 +17,8 @@ from dpnet.train.serialize import load_file, save_file
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> RegionCache:
-    tmp = tmp_path_factory.mktemp("tc")
-    cfg = tiny_config(tmp, image_size=96, regions=16, weights=None,
-                      synth={"n_classes": 3, "per_class": 8, "image_size": 96})
-    return RegionCache(run_extraction(cfg).cache_dir)
+def tiny_cache(pretrained_tiny_cache) -> RegionCache:
+    return RegionCache(pretrained_tiny_cache)
 
 
 # The paper's model in exact float32 arithmetic: what most tests here compare against their references
