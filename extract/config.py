@@ -104,7 +104,8 @@ class ExtractConfig:
         self.dense = tuple(self.dense)
 
     def cache_name(self) -> str:
-        """``<dataset>-<backbone>-r<R>-s<size>`` unless a name was given."""
+        """``<dataset>-<backbone>[-hc]-r<R>[-d<k>]-s<size>[-crop][-flip]`` unless a name was given
+        (``-hc`` hypercolumn, ``-d<k>`` dense windows of k cells, ``-crop`` object box, ``-flip`` mirrored view)."""
         crop = "-crop" if self.crop else ""
         dense = "-d" + "".join(str(k) for k in self.dense) if self.dense else ""
         hc = "-hc" if self.hypercolumn else ""

@@ -126,3 +126,27 @@ def test_a_mirrored_box_on_a_mirrored_map_pools_what_the_box_pools_on_the_map():
     torch.testing.assert_close(region_means(fmap.flip(-1), mirrored), region_means(fmap, boxes))
     assert np.array_equal(mirror_boxes(mirrored.numpy(), 7), boxes.numpy())
     assert (mirrored[..., 0] < mirrored[..., 2]).all() and not torch.equal(mirrored, boxes)
+
+
+def test_data_readme_gives_the_cache_name_pattern_the_config_makes():
+    """data/README.md's `cache/<...>/` pattern, read as a regular expression, matches the name of every
+    combination of the options that change it (and the docstring of cache_name names each suffix)."""
+    import itertools
+    import re
+    from pathlib import Path
+
+    from dpnet.extract.config import ExtractConfig
+
+    line = next(l for l in (Path(__file__).resolve().parents[1] / "data" / "README.md").read_text().splitlines()
+                if l.startswith("| `cache/<dataset>"))
+    pattern = line.split("`")[1][len("cache/"):-1]
+    regex = re.escape(pattern)
+    for placeholder, repl in (("<dataset>", "[a-z0-9]+"), ("<backbone>", "[a-z0-9_]+"), ("<R>", r"\d+"),
+                              ("<k>", r"\d+"), ("<size>", r"\d+")):
+        regex = regex.replace(re.escape(placeholder), repl)
+    regex = re.sub(r"\\\[(.*?)\\\]", r"(?:\1)?", regex)  # [-x] is optional
+    for crop, dense, hc, flip in itertools.product((True, False), ((2,), ()), (True, False), (True, False)):
+        name = ExtractConfig(dataset="cub", crop=crop, dense=dense, hypercolumn=hc, flip=flip).cache_name()
+        assert re.fullmatch(regex, name), (pattern, name)
+    for suffix in ("-hc", "-d", "-crop", "-flip"):
+        assert suffix in ExtractConfig.cache_name.__doc__, suffix
