@@ -16,6 +16,7 @@ from typing import Any, Callable
 from dpnet.options import check_fields, flag, option
 
 from .losses import KNOWN_CONSTRAINTS
+from .optim import OPTIMIZERS
 
 SIMILARITIES = ("dot", "cosine")
 CLASS_LAYERS = ("free", "owned", "positive")
@@ -48,6 +49,9 @@ class FitParams:
     inner_epochs: int = param(2, "passes over each loaded shard before the next is read (batch-level epochs).",
                               check=_at_least(1), want=">= 1")
     lr: float = param(1e-2, "Adam's initial learning rate.", check=lambda v: v > 0, want="> 0")
+    optimizer: str = param("adam", "adam, or row-adam (one second moment per part: a part's step does not depend on "
+                                   "the basis its coordinates are in, so the PCA path's low-variance components are "
+                                   "not inflated; dpnet.train.optim.RowAdam).", choices=OPTIMIZERS)
     lr_step: int = param(4, "epochs between learning-rate drops.", check=_at_least(1), want=">= 1")
     lr_gamma: float = param(0.1, "the factor of each drop.", check=lambda v: 0 < v <= 1, want="in (0, 1]")
     batch_size: int = param(32, "images per optimiser step.", check=_at_least(1), want=">= 1")

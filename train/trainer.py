@@ -30,6 +30,7 @@ from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
 from .gemm import resolve_gemm_dtype, training_path
 from .losses import KNOWN_CONSTRAINTS
 from .model import DPNetModule
+from .optim import make_optimizer
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class Trainer:
         source = ShardSource(cache, est.val_fraction, est.seed, est.memory_budget_mb, self.views)
         module = est.make_module(cache.dim, cache.n_classes).to(dev)
         log.info("training path: %s", training_path(est, dev))
-        opt = torch.optim.Adam(module.parameters(), lr=est.lr)
+        opt = make_optimizer(module, est.optimizer, est.lr)
         state = self._resume(checkpoint, cache, module, opt)
         if state is None:
             self._initialise(module, source)
