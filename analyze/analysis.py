@@ -88,11 +88,6 @@ def load_run(run_dir: Path, cache: RegionCache | None = None) -> tuple[DPNetClas
     return DPNetClassifier.load(run_dir / "model.pt", cache), cache, metrics
 
 
-def dataset_index(cache: RegionCache) -> DatasetIndex | None:
-    """The dataset of ``cache`` (its keypoints, boxes and files): :meth:`RegionCache.dataset_index`."""
-    return cache.dataset_index()
-
-
 def crop_boxes(cache: RegionCache, index: DatasetIndex | None, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
     """(N, 4) pixel boxes the images were cropped to when the cache was made with CROP=1, else None."""
     if not cache.manifest.get("config", {}).get("crop"):
@@ -144,7 +139,7 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
     """
     est, cache, metrics = load_run(run_dir, cache)
     top_k = max(k, PURITY_K)
-    index = dataset_index(cache)
+    index = cache.dataset_index()
     obj = dict(index.bboxes) if index else {}
     if boxes_csv:
         obj = read_boxes_csv(Path(boxes_csv), cache.image_table())

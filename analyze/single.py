@@ -62,9 +62,7 @@ def describe_image(path: str | Path, cache: RegionCache
     iid = dataset_image_id(path, cache)
     bbox = None
     if m.get("config", {}).get("crop") and iid is not None:  # a dataset image of a CROP=1 cache: same crop
-        from .analysis import dataset_index
-
-        bbox = dataset_index(cache).bboxes.get(iid)
+        bbox = cache.dataset_index().bboxes.get(iid)
     pixels, size_wh = load_rgb(path, m["image_size"], bbox)
     boxes = fx.boxes([0 if iid is None else iid])
     regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)

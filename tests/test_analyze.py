@@ -178,12 +178,12 @@ def test_part_stats_topk_matches_brute_force(tiny_run):
 def test_the_reports_training_pass_gives_the_part_stats_and_pictures_of_their_best_images(tiny_run):
     """The report pools the training regions once: its statistics equal part_stats', and each part's
     picture is of its best training image, with that image's activation map and peak."""
-    from dpnet.analyze.analysis import _train_pass, dataset_index
+    from dpnet.analyze.analysis import _train_pass
     from dpnet.analyze.localize import activation_map
 
     est, cache, _ = _test_arrays(tiny_run)
     want = part_stats(est, cache, k=3)
-    index = dataset_index(cache)
+    index = cache.dataset_index()
     got = _train_pass(DPNetExplainer(est), cache, index, dict(index.bboxes), 3, False)
     for field in ("top_score", "top_image", "top_region", "class_sum", "class_count", "d", "f"):
         np.testing.assert_allclose(getattr(got["stats"], field), getattr(want, field), rtol=1e-5, err_msg=field)

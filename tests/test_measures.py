@@ -208,10 +208,10 @@ def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_basel
 
 def test_stability_is_complete_without_noise(run_with_baselines, monkeypatch):
     import dpnet.analyze.pixels as px
-    from dpnet.analyze.analysis import dataset_index, load_run
+    from dpnet.analyze.analysis import load_run
 
     est, cache, _ = load_run(run_with_baselines)
-    index = dataset_index(cache)
+    index = cache.dataset_index()
     sample = px.sample_test_images(cache, 6, seed=0)
     kp = np.stack([index.part_locs[int(i)] for i in sample.ids]).astype(np.float64)
     frames = np.array([index.bboxes[int(i)][2:] for i in sample.ids])

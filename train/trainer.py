@@ -349,7 +349,7 @@ class Trainer:
         if saved != self.est.get_params():
             diff = {k: (saved.get(k), v) for k, v in self.est.get_params().items() if saved.get(k) != v}
             raise CheckpointMismatchError(f"checkpoint {checkpoint} was made with other hyper-parameters {diff}; "
-                                     f"delete it to start over, or pass the same settings to resume")
+                                          f"delete it to start over, or pass the same settings to resume")
         module.load_state_dict(unflatten("module", tensors))
         opt.load_state_dict(optimizer_state(meta["opt"], tensors))
         log.info("resuming from %s at epoch %d", checkpoint, meta["epoch"])
