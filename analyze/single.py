@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpnet.errors import OutputExistsError
+from dpnet.errors import DatasetLayoutError, OutputExistsError
 from dpnet.files import mark_owned, output_errors, remove, remove_stale_temps, replace_owned_folder
 from dpnet.files import safe_name, temp_path
 from dpnet.extract.cache import RegionCache
@@ -47,6 +47,25 @@ def dataset_image_id(path: str | Path, cache: RegionCache) -> int | None:
     return None
 
 
+def crop_box(cache: RegionCache, image_id: int, path: str | Path) -> tuple[float, float, float, float]:
+    """The object box (x, y, w, h) a CROP=1 cache cropped dataset image ``image_id`` to.
+
+    Raises:
+        DatasetLayoutError: the dataset's boxes cannot be read, or lack this image (describing it
+            uncropped would not reproduce the cached descriptors).
+    """
+    index = cache.dataset_index()
+    root = cache.manifest.get("dataset_root", "the dataset")
+    if index is not None and image_id in index.bboxes:
+        return index.bboxes[image_id]
+    why = ("its dataset cannot be read (see the warning above)" if index is None
+           else f"{Path(root) / 'bounding_boxes.txt'} has no box for image id {image_id}")
+    raise DatasetLayoutError(
+        f"{path} is an image of {cache.path}, which was extracted with crop to the object box, but {why}. "
+        f"Restore the dataset's bounding_boxes.txt at {root}, or explain a copy of the image placed outside "
+        f"the dataset (it is then described whole).")
+
+
 def describe_image(path: str | Path, cache: RegionCache
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
     """Raw regions (1, R, D) float16, grid boxes (1, R, 4), the original size (2,) of one image
@@ -62,7 +81,7 @@ def describe_image(path: str | Path, cache: RegionCache
     iid = dataset_image_id(path, cache)
     bbox = None
     if m.get("config", {}).get("crop") and iid is not None:  # a dataset image of a CROP=1 cache: same crop
-        bbox = cache.dataset_index().bboxes.get(iid)
+        bbox = crop_box(cache, iid, path)
     pixels, size_wh = load_rgb(path, m["image_size"], bbox)
     boxes = fx.boxes([0 if iid is None else iid])
     regions, _ = fx(torch.from_numpy(pixels).permute(2, 0, 1)[None], boxes)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dpnet.analyze.explain import DPNetExplainer, deletion_scores, named_regions
+from dpnet.errors import DatasetLayoutError
 from dpnet.analyze.localize import defining_part_hits, landmark_error, part_consistency, pointing_game
 from dpnet.analyze.stats import merge_topk, part_stats
 from dpnet.train.class_parts import class_part_weights
@@ -356,8 +357,22 @@ def test_report_and_explain_on_a_cropped_cache(tmp_path):
     assert 0 <= numbers["localisation"]["on_part_share"] <= 100  # the keypoints can still be missed
     est, c, a = _test_arrays(run)
     table = {r["image_id"]: r["path"] for r in c.image_table()}
-    res = explain_image(Path(c.manifest["dataset_root"]) / "images" / table[int(a["image_ids"][0])], run, tmp_path / "e")
+    image = Path(c.manifest["dataset_root"]) / "images" / table[int(a["image_ids"][0])]
+    res = explain_image(image, run, tmp_path / "e")
     np.testing.assert_allclose(res.logits, est.decision_function(a["regions"][:1])[0], rtol=1e-4, atol=1e-5)
+    # the crop box of a dataset image cannot be read: a clear error naming the file, not a silent uncropped
+    # description (boxes file gone) nor an AttributeError (dataset unreadable); nothing written
+    boxes = Path(c.manifest["dataset_root"]) / "bounding_boxes.txt"
+    text = boxes.read_text()
+    boxes.unlink()
+    with pytest.raises(DatasetLayoutError, match="bounding_boxes.txt"):
+        explain_image(image, run, tmp_path / "e2")
+    boxes.write_text(text)
+    labels = Path(c.manifest["dataset_root"]) / "image_class_labels.txt"
+    labels.write_text("not a table\n")
+    with pytest.raises(DatasetLayoutError, match="crop"):
+        explain_image(image, run, tmp_path / "e3")
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
 
 
 def test_explain_does_not_depend_on_whether_a_report_was_built(tmp_path):
