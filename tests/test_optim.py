@@ -69,3 +69,27 @@ def test_a_fit_with_row_adam_learns_and_resumes_to_the_same_weights(pretrained_t
     assert_same_weights(ref, resumed)
     adam = DPNetClassifier(**{**kw, "optimizer": "adam"}).fit(tiny_cache)
     assert not torch.equal(adam.module_.parts, ref.module_.parts)
+
+
+def test_files_from_before_the_optimizer_option_read_as_adam(pretrained_tiny_cache, tmp_path):
+    """Checkpoints and models written before ``optimizer`` existed were fitted with Adam: they resume
+    under adam (and are refused, with the difference named, under row-adam), and load as adam."""
+    import pytest
+
+    from dpnet.errors import CheckpointMismatchError
+    from dpnet.train.serialize import load_file, save_file
+
+    cache = RegionCache(pretrained_tiny_cache)
+    kw = dict(parts_per_class=2, epochs=2, inner_epochs=1, batch_size=4, pca_dim=32, entropy_regions=4,
+              gemm_dtype="float32", val_fraction=0.0)
+    ck, model = tmp_path / "ck.pt", tmp_path / "model.pt"
+    DPNetClassifier(**kw, optimizer="adam").fit(cache, checkpoint=ck).save(model)
+    for path in (ck, model):  # as an older version wrote them: no optimizer among the params
+        kind, meta, tensors = load_file(path, ("dpnet-fit", "dpnet-model"))
+        del meta["params"]["optimizer"]
+        save_file(path, kind, meta, tensors)
+    assert DPNetClassifier.load(model).optimizer == "adam"
+    with pytest.raises(CheckpointMismatchError, match="optimizer"):
+        DPNetClassifier(**kw, optimizer="row-adam").fit(cache, checkpoint=ck)
+    resumed = DPNetClassifier(**kw, optimizer="adam").fit(cache, checkpoint=ck)  # at its end: nothing left to run
+    assert len(resumed.history_) == 2

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"parts_per_class": 20, **PAPER_SCHEDULE, "batch_size": 32, "constraints": ("orth", "assign", "cs"),
               "lambda_orth": 1e-2, "lambda_assign": 1e-3, "lambda_cs": 1e-3, "init": "random", "backward": "dense",
               "entropy_regions": 0, "pca_dim": 0, "similarity": "dot", "class_layer": "free", "centre": False, "presence": 0.0,
-              "project_parts": False, "prune_parts": False, "last_layer_steps": 0},
+              "project_parts": False, "prune_parts": False, "last_layer_steps": 0, "optimizer": "adam"},
     "default": {},
 }
 DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -24,7 +24,7 @@ from dpnet.extract.cache import RegionCache, check_compatible
 
 from .losses import KNOWN_CONSTRAINTS
 from .model import DPNetModule
-from .params import FIELDS, check_params, docstring_args
+from .params import FIELDS, check_params, docstring_args, saved_params
 from .serialize import flatten, load_file, save_file, unflatten
 from .trainer import Trainer, split_scores
 
@@ -124,8 +124,7 @@ class DPNetClassifier(BaseEstimator):
         kind, meta, tensors = load_file(Path(path), ("dpnet-model", "dpnet-fit"))
         if cache is not None:
             check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against model {path}")
-        known = set(cls.param_names())
-        est = cls(**{k: v for k, v in meta["params"].items() if k in known})
+        est = cls(**saved_params(meta["params"]))
         state = unflatten("module" if kind == "dpnet-model" else "best", tensors)
         est.module_ = est.make_module(state["mean"].shape[0], state["classifier"].shape[0])
         est.module_.load_state_dict(state)

@@ -49,9 +49,10 @@ class FitParams:
     inner_epochs: int = param(2, "passes over each loaded shard before the next is read (batch-level epochs).",
                               check=_at_least(1), want=">= 1")
     lr: float = param(1e-2, "Adam's initial learning rate.", check=lambda v: v > 0, want="> 0")
-    optimizer: str = param("adam", "adam, or row-adam (one second moment per part: a part's step does not depend on "
-                                   "the basis its coordinates are in, so the PCA path's low-variance components are "
-                                   "not inflated; dpnet.train.optim.RowAdam).", choices=OPTIMIZERS)
+    optimizer: str = param("row-adam", "row-adam (one Adam second moment per part: a part's step does not depend on "
+                                       "the basis its coordinates are in, so the PCA path's low-variance components "
+                                       "are not inflated; dpnet.train.optim.RowAdam), or adam (one per coordinate; "
+                                       "the paper preset's).", choices=OPTIMIZERS)
     lr_step: int = param(4, "epochs between learning-rate drops.", check=_at_least(1), want=">= 1")
     lr_gamma: float = param(0.1, "the factor of each drop.", check=lambda v: 0 < v <= 1, want="in (0, 1]")
     batch_size: int = param(32, "images per optimiser step.", check=_at_least(1), want=">= 1")
@@ -130,6 +131,18 @@ class FitParams:
 
 
 FIELDS = dataclasses.fields(FitParams)
+
+# What a field's value was in files (checkpoints, models, run configs) written before the field
+# existed, where that is not its default now: the default optimizer became row-adam after files
+# without the field had been fitted with Adam.
+BEFORE_FIELD: dict[str, Any] = {"optimizer": "adam"}
+
+
+def saved_params(saved: dict[str, Any]) -> dict[str, Any]:
+    """Every hyper-parameter of a file's saved ``params``, the missing ones (an older version's file)
+    taking the value they had then (:data:`BEFORE_FIELD`, else the default)."""
+    defaults = {f.name: f.default for f in FIELDS}
+    return {**defaults, **BEFORE_FIELD, **{k: v for k, v in saved.items() if k in defaults}}
 
 
 def check_params(values: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from .gemm import resolve_gemm_dtype, training_path
 from .losses import KNOWN_CONSTRAINTS
 from .model import DPNetModule
 from .optim import make_optimizer
+from .params import saved_params
 from .serialize import flatten, load_file, optimizer_parts, optimizer_state, save_file, unflatten
 
 if TYPE_CHECKING:
@@ -343,8 +344,7 @@ class Trainer:
             check_compatible(cache.manifest, meta["manifest"], f"cache {cache.path} against checkpoint {checkpoint}")
         except CacheMismatchError as exc:
             raise CheckpointMismatchError(str(exc)) from None
-        # a checkpoint from an older version lacks options added since: they had their defaults
-        saved = {**type(self.est)().get_params(), **meta["params"]}
+        saved = saved_params(meta["params"])  # an older version's checkpoint lacks options added since
         saved["constraints"] = tuple(saved["constraints"])
         if saved != self.est.get_params():
             diff = {k: (saved.get(k), v) for k, v in self.est.get_params().items() if saved.get(k) != v}
