@@ -21,7 +21,8 @@ from dpnet.train.estimator import DPNetClassifier
 class Evidence:
     """ProtoPNet's "this looks like that" table for one image and one class, parts by points.
 
-    ``points`` = ``b * v`` per part; ``points.sum()`` equals the class logit.
+    ``points`` = each part's contribution (:meth:`dpnet.train.model.DPNetModule.contributions`: ``b * v``,
+    0 outside the class's K weightiest with ``class_top_k``); ``points.sum()`` equals the class logit.
     """
 
     cls: int
@@ -29,7 +30,7 @@ class Evidence:
     region: np.ndarray  # (P,) this image's best region of each part
     b: np.ndarray  # (P,) the bag of parts (DPNetModule.bag: L2-normalised for dot, best cosines for cosine)
     v: np.ndarray  # (P,) the class weights v_cp
-    points: np.ndarray  # (P,) b * v
+    points: np.ndarray  # (P,) the contributions
     logit: float
 
 
@@ -243,6 +244,6 @@ def deletion_scores(expl: DPNetExplainer, scores: np.ndarray, cls: np.ndarray, s
             keep[steps + 1 + k, perm[:named_count[k]]] = False
         with torch.no_grad():
             b = expl.module.pool_removed(torch.from_numpy(np.ascontiguousarray(scores[i])), torch.from_numpy(~keep))
-        logit = b.numpy() @ expl.v[c]
+            logit = expl.module.logits(b)[:, c].numpy()
         named[i], rand[i] = logit[:steps + 1], logit[steps + 1:]
     return named, rand

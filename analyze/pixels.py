@@ -179,13 +179,12 @@ def deletion_curves(probe: PixelProbe, sample: Sample, linear: dict[str, torch.T
     rng = np.random.default_rng(seed)
     orders = ("dpnet", "random", "cam") if linear is not None else ("dpnet", "random")
     curves = {f"{kind}_{o}": [] for kind in ("deletion", "insertion") for o in orders}
-    v = probe.module.class_weights().detach()
     for i in tqdm(range(len(sample.ids)), desc="deletion / insertion", unit="image", disable=not progress):
         x, _ = probe.normalised(sample, np.array([i]))
         s, fmap = probe.scores(x, sample.boxes[i:i + 1])
         pooled = probe.module.pool(s)
         cls = int(probe.module.logits(pooled.b).argmax())
-        points = (pooled.b[0] * v[cls]).numpy()
+        points = probe.module.contributions(pooled.b)[0, cls].numpy()
         saliency = {"dpnet": evidence_map(sample.boxes[i], best_regions(s[0].numpy()), points, probe.grid),
                     "random": np.zeros(probe.grid)}
         if linear is not None:

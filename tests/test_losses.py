@@ -400,6 +400,38 @@ def test_a_positive_class_layer_weighs_no_part_against_a_class():
     assert torch.allclose(m.contributions(b).sum(-1), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("class_layer", ["free", "positive"])
+def test_a_top_k_class_layer_sums_each_class_k_weightiest_contributions(class_layer):
+    """class_top_k=K: a class's logit is the sum of its K contributions v_cp b_p of largest size (for
+    and against), against a loop; contributions are 0 elsewhere and sum to the logits; the gradient
+    reaches only the chosen parts."""
+    from dpnet.train.model import DPNetModule
+
+    torch.manual_seed(0)
+    m = DPNetModule(6, 8, 3, 2, (), {}, similarity="cosine", class_layer=class_layer, class_top_k=3)
+    m.classifier.data.normal_()
+    b = torch.randn(4, 8, requires_grad=True)
+    v = m.class_weights().detach()
+    want = []
+    for n in range(4):
+        row = []
+        for c in range(3):
+            points = sorted((float(v[c, p]) * float(b[n, p].detach()) for p in range(8)), key=abs, reverse=True)
+            row.append(sum(points[:3]))
+        want.append(row)
+    logits = m.logits(b)
+    assert torch.allclose(logits, torch.tensor(want), atol=1e-6)
+    contrib = m.contributions(b)
+    assert torch.allclose(contrib.sum(-1), logits, atol=1e-6)
+    assert ((contrib != 0).sum(-1) <= 3).all()
+    logits[0, 1].backward()
+    chosen = contrib[0, 1].detach() != 0
+    assert torch.equal(b.grad[0] != 0, chosen & (v[1] != 0)) and (b.grad[1:] == 0).all()
+    full = DPNetModule(6, 8, 3, 2, (), {}, similarity="cosine", class_layer=class_layer)
+    full.classifier.data.copy_(m.classifier.data)
+    assert torch.allclose(full.logits(b), b @ full.class_weights().T)  # 0: every part counts
+
+
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_the_refit_meets_the_bags_the_model_predicts_with(similarity):
     """dpnet.train.finish.pooled_bags (the last-layer refit's input) equals the model's own bag, for both

@@ -219,9 +219,13 @@ def test_stability_is_complete_without_noise(run_with_baselines, monkeypatch):
     monkeypatch.setattr(px, "NOISE_STD", 0.0)
     clean, noisy = px.stability_hits(probe, sample, kp, frames)
     assert clean.shape == (6, est.parts_per_class, kp.shape[1]) and np.array_equal(clean, noisy)
-    monkeypatch.setattr(px, "NOISE_STD", 5.0)  # heavy noise moves parts
-    clean, noisy = px.stability_hits(probe, sample, kp, frames)
-    assert not np.array_equal(clean, noisy)
+    # heavy noise moves the peaks (on this 3 x 3 grid the keypoint hits may all survive it: the boxes are compared)
+    monkeypatch.setattr(px, "NOISE_STD", 5.0)
+    monkeypatch.setattr(px, "NOISE_CLIP", 50.0)
+    boxes, hits = [], px.keypoint_hits
+    monkeypatch.setattr(px, "keypoint_hits", lambda b, k: boxes.append(np.array(b)) or hits(b, k))
+    px.stability_hits(probe, sample, kp, frames, batch=8)
+    assert len(boxes) == 2 and not np.allclose(boxes[0], boxes[1])  # one batch: clean, then noisy
 
 
 # ------------------------------------------------------------ the decision the table shows (issue 16)

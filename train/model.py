@@ -171,12 +171,15 @@ class DPNetModule(nn.Module):
         class_layer: "free" (any part for any class) or "owned" (each class weighs its own parts only).
         centre: subtract from each image's standardised regions their mean over the image, so parts
             meet what distinguishes a region within its image, not what the whole image shares.
+        presence: cosine bag only: a part counts max(best cosine - presence, 0).
+        class_top_k: K > 0: a class's logit is the sum of its K contributions v_cp b_p of largest size
+            (see :meth:`contributions`); 0: V b, every part.
     """
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
                  basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False,
-                 presence: float = 0.0):
+                 presence: float = 0.0, class_top_k: int = 0):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
@@ -192,6 +195,7 @@ class DPNetModule(nn.Module):
                              f"got {similarity!r} and {class_layer!r}")
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
         self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
+        self.class_top_k = int(class_top_k)  # a class's logit: its K weightiest v_cp b_p; 0: all of them
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; a state saved before pruning existed has no ``owner``: each part is its class's."""
@@ -317,12 +321,20 @@ class DPNetModule(nn.Module):
         return torch.nonzero(self.owner == cls).flatten()
 
     def logits(self, b: torch.Tensor) -> torch.Tensor:
-        """Bag of parts (N, P) -> logits (N, C) = V b."""
+        """Bag of parts (N, P) -> logits (N, C) = V b (with ``class_top_k``, each class's K weightiest terms)."""
+        if self.class_top_k:
+            return self.contributions(b).sum(-1)
         return b @ self.class_weights().T
 
     def contributions(self, b: torch.Tensor) -> torch.Tensor:
-        """v_cp * b_p, (N, C, P); summed over P it gives the logits."""
-        return b.unsqueeze(1) * self.class_weights().unsqueeze(0)
+        """v_cp * b_p, (N, C, P); summed over P it gives the logits. With ``class_top_k`` = K > 0 only
+        each (image, class)'s K terms of largest size (for or against) are kept, the rest are 0: a
+        decision then rests on at most 2 K parts (K of each of the two top classes)."""
+        points = b.unsqueeze(1) * self.class_weights().unsqueeze(0)
+        if not self.class_top_k or self.class_top_k >= points.shape[-1]:
+            return points
+        chosen = points.abs().topk(self.class_top_k, dim=-1).indices  # (N, C, K)
+        return torch.zeros_like(points).scatter(-1, chosen, points.gather(-1, chosen))
 
     def forward(self, regions: torch.Tensor, prepared: bool = False) -> torch.Tensor:
         """Raw Tensor[N, R, D] (or prepared (N, R, W)) -> logits Tensor[N, C]."""

@@ -98,6 +98,10 @@ class FitParams:
                                  "this value (0 below it): parts absent from an image add nothing to any class. 0: "
                                  "the best cosine itself.", check=lambda v: 0 <= v < 1, want="in [0, 1) (a cosine)",
                             module=True)
+    class_top_k: int = param(0, "K > 0: each class's logit is the sum of its K contributions v_cp b_p of largest size "
+                                "(for or against), so a decision rests on at most 2 K parts, all of which the evidence "
+                                "table can list (DPNetModule.contributions). 0: every part counts (V b).",
+                             check=_at_least(0), want=">= 0 (0: every part)", module=True)
     project_parts: bool = param(False, "after training, replace each part by its best-scoring training region among "
                                        "its own class's images (ProtoPNet's projection): every part is then a real "
                                        "patch.")
