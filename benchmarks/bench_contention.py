@@ -6,7 +6,9 @@ two busy processes costs about 2x. For each OpenMP wait policy this times the se
 the default fit (on a synthetic cache of the paper's shapes) in a fresh process, alone and with
 a competitor (a torch process multiplying matrices on every core it may use), and prints
 ``contention_slowdown`` = epoch with competitor / epoch alone, per policy, in one JSON line.
-The policy dpnet sets by default (see dpnet/__init__.py) is the one reported first.
+The policy dpnet sets by default (see dpnet/__init__.py) is the one reported first. It then times
+make train's global baselines the same way, in one torch thread and in all of the process's
+(``baselines_one_thread_over_all_alone`` / ``_contended``): their matrices are small.
 
     python benchmarks/bench_contention.py [--images 160] [--repeats 2]
 """
@@ -36,6 +38,25 @@ DPNetClassifier(parts_per_class=20, epochs=2, inner_epochs=1, val_fraction=0.0, 
 print(json.dumps({{"epoch_s": rows[1]["seconds"]}}))
 """
 
+BASELINES_CHILD = """
+import sys, json, time
+sys.path.insert(0, {root!r})
+import dpnet  # sets the thread defaults before torch starts its OpenMP runtime
+import numpy as np
+from dpnet.train import baselines as B
+rng = np.random.default_rng(0)
+n, d, c = 640, 1280, 50
+x = {{k: rng.standard_normal((m, d)).astype(np.float32) for k, m in (("fit", n), ("val", n // 8), ("test", n // 8))}}
+y = {{k: rng.integers(0, c, len(v)).astype(np.int64) for k, v in x.items()}}
+data = B.GlobalData(x, y, c, np.zeros(d, np.float32), np.ones(d, np.float32))
+import torch
+B.BASELINE_THREADS = {threads} or torch.get_num_threads()
+t0 = time.perf_counter()
+for kind in ("linear", "mlp"):
+    B.fit_torch_baseline(data, kind, 230, epochs=8, passes=2, lr=1e-2, lr_step=4, batch_size=32, seed=0)
+print(json.dumps({{"baselines_s": time.perf_counter() - t0}}))
+"""
+
 COMPETITOR = """
 import torch
 a = torch.randn(512, 512)
@@ -62,6 +83,33 @@ def epoch(cache: Path, env: dict[str, str]) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["epoch_s"]
 
 
+def baselines(threads: int | None) -> float:
+    """Seconds of the linear and MLP global baselines (make train's, on global descriptors of
+    cub50-dev's shape) in a fresh process; ``threads``: their torch threads (None: the process's)."""
+    out = subprocess.run([sys.executable, "-c", BASELINES_CHILD.format(root=str(ROOT), threads=threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["baselines_s"]
+
+
+def measure_baselines(repeats: int) -> dict[str, dict[str, float]]:
+    """The baselines alone and beside the competitor, in one thread and in the process's threads."""
+    out = {}
+    for name, threads in (("one thread", 1), ("all threads", None)):
+        alone, busy = [], []
+        for _ in range(repeats):
+            alone.append(baselines(threads))
+            rival = subprocess.Popen([sys.executable, "-c", COMPETITOR])
+            try:
+                time.sleep(1.0)
+                busy.append(baselines(threads))
+            finally:
+                rival.kill()
+                rival.wait()
+        a, b = min(alone), min(busy)
+        out[name] = {"alone_s": round(a, 3), "contended_s": round(b, 3), "contention_slowdown": round(b / a, 2)}
+    return out
+
+
 def measure(cache: Path, policy: str | None, repeats: int) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DPNET_OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy is not None:
@@ -85,8 +133,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--write-readme", action="store_true", help="put the table in the README (contention block)")
+    ap.add_argument("--write-readme", action="store_true", help="put the tables in the README (contention blocks)")
+    ap.add_argument("--baselines-only", action="store_true", help="time only the global baselines")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.baselines_only:
+        import dpnet
+
+        line = {"cpu": cpu_name(), "cores": dpnet.cpus(), **baselines_line(args.repeats)}
+        print(json.dumps(line))
+        if args.write_readme:
+            from benchmarks.readme_block import write_block
+
+            write_block("<!-- contention-baselines:start -->", "<!-- contention-baselines:end -->",
+                        baselines_table(line, args))
+        return
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_train import write_cache
 
@@ -107,11 +168,23 @@ def main() -> None:
             "passive_alone_over_runtime_alone": round(results["passive"]["epoch_alone_s"] /
                                                       results["runtime"]["epoch_alone_s"], 2),
             "auto_picks_here_now": dpnet.wait_policy("auto"), "policies": results}
+    line.update(baselines_line(args.repeats))
     print(json.dumps(line))
     if args.write_readme:
         from benchmarks.readme_block import write_block
 
         write_block("<!-- contention:start -->", "<!-- contention:end -->", table(line, args))
+        write_block("<!-- contention-baselines:start -->", "<!-- contention-baselines:end -->",
+                    baselines_table(line, args))
+
+
+def baselines_line(repeats: int) -> dict:
+    """The baselines' timings and their two ratios (one thread over all, alone and contended)."""
+    b = measure_baselines(repeats)
+    return {"baselines": b,
+            "baselines_one_thread_over_all_alone": round(b["one thread"]["alone_s"] / b["all threads"]["alone_s"], 2),
+            "baselines_one_thread_over_all_contended": round(b["one thread"]["contended_s"] /
+                                                             b["all threads"]["contended_s"], 2)}
 
 
 def table(line: dict, args) -> str:
@@ -122,6 +195,18 @@ def table(line: dict, args) -> str:
             "| --- | --- | --- | --- |"]
     for name, r in line["policies"].items():
         rows.append(f"| {name} | {r['epoch_alone_s']:.2f} | {r['epoch_contended_s']:.2f} | {r['contention_slowdown']:.2f} |")
+    return "\n".join(rows)
+
+
+def baselines_table(line: dict, args) -> str:
+    """The README's table of the global baselines' timings (its CPU named)."""
+    rows = [f"Measured by `python benchmarks/bench_contention.py --baselines-only --repeats {args.repeats}` on "
+            f"{line['cpu']} ({line['cores']} CPUs): `make train`'s linear and MLP global baselines (four weight "
+            f"decays each, on global descriptors of cub50-dev's shape), best of {args.repeats}.", "",
+            "| torch threads | alone, s | beside a busy torch process, s | contention_slowdown |",
+            "| --- | --- | --- | --- |"]
+    for name, r in line["baselines"].items():
+        rows.append(f"| {name} | {r['alone_s']:.2f} | {r['contended_s']:.2f} | {r['contention_slowdown']:.2f} |")
     return "\n".join(rows)
 
 

@@ -609,3 +609,25 @@ def test_a_run_folder_holding_another_cache_s_checkpoint_says_so(tmp_path, capsy
     assert main(["--cache", str(b), "--epochs", "2", *common]) != 0
     err = capsys.readouterr().err
     assert "holds the training of another cache" in err and str(tmp_path / "run") in err
+
+
+def test_the_torch_baselines_train_in_one_thread_and_give_the_threads_back():
+    """Their matrices are tiny (32 x D by D x C): one thread measured faster alone and no slower beside a
+    busy process (benchmarks/bench_contention.py --baselines-only); the caller's thread count is restored."""
+    from dpnet.train import baselines as B
+
+    rng = np.random.default_rng(0)
+    x = {k: rng.standard_normal((m, 8)).astype(np.float32) for k, m in (("fit", 12), ("val", 4), ("test", 4))}
+    y = {k: rng.integers(0, 3, len(v)).astype(np.int64) for k, v in x.items()}
+    data = B.GlobalData(x, y, 3, np.zeros(8, np.float32), np.ones(8, np.float32))
+    seen, step = [], torch.optim.AdamW.step
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(torch.get_num_threads()) or step(self, *a, **k))
+            out, _ = B.fit_torch_baseline(data, "mlp", 4, epochs=1, passes=1, lr=1e-2, lr_step=1, batch_size=4, seed=0)
+        assert seen and set(seen) == {B.BASELINE_THREADS} == {1}
+        assert torch.get_num_threads() == 2 and 0 <= out["top1"] <= 100
+    finally:
+        torch.set_num_threads(before)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 LINEAR_KIND = "dpnet-global-linear"
 LOGREG_CS = (0.01, 0.1, 1.0, 10.0)
+# The torch baselines' matrices are tiny (a batch of 32 by D x C or D x h): one thread measured faster
+# than two alone and no slower beside a busy process on a 2-core AVX2 machine
+# (benchmarks/bench_contention.py --baselines-only, README "Sharing the cores").
+BASELINE_THREADS = 1
 
 
 @dataclass
@@ -108,9 +112,15 @@ def _train_torch(data: GlobalData, kind: str, hidden: int, wd: float, epochs: in
 
 def fit_torch_baseline(data: GlobalData, kind: str, hidden: int, epochs: int, passes: int, lr: float,
                        lr_step: int, batch_size: int, seed: int) -> tuple[dict, nn.Module]:
-    """Grid over weight decay on validation; test accuracy of the chosen net, and the net."""
-    trials = [(wd, *_train_torch(data, kind, hidden, wd, epochs, passes, lr, lr_step, batch_size, seed))
-              for wd in WEIGHT_DECAYS]
+    """Grid over weight decay on validation; test accuracy of the chosen net, and the net. Trains in
+    :data:`BASELINE_THREADS` torch threads, and gives the caller's count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BASELINE_THREADS)
+    try:
+        trials = [(wd, *_train_torch(data, kind, hidden, wd, epochs, passes, lr, lr_step, batch_size, seed))
+                  for wd in WEIGHT_DECAYS]
+    finally:
+        torch.set_num_threads(threads)
     wd, net, val = max(trials, key=lambda t: t[2])
     with torch.no_grad():
         pred = net(torch.from_numpy(data.x["test"])).argmax(1).numpy()
