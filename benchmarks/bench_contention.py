@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,21 +92,28 @@ def baselines(threads: int | None) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["baselines_s"]
 
 
+def side_by_side(timed: Callable[[], float], repeats: int) -> tuple[float, float]:
+    """Best of ``repeats`` seconds of ``timed()`` alone, and beside the competitor (a fresh one each time,
+    on OpenMP's own wait policy)."""
+    alone, busy = [], []
+    for _ in range(repeats):
+        alone.append(timed())
+        rival = subprocess.Popen([sys.executable, "-c", COMPETITOR], env={k: v for k, v in os.environ.items()
+                                                                          if k != "OMP_WAIT_POLICY"})
+        try:
+            time.sleep(1.0)
+            busy.append(timed())
+        finally:
+            rival.kill()
+            rival.wait()
+    return min(alone), min(busy)
+
+
 def measure_baselines(repeats: int) -> dict[str, dict[str, float]]:
     """The baselines alone and beside the competitor, in one thread and in the process's threads."""
     out = {}
     for name, threads in (("one thread", 1), ("all threads", None)):
-        alone, busy = [], []
-        for _ in range(repeats):
-            alone.append(baselines(threads))
-            rival = subprocess.Popen([sys.executable, "-c", COMPETITOR])
-            try:
-                time.sleep(1.0)
-                busy.append(baselines(threads))
-            finally:
-                rival.kill()
-                rival.wait()
-        a, b = min(alone), min(busy)
+        a, b = side_by_side(lambda: baselines(threads), repeats)
         out[name] = {"alone_s": round(a, 3), "contended_s": round(b, 3), "contention_slowdown": round(b / a, 2)}
     return out
 
@@ -114,18 +122,7 @@ def measure(cache: Path, policy: str | None, repeats: int) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DPNET_OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy is not None:
         env["DPNET_OMP_WAIT_POLICY"] = policy
-    alone, busy = [], []
-    for _ in range(repeats):
-        alone.append(epoch(cache, env))
-        rival = subprocess.Popen([sys.executable, "-c", COMPETITOR], env={k: v for k, v in os.environ.items()
-                                                                          if k != "OMP_WAIT_POLICY"})
-        try:
-            time.sleep(1.0)
-            busy.append(epoch(cache, env))
-        finally:
-            rival.kill()
-            rival.wait()
-    a, b = min(alone), min(busy)
+    a, b = side_by_side(lambda: epoch(cache, env), repeats)
     return {"epoch_alone_s": round(a, 3), "epoch_contended_s": round(b, 3), "contention_slowdown": round(b / a, 2)}
 
 
@@ -137,45 +134,41 @@ def main() -> None:
     ap.add_argument("--baselines-only", action="store_true", help="time only the global baselines")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    if args.baselines_only:
-        import dpnet
+    import dpnet
 
-        line = {"cpu": cpu_name(), "cores": dpnet.cpus(), **baselines_line(args.repeats)}
-        print(json.dumps(line))
-        if args.write_readme:
-            from benchmarks.readme_block import write_block
+    line = {"cpu": cpu_name(), "cores": dpnet.cpus()}
+    if not args.baselines_only:
+        line.update(policies_line(args.images, args.repeats))
+    line.update(baselines_line(args.repeats))
+    print(json.dumps(line))
+    if args.write_readme:
+        from benchmarks.readme_block import write_block
 
-            write_block("<!-- contention-baselines:start -->", "<!-- contention-baselines:end -->",
-                        baselines_table(line, args))
-        return
-    sys.path.insert(0, str(ROOT))
+        if not args.baselines_only:
+            write_block("<!-- contention:start -->", "<!-- contention:end -->", table(line, args))
+        write_block("<!-- contention-baselines:start -->", "<!-- contention-baselines:end -->",
+                    baselines_table(line, args))
+
+
+def policies_line(images: int, repeats: int) -> dict:
+    """The default fit's epoch under each wait policy, and "auto"'s, with the headline ratios."""
+    import dpnet
     from benchmarks.bench_train import write_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
-        write_cache(cache, args.images, 32, 500, 1280, 10)
-        import dpnet
-
-        results = {p: measure(cache, p, args.repeats) for p in ("passive", "runtime", "brief")}
+        write_cache(cache, images, 32, 500, 1280, 10)
+        results = {p: measure(cache, p, repeats) for p in ("passive", "runtime", "brief")}
     # "auto" takes passive when the CPUs are already busy as a job starts, else runtime: its alone figure
     # is runtime's, its contended one passive's when the competitor came first (as a running report does)
     auto = {"epoch_alone_s": results["runtime"]["epoch_alone_s"],
             "epoch_contended_s": results["passive"]["epoch_contended_s"]}
     auto["contention_slowdown"] = round(auto["epoch_contended_s"] / auto["epoch_alone_s"], 2)
     results["auto"] = auto
-    line = {"cpu": cpu_name(), "cores": dpnet.cpus(), "default_policy": dpnet.OMP_WAIT_POLICY_DEFAULT,
-            "contention_slowdown": auto["contention_slowdown"],
+    return {"default_policy": dpnet.OMP_WAIT_POLICY_DEFAULT, "contention_slowdown": auto["contention_slowdown"],
             "passive_alone_over_runtime_alone": round(results["passive"]["epoch_alone_s"] /
                                                       results["runtime"]["epoch_alone_s"], 2),
             "auto_picks_here_now": dpnet.wait_policy("auto"), "policies": results}
-    line.update(baselines_line(args.repeats))
-    print(json.dumps(line))
-    if args.write_readme:
-        from benchmarks.readme_block import write_block
-
-        write_block("<!-- contention:start -->", "<!-- contention:end -->", table(line, args))
-        write_block("<!-- contention-baselines:start -->", "<!-- contention-baselines:end -->",
-                    baselines_table(line, args))
 
 
 def baselines_line(repeats: int) -> dict:
@@ -187,27 +180,30 @@ def baselines_line(repeats: int) -> dict:
                                                              b["all threads"]["contended_s"], 2)}
 
 
-def table(line: dict, args) -> str:
-    """The README's table of one run (its CPU named)."""
-    rows = [f"Measured by `python benchmarks/bench_contention.py --images {args.images} --repeats {args.repeats}` on "
-            f"{line['cpu']} ({line['cores']} CPUs): the default fit's second epoch, best of {args.repeats}.", "",
-            "| OpenMP wait policy | epoch alone, s | beside a busy torch process, s | contention_slowdown |",
+def timing_table(intro: str, columns: tuple[str, str], results: dict[str, dict[str, float]], alone: str,
+                 busy: str) -> str:
+    """A README table of timings alone and beside the competitor, a row per setting, under ``intro``;
+    ``columns``: the headers of the settings and of the time alone."""
+    rows = [intro, "", f"| {columns[0]} | {columns[1]} | beside a busy torch process, s | contention_slowdown |",
             "| --- | --- | --- | --- |"]
-    for name, r in line["policies"].items():
-        rows.append(f"| {name} | {r['epoch_alone_s']:.2f} | {r['epoch_contended_s']:.2f} | {r['contention_slowdown']:.2f} |")
+    for name, r in results.items():
+        rows.append(f"| {name} | {r[alone]:.2f} | {r[busy]:.2f} | {r['contention_slowdown']:.2f} |")
     return "\n".join(rows)
+
+
+def table(line: dict, args) -> str:
+    """The README's table of the wait policies (its CPU named)."""
+    intro = (f"Measured by `python benchmarks/bench_contention.py --images {args.images} --repeats {args.repeats}` on "
+             f"{line['cpu']} ({line['cores']} CPUs): the default fit's second epoch, best of {args.repeats}.")
+    return timing_table(intro, ("OpenMP wait policy", "epoch alone, s"), line["policies"], "epoch_alone_s", "epoch_contended_s")
 
 
 def baselines_table(line: dict, args) -> str:
     """The README's table of the global baselines' timings (its CPU named)."""
-    rows = [f"Measured by `python benchmarks/bench_contention.py --baselines-only --repeats {args.repeats}` on "
-            f"{line['cpu']} ({line['cores']} CPUs): `make train`'s linear and MLP global baselines (four weight "
-            f"decays each, on global descriptors of cub50-dev's shape), best of {args.repeats}.", "",
-            "| torch threads | alone, s | beside a busy torch process, s | contention_slowdown |",
-            "| --- | --- | --- | --- |"]
-    for name, r in line["baselines"].items():
-        rows.append(f"| {name} | {r['alone_s']:.2f} | {r['contended_s']:.2f} | {r['contention_slowdown']:.2f} |")
-    return "\n".join(rows)
+    intro = (f"Measured by `python benchmarks/bench_contention.py --baselines-only --repeats {args.repeats}` on "
+             f"{line['cpu']} ({line['cores']} CPUs): `make train`'s linear and MLP global baselines (four weight "
+             f"decays each, on global descriptors of cub50-dev's shape), best of {args.repeats}.")
+    return timing_table(intro, ("torch threads", "alone, s"), line["baselines"], "alone_s", "contended_s")
 
 
 if __name__ == "__main__":
