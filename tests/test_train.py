@@ -612,8 +612,8 @@ def test_a_run_folder_holding_another_cache_s_checkpoint_says_so(tmp_path, capsy
 
 
 def test_the_torch_baselines_train_in_one_thread_and_give_the_threads_back():
-    """Their matrices are tiny (32 x D by D x C): one thread measured faster alone and no slower beside a
-    busy process (benchmarks/bench_contention.py --baselines-only); the caller's thread count is restored."""
+    """Their matrices are tiny (32 x D by D x C): one thread was never slower beside a busy process
+    (benchmarks/bench_contention.py --baselines-only); the caller's thread count is restored."""
     from dpnet.train import baselines as B
 
     rng = np.random.default_rng(0)

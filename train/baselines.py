@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 LINEAR_KIND = "dpnet-global-linear"
 LOGREG_CS = (0.01, 0.1, 1.0, 10.0)
-# The torch baselines' matrices are tiny (a batch of 32 by D x C or D x h): one thread measured faster
-# than two alone and no slower beside a busy process on a 2-core AVX2 machine
-# (benchmarks/bench_contention.py --baselines-only, README "Sharing the cores").
+# The torch baselines' matrices are tiny (a batch of 32 by D x C or D x h): on a 2-core AVX2 machine one
+# thread was never slower than two beside a busy process, and alone faster in some runs, slower in
+# others (benchmarks/bench_contention.py --baselines-only, README "Sharing the cores").
 BASELINE_THREADS = 1
 
 
