@@ -49,18 +49,34 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def stop_behind(exc: BaseException) -> Stopped | None:
+    """The :class:`Stopped` that ``exc`` is, or that its chain of causes and contexts holds: Python wraps what
+    some hooks raise (``__set_name__``, met by a signal landing mid-import, becomes a RuntimeError), and a
+    cleanup that fails on the way out raises its own error over the stop."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Stopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's ``body``: a :class:`DpnetError` prints ``error: ...`` (exit 2); a stop signal prints
-    :data:`STOP_LINE` (exit 128 + the signal's number, as a shell reports it)."""
+    :data:`STOP_LINE` (exit 128 + the signal's number, as a shell reports it), whatever error it surfaced in."""
     try:
         with stop_on_signals():
             return body()
-    except Stopped as stop:
-        print(STOP_LINE, file=sys.stderr)
-        return 128 + stop.signum
     except KeyboardInterrupt:
         print(STOP_LINE, file=sys.stderr)
         return 128 + signal.SIGINT
     except DpnetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if (stop := stop_behind(exc)) is None:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except BaseException as exc:
+        if (stop := stop_behind(exc)) is None:
+            raise
+    print(STOP_LINE, file=sys.stderr)
+    return 128 + stop.signum

@@ -669,6 +669,35 @@ def test_a_report_stopped_by_sigint_and_sigterm_ends_identical(copy):
     assert json.loads((copy.run / "report" / "analysis.json").read_text()) == ref
 
 
+class _SetNameStops:
+    """A descriptor whose ``__set_name__`` meets a stop signal, as torch's lazy imports' ``cached_property`` did in
+    CI: Python 3.11 wraps what ``__set_name__`` raises in a RuntimeError, whose cause is the :class:`Stopped`."""
+
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stop_that_python_wraps_in_another_error_still_ends_with_one_line(capsys):
+    from dpnet.stop import STOP_LINE, run_command
+
+    def body() -> int:
+        type("Lazy", (), {"attr": _SetNameStops()})  # a class made mid-import when the signal lands
+        return 0
+
+    assert run_command(body) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == STOP_LINE
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def cleanup_fails() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            raise OSError("the cleanup failed too")
+
+    assert run_command(cleanup_fails) == 128 + signal.SIGTERM
+    assert STOP_LINE in capsys.readouterr().err
+
+
 def test_a_latest_file_dpnet_did_not_write_is_left_alone(tmp_path, caplog):
     from dpnet.extract.pipeline import run_extraction
 
