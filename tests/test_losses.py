@@ -656,3 +656,64 @@ def test_the_views_agreement_against_a_loop(gen, similarity):
     assert torch.isfinite(m.parts.grad).all()
     with pytest.raises(ValueError, match="needs a view"):
         m.loss(x, labels, gemm_dtype=torch.float64)
+
+
+# ------------------------------------------------------------------- the sparse class layer (sparse_parts)
+def test_the_non_negative_class_fit_against_scipy(gen):
+    """fit_nonneg (FISTA) reaches the minimum of CE + l1 sum sd_p v_cp + l2/2 |V|^2 over v >= 0, zero
+    outside ``allowed``, that scipy's bounded L-BFGS-B finds on the same (smooth, on v >= 0) objective."""
+    from scipy.optimize import minimize
+
+    from dpnet.train.finish import fit_nonneg
+
+    n, p, c, l1, l2 = 40, 7, 3, 0.02, 0.01
+    bags = torch.rand(n, p, generator=gen, dtype=torch.float64)
+    labels = torch.arange(n) % c
+    bags[torch.arange(n), labels * 2] += 0.5
+    allowed = torch.rand(c, p, generator=gen) > 0.3
+    sd = bags.std(0)
+
+    def objective(flat):
+        v = torch.tensor(flat.reshape(c, p), requires_grad=True)
+        loss = F.cross_entropy(bags @ v.T, labels) + l1 * (v * sd).sum() + l2 / 2 * (v ** 2).sum()
+        loss.backward()
+        return float(loss.detach()), v.grad.numpy().ravel()
+
+    bounds = [(0, None) if a else (0, 0) for a in allowed.flatten().tolist()]
+    ref = minimize(objective, [0.0] * (c * p), jac=True, method="L-BFGS-B", bounds=bounds, options={"gtol": 1e-12})
+    v = fit_nonneg(bags, labels, allowed, l1=l1, l2=l2, steps=5000)
+    assert (v >= 0).all() and (v[~allowed] == 0).all()
+    assert objective(v.numpy().ravel())[0] <= ref.fun + 1e-9
+    assert torch.allclose(v, torch.tensor(ref.x.reshape(c, p)), atol=1e-4)
+
+
+def test_a_sparse_class_layer_weighs_k_parts_per_class_positively(tmp_path):
+    """sparsify_class_layer: each class keeps at most K parts, with non-negative weights, chosen among the
+    parts it kept before (the stages nest); the logits are the sum of those parts' points, and the
+    support survives a save and load."""
+    from dpnet.train.finish import sparsify_class_layer
+
+    g = torch.Generator().manual_seed(3)
+    m = DPNetModule(6, 12, 3, 4, (), {}, similarity="cosine", sparse_parts=2)
+    assert not m.sparse and m.class_weights().lt(0).any() is not None
+    with torch.no_grad():
+        m.classifier.copy_(torch.randn(3, 12, generator=g))
+    bags = torch.rand(60, 12, generator=g)
+    labels = torch.arange(60) % 3
+    for cls in range(3):  # parts 4 cls .. 4 cls + 2 fire on the class's images
+        bags[labels == cls, 4 * cls:4 * cls + 3] += 0.6
+    sparsify_class_layer(m, bags, labels, 3)
+    first = m.support.clone()
+    sparsify_class_layer(m, bags, labels, 2)
+    v = m.class_weights().detach()
+    assert m.sparse and (v >= 0).all() and ((v > 0).sum(1) <= 2).all() and (v > 0).sum() > 0
+    assert not (m.support & ~first).any()  # nested: K=2 chosen among the K=3
+    assert ((v > 0) <= m.support).all()
+    for cls in range(3):
+        assert set(torch.nonzero(v[cls]).flatten().tolist()) <= {4 * cls, 4 * cls + 1, 4 * cls + 2}
+    torch.testing.assert_close(m.logits(bags), bags @ v.T)
+    assert (F.cross_entropy(m.logits(bags), labels) < math.log(3))
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    again = DPNetModule(6, 12, 3, 4, (), {}, similarity="cosine", sparse_parts=2)
+    again.load_state_dict(torch.load(tmp_path / "m.pt"))
+    assert again.sparse and torch.equal(again.class_weights(), m.class_weights())

@@ -631,3 +631,23 @@ def test_the_torch_baselines_train_in_one_thread_and_give_the_threads_back():
         assert torch.get_num_threads() == 2 and 0 <= out["top1"] <= 100
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("after", [2, 5])
+def test_a_sparse_class_layer_fit_ends_k_sparse_and_resumes_to_the_same_weights(tiny_cache, tmp_path, after):
+    """sparse_parts=K: after the epochs, stages of 4K, 2K and K parts per class (each chosen and refitted,
+    then fine-tuned for sparse_epochs); the model ends with at most K non-negative weights per class.
+    Killed after the dense epochs (2) or inside a stage (5), the fit resumes to the same weights."""
+    make = lambda: quick(epochs=2, sparse_parts=1, sparse_epochs=2, val_fraction=0.3)  # noqa: E731
+    ref = make().fit(tiny_cache, checkpoint=tmp_path / "ref.pt")
+    v = ref.module_.class_weights().detach()
+    assert (v >= 0).all() and ((v > 0).sum(1) <= 1).all() and (v > 0).any()
+    assert [r.get("sparse_parts") for r in ref.history_] == [None, None, 4, 4, 2, 2, 1, 1]
+    assert ref.best_epoch_ in (7, 8)  # the best epoch of the last stage: the model is K-sparse
+    resumed = killed_then_resumed(make, tiny_cache, tmp_path / f"ck{after}.pt", after=after)
+    assert_same_weights(ref, resumed)
+    assert [r["val_top1"] for r in ref.history_] == [r["val_top1"] for r in resumed.history_]
+    x, _ = train_arrays(tiny_cache)
+    ref.save(tmp_path / "m.pt")
+    np.testing.assert_allclose(DPNetClassifier.load(tmp_path / "m.pt", tiny_cache).decision_function(x),
+                               ref.decision_function(x), rtol=1e-6)

@@ -6,6 +6,9 @@
   mostly of other classes.
 - :func:`refit_class_layer` optimises V alone on the fixed bags of parts (a convex problem: a
   multinomial logistic regression on b), with the constraint on foreign weights when V is free.
+- :func:`sparsify_class_layer` (``sparse_parts`` K) makes V sparse and non-negative: each class keeps
+  the K parts a non-negative L1 fit (:func:`fit_nonneg`) ranks first, and V is refitted on them, so a
+  decision is the sum of a few positive part matches (PIP-Net's explanation) that a table can list.
 
 Glossary: N images, R regions, W the width of prepared regions, P parts, C classes, q parts per class.
 """
@@ -108,3 +111,77 @@ def refit_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Ten
         loss.backward()
         opt.step()
     return float(loss.detach())
+
+
+SPARSE_L1 = 5e-3  # the L1 weight, per unit of a bag entry's standard deviation, of the fit that ranks parts
+SPARSE_L2 = 1e-3  # the L2 weight of the refit on the chosen parts (keeps few images from pushing a weight up)
+SPARSE_STEPS = 2000
+SPARSE_STAGES = (4, 2, 1)  # sparse_parts K: the stages keep 4K, then 2K, then K parts per class
+
+
+def sparse_stages(k: int, n_parts: int) -> list[int]:
+    """The parts per class of each stage: 4K, 2K, K, leaving out the stages of P parts or more (they would
+    keep every part), but never K itself."""
+    return [k * f for f in SPARSE_STAGES if k * f < n_parts or f == 1]
+
+
+def fit_nonneg(bags: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor, l1: float = 0.0, l2: float = 0.0,
+               steps: int = SPARSE_STEPS) -> torch.Tensor:
+    """A non-negative multinomial logistic regression on fixed bags, by FISTA (accelerated projected
+    gradient with a fixed step 1/L): the V >= 0, zero where ``allowed`` is false, that minimises
+
+        CE(b V^T, y) + l1 sum_cp sd_p v_cp + l2 / 2 |V|^2,
+
+    sd_p being the standard deviation of bag entry p (the L1 of the standardised problem). On v >= 0
+    the L1 term is linear, so the prox step is a shift and a clip.
+
+    Args:
+        bags: (N, P) b. labels: (N,). allowed: (C, P) bool.
+
+    Returns:
+        V (C, P), in the bags' dtype.
+    """
+    n, c = len(bags), allowed.shape[0]
+    allowed = allowed.to(bags.device)
+    sd = bags.std(0) if n > 1 else torch.ones_like(bags[0])
+    # the gradient of the mean CE is 1/2 |b|_2^2 / N Lipschitz (softmax's Hessian is at most 1/2)
+    step = 1.0 / (0.5 * float(torch.linalg.matrix_norm(bags, 2)) ** 2 / n + l2 + 1e-12)
+    v = prev = torch.zeros(c, bags.shape[1], dtype=bags.dtype, device=bags.device)
+    t = 1.0
+    for _ in range(steps):
+        y = v.detach().requires_grad_(True)
+        loss = F.cross_entropy(bags @ y.T, labels) + l2 / 2 * (y * y).sum()
+        (grad,) = torch.autograd.grad(loss, (y,))
+        with torch.no_grad():
+            nxt = ((y - step * grad - step * l1 * sd).clamp_min(0)) * allowed
+            t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+            v, prev, t = nxt + (t - 1) / t_next * (nxt - prev), nxt, t_next
+    return prev
+
+
+def sparse_support(bags: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """(C, P) bool: each class's at most ``k`` parts, among ``allowed`` (C, P), by their points on the
+    class's own images: v_cp times the class's mean b_p, v from the L1 fit (:data:`SPARSE_L1`); a part with
+    no weight is never chosen."""
+    c = allowed.shape[0]
+    v = fit_nonneg(bags, labels, allowed, l1=SPARSE_L1)
+    onehot = F.one_hot(labels, c).to(bags.dtype)  # (N, C)
+    means = (onehot.T @ bags) / onehot.sum(0).clamp_min(1)[:, None]  # (C, P) each class's mean bag
+    rank = v * means
+    top = rank.topk(min(k, rank.shape[1]), dim=1).indices
+    return torch.zeros_like(allowed).scatter(1, top, True) & (v > 0)
+
+
+def sparsify_class_layer(module: DPNetModule, bags: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Make the class layer sparse with ``k`` parts per class (chosen among the ones it has, once sparse,
+    and never a pruned part), refitted non-negative on those parts alone (:func:`fit_nonneg`);
+    returns the support (C, P)."""
+    live = (module.owner >= 0)[None, :].expand_as(module.classifier).to(bags.device)
+    allowed = live & module.support.to(bags.device) if module.sparse else live
+    with torch.enable_grad():
+        support = sparse_support(bags, labels, allowed, k)
+        v = fit_nonneg(bags, labels, support, l2=SPARSE_L2, steps=SPARSE_STEPS)
+    module.set_support(support.to(module.support.device), v.to(module.classifier))
+    log.info("class layer made sparse: %d parts per class at most, %d parts in use", k,
+             int(support.any(0).sum()))
+    return support

@@ -174,12 +174,15 @@ class DPNetModule(nn.Module):
         presence: cosine bag only: a part counts max(best cosine - presence, 0).
         class_top_k: K > 0: a class's logit is the sum of its K contributions v_cp b_p of largest size
             (see :meth:`contributions`); 0: V b, every part.
+        sparse_parts: K > 0: the class layer can be made sparse (:meth:`set_support`): each class then
+            weighs at most K parts, with non-negative weights (``support`` (C, P) says which); until
+            then it is the ``class_layer`` one. 0: never.
     """
 
     def __init__(self, dim: int, n_parts: int, n_classes: int, parts_per_class: int = 1,
                  constraints: tuple[str, ...] = CONSTRAINTS, lambdas: dict[str, float] | None = None,
                  basis_dim: int = 0, similarity: str = "dot", class_layer: str = "free", centre: bool = False,
-                 presence: float = 0.0, class_top_k: int = 0):
+                 presence: float = 0.0, class_top_k: int = 0, sparse_parts: int = 0):
         super().__init__()
         self.parts = nn.Parameter(torch.zeros(n_parts, basis_dim or dim))  # U, or U' in the subspace
         self.classifier = nn.Parameter(torch.zeros(n_classes, n_parts))  # V
@@ -196,12 +199,31 @@ class DPNetModule(nn.Module):
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
         self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
         self.class_top_k = int(class_top_k)  # a class's logit: its K weightiest v_cp b_p; 0: all of them
+        self.sparse_parts = int(sparse_parts)
+        # with sparse_parts: the parts each class may weigh (C, P), and whether the layer is sparse yet (a 0-d
+        # buffer, so that a checkpoint knows; mirrored in ``sparse`` so class_weights needs no device sync)
+        self.register_buffer("support", torch.ones(n_classes, n_parts, dtype=torch.bool) if sparse_parts else None)
+        self.register_buffer("made_sparse", torch.zeros((), dtype=torch.bool) if sparse_parts else None)
+        self.sparse = False
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's; a state saved before pruning existed has no ``owner``: each part is its class's."""
         if "owner" not in state_dict:
             state_dict = {**state_dict, "owner": self.owner.clone()}
-        return super().load_state_dict(state_dict, strict, assign)
+        out = super().load_state_dict(state_dict, strict, assign)
+        self.sparse = self.made_sparse is not None and bool(self.made_sparse)
+        return out
+
+    @torch.no_grad()
+    def set_support(self, support: torch.Tensor, weights: torch.Tensor) -> None:
+        """Make the class layer sparse: class c weighs only the parts where ``support`` (C, P) is true, with
+        the non-negative ``weights`` (C, P) (:func:`dpnet.train.finish.sparsify_class_layer` chooses both)."""
+        if self.support is None:
+            raise ValueError("set_support needs a module made with sparse_parts > 0")
+        self.support.copy_(support)
+        self.classifier.copy_(weights * support)
+        self.made_sparse.fill_(True)
+        self.sparse = True
 
     @torch.no_grad()
     def init_weights(self, gen: torch.Generator, parts: torch.Tensor | None = None) -> None:
@@ -305,11 +327,16 @@ class DPNetModule(nn.Module):
         """V as the logits use it, (C, P): with an owned class layer, zero outside each class's own parts;
         with a positive one (PIP-Net's), its non-negative part, so that every point of evidence is a part
         found, never a part missed. A pruned part (owner -1, :func:`dpnet.train.finish.prune_parts`) weighs
-        nothing in any class."""
+        nothing in any class. Once made sparse (:meth:`set_support`), only each class's supported parts weigh,
+        none negatively."""
         if self.class_layer == "owned":
-            return self.classifier * self.own_mask()
-        v = self.classifier if self.class_layer == "free" else F.relu(self.classifier)
-        return v * (self.owner >= 0)  # pruned parts (owner -1) weigh nothing; no branch, so no device sync
+            v = self.classifier * self.own_mask()
+        else:
+            v = self.classifier if self.class_layer == "free" else F.relu(self.classifier)
+            v = v * (self.owner >= 0)  # pruned parts (owner -1) weigh nothing; no branch, so no device sync
+        if self.sparse:  # sparse_parts, once sparse: each class's few non-negative weights
+            v = F.relu(v) * self.support
+        return v
 
     def own_mask(self) -> torch.Tensor:
         """(C, P) bool: true where part p belongs to class c."""

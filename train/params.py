@@ -102,6 +102,16 @@ class FitParams:
                                 "(for or against), so a decision rests on at most 2 K parts, all of which the evidence "
                                 "table can list (DPNetModule.contributions). 0: every part counts (V b).",
                              check=_at_least(0), want=">= 0 (0: every part)", module=True)
+    sparse_parts: int = param(0, "K > 0: after the epochs, the class layer becomes sparse and non-negative in stages "
+                                "of 4K, 2K and K parts per class (each class's parts ranked by a non-negative L1 fit "
+                                "on the training bags, the layer refitted on them, then U and V fine-tuned for "
+                                "sparse_epochs; dpnet.train.finish.sparsify_class_layer): a decision is then the sum "
+                                "of at most 2 K positive part matches, all of which the evidence table lists. 0: off.",
+                             check=_at_least(0), want=">= 0 (0: off)", module=True)
+    sparse_epochs: int = param(2, "with sparse_parts, the epochs of fine-tuning after each stage's refit.",
+                               check=_at_least(1), want=">= 1")
+    sparse_lr: float = param(3e-3, "with sparse_parts, the learning rate of the fine-tuning.",
+                             check=lambda v: v > 0, want="> 0")
     project_parts: bool = param(False, "after training, replace each part by its best-scoring training region among "
                                        "its own class's images (ProtoPNet's projection): every part is then a real "
                                        "patch.")

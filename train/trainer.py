@@ -26,7 +26,7 @@ from dpnet.extract.cache import RegionCache, check_compatible
 
 from . import distributed
 from .data import Chunk, PreparedChunks, ShardSource, check_finite, pca_basis, region_stats, split_arrays
-from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer
+from .finish import pooled_bags, project_parts, prune_parts, refit_class_layer, sparse_stages, sparsify_class_layer
 from .gemm import resolve_gemm_dtype, training_path
 from .losses import KNOWN_CONSTRAINTS
 from .model import DPNetModule
@@ -86,15 +86,42 @@ class Trainer:
                                   est.memory_budget_mb)
         with large_buffers_reused():
             for epoch in range(state["epoch"], est.epochs):
-                if self._plateaued(state):
+                if state.get("sparse_from") is not None or self._plateaued(state):
                     break
                 self._epoch(module, opt, data, cache, epoch, dev, progress, state, checkpoint, on_epoch)
+            if est.sparse_parts:
+                self._sparse_stages(module, opt, data, cache, dev, progress, state, checkpoint, on_epoch)
         module.load_state_dict(state["best_state"])
         if est.project_parts or est.prune_parts or est.last_layer_steps:
             with large_buffers_reused():
                 self._finish(module, data, cache, dev)
         self._buf = self._val = None
         return module.eval(), state
+
+    def _sparse_stages(self, module: DPNetModule, opt: torch.optim.Optimizer, data, cache: RegionCache,
+                       dev: torch.device, progress: bool, state: dict[str, Any], checkpoint, on_epoch) -> None:
+        """``sparse_parts`` K: from the best epoch, stages of :data:`SPARSE_STAGES` x K parts per class. Each
+        stage chooses its parts and refits V on them (:func:`sparsify_class_layer`, on the fitting images'
+        bags), then fine-tunes U and V for ``sparse_epochs`` with a fresh optimiser at ``sparse_lr``. The
+        best epoch is then the last stage's best (the model must be K-sparse). The epochs count on from the
+        last dense one (``state["sparse_from"]``), so a resumed fit takes up the stage it was in."""
+        est = self.est
+        stages = sparse_stages(est.sparse_parts, module.parts.shape[0])
+        if state.get("sparse_from") is None:
+            state["sparse_from"] = state["epoch"]
+            module.load_state_dict(state["best_state"])
+        n = est.sparse_epochs
+        for i in range(state["epoch"] - state["sparse_from"], len(stages) * n):
+            stage, step = divmod(i, n)
+            if step == 0:
+                bags, labels = pooled_bags(module, self._prepared_batches(module, data, dev))
+                sparsify_class_layer(module, bags, labels, stages[stage])
+                del bags
+                opt.load_state_dict(make_optimizer(module, est.optimizer, est.sparse_lr).state_dict())
+                if stage == len(stages) - 1:
+                    state.update(best_val=-1.0)
+            self._epoch(module, opt, data, cache, state["epoch"], dev, progress, state, checkpoint, on_epoch,
+                        lr=est.sparse_lr, extra={"sparse_parts": stages[stage]})
 
     def _plateaued(self, state: dict[str, Any]) -> bool:
         """Whether validation top-1 has not improved for ``patience`` epochs, counted from the last
@@ -128,9 +155,12 @@ class Trainer:
                 yield z, torch.from_numpy(chunk.labels[idx].astype(np.int64)).to(dev)
 
     def _epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, data, cache: RegionCache, epoch: int,
-               dev: torch.device, progress: bool, state: dict[str, Any], checkpoint, on_epoch) -> None:
-        """One epoch, then validation, the best state, the checkpoint and the callback."""
-        row = self._run_epoch(module, opt, data, epoch, dev, progress)
+               dev: torch.device, progress: bool, state: dict[str, Any], checkpoint, on_epoch,
+               lr: float | None = None, extra: dict[str, Any] | None = None) -> None:
+        """One epoch (at ``lr``, else the schedule's), then validation, the best state, the checkpoint and
+        the callback; ``extra`` joins the epoch's log row."""
+        row = self._run_epoch(module, opt, data, epoch, dev, progress, lr)
+        row.update(extra or {})
         row["val_top1"] = self._val_accuracy(module, cache, dev)
         if np.isnan(row["val_top1"]) or row["val_top1"] > state["best_val"]:  # no val split: keep the last
             state.update(best_val=row["val_top1"], best_epoch=epoch + 1,
@@ -175,14 +205,16 @@ class Trainer:
         return out
 
     def _run_epoch(self, module: DPNetModule, opt: torch.optim.Optimizer, source, epoch: int,
-                   dev: torch.device, progress: bool) -> dict[str, Any]:
-        lr = self.est.lr * self.est.lr_gamma ** (epoch // self.est.lr_step)
+                   dev: torch.device, progress: bool, lr: float | None = None) -> dict[str, Any]:
+        if lr is None:
+            lr = self.est.lr * self.est.lr_gamma ** (epoch // self.est.lr_step)
         for group in opt.param_groups:
             group["lr"] = lr
         t0, sums, steps, correct, seen = time.perf_counter(), {}, 0, 0, 0
         chunks = source.chunks()
         if progress:
-            chunks = tqdm(chunks, desc=f"epoch {epoch + 1}/{self.est.epochs}", unit="shard", leave=False)
+            chunks = tqdm(chunks, desc=f"epoch {epoch + 1}" + ("" if epoch >= self.est.epochs else f"/{self.est.epochs}"),
+                          unit="shard", leave=False)
         for chunk in chunks:
             for inner in range(self.est.inner_epochs):
                 for terms, right, n in self._chunk_steps(module, opt, chunk, epoch, inner, dev):
@@ -331,7 +363,8 @@ class Trainer:
     def _save_checkpoint(self, path: Path, module: DPNetModule, opt: torch.optim.Optimizer,
                          state: dict[str, Any]) -> None:
         opt_meta, opt_tensors = optimizer_parts(opt)
-        meta = {**self.est._meta(), "opt": opt_meta, **{k: state[k] for k in ("epoch", "history", "best_val", "best_epoch")}}
+        meta = {**self.est._meta(), "opt": opt_meta,
+                **{k: state.get(k) for k in ("epoch", "history", "best_val", "best_epoch", "sparse_from")}}
         save_file(path, "dpnet-fit", meta, {**flatten("module", module.state_dict()),
                                              **flatten("best", state["best_state"]), **opt_tensors})
 
@@ -354,6 +387,7 @@ class Trainer:
         opt.load_state_dict(optimizer_state(meta["opt"], tensors))
         log.info("resuming from %s at epoch %d", checkpoint, meta["epoch"])
         state = {k: meta[k] for k in ("epoch", "history", "best_val", "best_epoch")}
+        state["sparse_from"] = meta.get("sparse_from")  # None: still in the dense epochs (or no sparse_parts)
         state["best_state"] = unflatten("best", tensors)
         return state
 
