@@ -199,7 +199,6 @@ class DPNetModule(nn.Module):
         self.similarity, self.class_layer, self.centre = similarity, class_layer, centre
         self.presence = float(presence)  # cosine bag: max(best - presence, 0); 0 keeps the best cosine
         self.class_top_k = int(class_top_k)  # a class's logit: its K weightiest v_cp b_p; 0: all of them
-        self.sparse_parts = int(sparse_parts)
         # with sparse_parts: the parts each class may weigh (C, P), and whether the layer is sparse yet (a 0-d
         # buffer, so that a checkpoint knows; mirrored in ``sparse`` so class_weights needs no device sync)
         self.register_buffer("support", torch.ones(n_classes, n_parts, dtype=torch.bool) if sparse_parts else None)
