@@ -28,9 +28,9 @@ from dpnet.train.serialize import load_file
 
 from .explain import EVIDENCE_ROWS, DPNetExplainer, deletion_scores, margin_contributions, margin_shares
 from .localize import (activation_map, consistency_rates, consistent_share, defining_part_hits, keypoint_hits,
-                       landmark_error, on_object_share, on_part_share, part_consistency, part_peaks, part_purity,
+                       landmark_error, on_object_share, on_part_share, part_consistency, part_peaks, part_purities,
                        part_stability, peak_boxes, peaks_to_pixels, pointing_game)
-from .ownership import model_part_classes, own_evidence_share, own_top3_share, owned_parts
+from .ownership import measured_parts, model_part_classes, own_evidence_share, own_top3_share, owned_parts
 from .pixels import PixelProbe, areas, auc, deletion_curves, sample_test_images, stability_hits
 from .stats import PartStats, PartStatsPass, bootstrap_interval
 
@@ -159,7 +159,8 @@ def analyse(run_dir: Path, cache: RegionCache | None = None, k: int = 6, n_show:
                          "f_mean": float(stats.f.mean()), "f_max": int(stats.f.max()),
                          "parts_in_no_top_q": int((stats.f == 0).sum()),
                          "pruned": int((est.module_.owner < 0).sum()),  # ProtoPNet's pruning (prune_parts)
-                         "silent": int((est.module_.class_weights() <= 0).all(0).sum())},  # weigh for no class
+                         "silent": int((est.module_.class_weights() <= 0).all(0).sum()),  # weigh for no class
+                         "measured": int(measured_parts(est).sum())},  # the part measures' parts
                "test_images": int(len(test["labels"])),
                "test_top1_recomputed": float(100 * (test["preds"] == test["labels"]).mean())}
     numbers["localisation"] = _localisation(est, expl, cache, index, obj, test, stats, train)
@@ -315,13 +316,18 @@ def _localisation(est: DPNetClassifier, expl: DPNetExplainer, cache: RegionCache
     classes = model_part_classes(est)
     frames = _frames(ids, test["sizes"], test["crops"], obj)
     rates = consistency_rates(peak_boxes(peaks, frames), kp, test["labels"], classes)  # (P, K)
-    out["consistency_evalprotopnet"] = consistent_share(rates)
+    use = measured_parts(est)  # the parts that weigh in some class: the part measures' parts
+    out["consistency_evalprotopnet"] = consistent_share(rates[use])
+    out["consistency_all_parts"] = consistent_share(rates)
     out["part_hit_rate"] = [round(float(r), 4) for r in rates.max(1)]  # each part's consistency on its keypoint
     out["part_keypoint"] = [int(k) for k in rates.argmax(1)]  # that keypoint (an index into "keypoints")
     out["consistency_region_box"], _ = part_consistency(best_pix, kp, test["labels"], classes)
     out["on_part_share"] = on_part_share(peak_boxes(evidence, frames), kp)
     out["keypoints"] = list(index.part_names)
-    out["purity"] = _purity(index, stats, train)
+    purity = _purity(index, stats, train)
+    if purity is not None:
+        out["part_purity"] = [round(float(v), 4) for v in purity]
+        out["purity"], out["purity_all_parts"] = float(purity[use].mean()), float(purity.mean())
     if index.bboxes:
         box_te = np.array([index.bboxes[int(i)] for i in ids], np.float64)
         box_tr = np.array([index.bboxes[int(i)] for i in train["ids"]], np.float64)
@@ -350,13 +356,13 @@ def _frames(ids: np.ndarray, sizes: np.ndarray, crops: np.ndarray | None, obj: d
     return np.asarray(sizes, np.float64)
 
 
-def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray]) -> float:
-    """PIP-Net's purity of each part's top-10 training images (one region per image, the part's
+def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray]) -> np.ndarray | None:
+    """PIP-Net's purity (P,) of each part's top-10 training images (one region per image, the part's
     best), with the part's peak there (:func:`dpnet.analyze.localize.part_peaks`) and the same peak boxes
-    as consistency."""
+    as consistency; None where a top image has no keypoints."""
     top_image = stats.top_image[:, :PURITY_K]  # (P, k)
     if not all(int(i) in index.part_locs for i in top_image.ravel()):
-        return float("nan")
+        return None
     row = {int(i): n for n, i in enumerate(train["ids"])}
     rows = np.array([[row[int(i)] for i in line] for line in top_image])  # (P, k) rows of the training pass
     parts = np.broadcast_to(np.arange(len(top_image))[:, None], top_image.shape)
@@ -364,7 +370,7 @@ def _purity(index: DatasetIndex, stats: PartStats, train: dict[str, np.ndarray])
     frames = train["frames"][rows.ravel()]
     kp = np.stack([index.part_locs[int(i)] for i in top_image.ravel()]).astype(np.float64)
     hits = keypoint_hits(peak_boxes(centres.reshape(-1, 1, 2), frames), kp)  # (P k, 1, K)
-    return part_purity(hits.reshape(top_image.shape + (kp.shape[1],)))
+    return part_purities(hits.reshape(top_image.shape + (kp.shape[1],)))
 
 
 def _global_linear(path: Path, cache: RegionCache) -> dict[str, torch.Tensor] | None:
@@ -408,11 +414,13 @@ def _pixel_measures(est: DPNetClassifier, cache: RegionCache, index: DatasetInde
         clean, noisy = stability_hits(probe, sample, kp, _frames(sample.ids, sample.sizes, crops, obj), seed,
                                       progress=progress)
         clean, noisy = (_all_parts(h, sample.labels, est) for h in (clean, noisy))
-        classes = model_part_classes(est)
-        out["localisation"]["stability_evalprotopnet"] = part_stability(clean, noisy, sample.labels, classes)
+        classes, use = model_part_classes(est), measured_parts(est)
+        out["localisation"]["stability_evalprotopnet"] = part_stability(clean[:, use], noisy[:, use], sample.labels,
+                                                                        classes[use])
+        out["localisation"]["stability_all_parts"] = part_stability(clean, noisy, sample.labels, classes)
         out["localisation"]["stability_evalprotopnet_ci95"] = bootstrap_interval(
-            len(sample.ids), lambda i: part_stability(clean[i], noisy[i], sample.labels[i], classes), reps=200,
-            seed=seed)
+            len(sample.ids), lambda i: part_stability(clean[i][:, use], noisy[i][:, use], sample.labels[i],
+                                                      classes[use]), reps=200, seed=seed)
     linear = _global_linear(run_dir / "global_linear.pt", cache)
     curves = deletion_curves(probe, sample, linear, steps, seed, progress=progress)
     for name, c in curves.items():

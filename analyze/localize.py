@@ -190,16 +190,22 @@ def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray,
     return float(100 * np.mean(rates)) if rates else float("nan")
 
 
-def part_purity(hits: np.ndarray) -> float:
-    """PIP-Net's purity: for each part, the share of its top-k training regions holding the keypoint
-    most of them hold; the mean over parts, in [0, 1].
+def part_purities(hits: np.ndarray) -> np.ndarray:
+    """PIP-Net's purity of each part: the share of its top-k training regions holding the keypoint most of
+    them hold, in [0, 1].
 
     Args:
         hits: (P, k, K) bool, which visible keypoints lie in the box of each of a part's top-k regions.
+
+    Returns:
+        float64 (P,).
     """
-    if not hits.size:
-        return float("nan")
-    return float((hits.sum(1).max(-1) / hits.shape[1]).mean())
+    return (hits.sum(1).max(-1) / max(hits.shape[1], 1)).astype(np.float64)
+
+
+def part_purity(hits: np.ndarray) -> float:
+    """PIP-Net's purity: :func:`part_purities`' mean over parts, in [0, 1] (nan for no part)."""
+    return float(part_purities(hits).mean()) if hits.size else float("nan")
 
 
 def on_part_share(boxes: np.ndarray, kp: np.ndarray) -> float:

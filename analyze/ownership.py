@@ -21,6 +21,13 @@ def model_part_classes(est) -> np.ndarray:
     return est.module_.part_classes().cpu().numpy()
 
 
+def measured_parts(est) -> np.ndarray:
+    """(P,) bool: the parts the part measures (consistency, stability, purity) are taken over, those that weigh
+    in some class's logit (``DPNetModule.class_weights``), PIP-Net's relevant prototypes. A part that weighs in
+    none (pruned, or outside a sparse layer's support) is in no explanation. A free layer's parts all weigh."""
+    return (est.module_.class_weights() != 0).any(0).cpu().numpy()
+
+
 def own_top3_share(d: np.ndarray, parts_per_class: int) -> float:
     """Percent of classes whose three parts of highest d(p, c) are all their own. d: (C, P)."""
     top = np.argsort(-d, axis=1, kind="stable")[:, :3]  # (C, 3)

@@ -41,7 +41,11 @@ MEASURES = [
      "ProtoPNet 53.3 (ResNet-50) to 81.7 (VGG-19); cosine-similarity prototypes near 100",
      "A part's peak is the mean centre of its 10 best regions in the image; on each test image of the part's class a box of 0.32 of "
      "the bird's side (their 72 px at 224 px) is drawn around it, and the part is consistent when one keypoint "
-     "lies in that box in at least 80% of the images where it is visible. The score is the share of consistent parts."),
+     "lies in that box in at least 80% of the images where it is visible. The score is the share of consistent parts, "
+     "taken, as PIP-Net does, over the parts that weigh in some class (all of them with a free class layer; a "
+     "sparse layer's supported parts; no pruned part): the others are in no explanation."),
+    ("localisation", "consistency_all_parts", "consistency over every part, %", "higher", "",
+     "The same over all P parts, those that weigh in no class included."),
     ("localisation", "consistency_region_box", "consistency, region-box variant, %", "higher",
      "ours: not comparable to published figures",
      "The same 80% rule with the part's best region itself as the box (regions vary in size)."),
@@ -49,10 +53,14 @@ MEASURES = [
      "ProtoPNet-like 31.7-46.4; cosine variants up to 66.2",
      "Gaussian noise (sigma 0.2, clipped to +-0.25) is added to each normalised image of a seeded sample of test "
      "images, which is described again with the same backbone and boxes; the score is the share of (part, image "
-     "of its class) pairs whose keypoints in the peak box are unchanged."),
+     "of its class) pairs whose keypoints in the peak box are unchanged, over the parts that weigh in some class."),
+    ("localisation", "stability_all_parts", "stability over every part, %", "higher", "",
+     "The same over all P parts."),
     ("localisation", "purity", "purity (PIP-Net), 0-1", "higher", "ProtoPNet 0.46; PIP-Net about 0.9",
      "For each part's top-10 training images (by its best region there), the keypoints in the peak box around "
-     "its peak in each; purity is the share of the ten holding the keypoint most of them hold, averaged over parts."),
+     "its peak in each; purity is the share of the ten holding the keypoint most of them hold, averaged over the "
+     "parts that weigh in some class."),
+    ("localisation", "purity_all_parts", "purity over every part, 0-1", "higher", "", "The same over all P parts."),
     ("ownership", "own_top3_share", "classes whose top-3 parts are their own, %", "higher", "by chance about 0",
      "Part p belongs to class p // q; a class counts when its three parts of highest d(p, c) are all its own."),
     ("ownership", "own_evidence_share", "predicted class's evidence from its own parts, %", "higher",

@@ -73,6 +73,7 @@ def column(run: Path) -> dict[str, str]:
         out[name] = _value(analysis.get("faithfulness", {}), key, ".3f")
     parts = analysis.get("parts", {})
     out["parts pruned / silent (weigh for no class)"] = f"{parts.get('pruned', 0)} / {parts.get('silent', 'n/a')}"
+    out["parts the part measures count (weigh in some class)"] = f"{parts.get('measured', 'n/a')} of {parts.get('P', 'n/a')}"
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     return {**out, **_cost(metrics, config)}
 

@@ -435,3 +435,41 @@ def test_the_analysis_config_checks_its_options_in_one_place(tmp_path):
                       (dict(measures="most"), "--measures"), (dict(boxes_csv=str(tmp_path / "no.csv")), "BOXES")):
         with pytest.raises(ConfigError, match=says):
             AnalyzeConfig(**bad).validate()
+
+
+# ------------------------------------------------------------- the parts the measures are taken over (issue 16)
+def test_the_part_measures_count_only_the_parts_that_weigh_in_a_class(base, monkeypatch):
+    """PIP-Net's relevant prototypes: a part that weighs in no class's logit (pruned, or left out of a sparse
+    layer's support) is in no explanation, so consistency, purity and stability are taken over the others; the
+    all-parts figures stay beside them, with the count measured."""
+    import dpnet.analyze.analysis as an
+    from dpnet.analyze.ownership import measured_parts
+
+    real_load, real_stability = an.load_run, an.part_stability
+
+    def pruned_half(run_dir, cache=None):
+        est, cache, metrics = real_load(run_dir, cache)
+        est.module_.owner[::2] = -1  # every other part weighs nothing in any class
+        return est, cache, metrics
+
+    seen = []
+
+    def spy(hits, noisy, labels, classes):
+        seen.append(hits.shape[1])
+        return real_stability(hits, noisy, labels, classes)
+
+    monkeypatch.setattr(an, "load_run", pruned_half)
+    monkeypatch.setattr(an, "part_stability", spy)
+    out = an.analyse(base / "run", pixel_images=4, pixel_steps=2)
+    est = out.est
+    use = measured_parts(est)
+    p = est.module_.parts.shape[0]
+    assert use.tolist() == [i % 2 == 1 for i in range(p)]
+    loc = out.numbers["localisation"]
+    rates = np.array(loc["part_hit_rate"])
+    assert len(rates) == p and out.numbers["parts"]["measured"] == p // 2
+    assert loc["consistency_evalprotopnet"] == pytest.approx(100 * (rates[use] >= 0.8).mean())
+    assert loc["consistency_all_parts"] == pytest.approx(100 * (rates >= 0.8).mean())
+    purity = np.array(loc["part_purity"])
+    assert loc["purity"] == pytest.approx(purity[use].mean()) and loc["purity_all_parts"] == pytest.approx(purity.mean())
+    assert "stability_all_parts" in loc and sorted(set(seen)) == [p // 2, p]  # measured parts, then all of them
