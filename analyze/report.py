@@ -261,9 +261,12 @@ class _Renderer:
                    key=lambda k: acc[k]["top1"], default=None)
         if best:
             cards.append((f"best global baseline ({best[7:]})", acc[best]["top1"], "same features, averaged globally"))
+        parts = n.get("parts", {})
+        measured = (f"{parts['measured']} of {parts['P']} parts that weigh in a class"
+                    if parts.get("measured", parts.get("P")) != parts.get("P") else "parts")
         for group, key, title, note in (
-                (loc, "consistency_evalprotopnet", "consistency", "% of parts (EvalProtoPNet)"),
-                (loc, "purity", "purity", "0-1, PIP-Net's measure"),
+                (loc, "consistency_evalprotopnet", "consistency", f"% of the {measured} (EvalProtoPNet)"),
+                (loc, "purity", "purity", f"0-1, PIP-Net's measure, over the {measured}"),
                 (own, "own_top3_share", "own top-3 parts", "% of classes"),
                 (loc, "on_object_share", "evidence on the object", "% of top-5 parts' peaks"),
                 (ex, "margin_shown_share", "margin the table shows", "0-1, goal 0.9"),

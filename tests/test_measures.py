@@ -438,7 +438,7 @@ def test_the_analysis_config_checks_its_options_in_one_place(tmp_path):
 
 
 # ------------------------------------------------------------- the parts the measures are taken over (issue 16)
-def test_the_part_measures_count_only_the_parts_that_weigh_in_a_class(base, monkeypatch):
+def test_the_part_measures_count_only_the_parts_that_weigh_in_a_class(copy, monkeypatch):
     """PIP-Net's relevant prototypes: a part that weighs in no class's logit (pruned, or left out of a sparse
     layer's support) is in no explanation, so consistency, purity and stability are taken over the others; the
     all-parts figures stay beside them, with the count measured."""
@@ -460,7 +460,13 @@ def test_the_part_measures_count_only_the_parts_that_weigh_in_a_class(base, monk
 
     monkeypatch.setattr(an, "load_run", pruned_half)
     monkeypatch.setattr(an, "part_stability", spy)
-    out = an.analyse(base / "run", pixel_images=4, pixel_steps=2)
+    analyses = []
+    real_analyse = an.analyse
+    import dpnet.analyze.report as rp
+
+    monkeypatch.setattr(rp, "analyse", lambda *a, **k: analyses.append(real_analyse(*a, **k)) or analyses[-1])
+    page = rp.build_report(copy.run, k=3, n_show=2, pixel_images=4, pixel_steps=2)
+    out = analyses[0]
     est = out.est
     use = measured_parts(est)
     p = est.module_.parts.shape[0]
@@ -473,3 +479,4 @@ def test_the_part_measures_count_only_the_parts_that_weigh_in_a_class(base, monk
     purity = np.array(loc["part_purity"])
     assert loc["purity"] == pytest.approx(purity[use].mean()) and loc["purity_all_parts"] == pytest.approx(purity.mean())
     assert "stability_all_parts" in loc and sorted(set(seen)) == [p // 2, p]  # measured parts, then all of them
+    assert f"% of the {p // 2} of {p} parts that weigh in a class" in page.read_text()  # the page says so
