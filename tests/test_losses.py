@@ -198,6 +198,25 @@ def test_the_argmax_gather_gives_the_dense_gradient_exactly(gen):
     torch.testing.assert_close(sparse, dense, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_sparse_backward_runs_as_many_ops_whatever_the_number_of_parts(gen, dtype):
+    """Issue 18: the max-pool's dW is one batched gather and one reduction, with the entropy rows picked
+    alike: no loop over parts or images, in Python or inside an op (a batched matmul with a batch per
+    part runs a copy per part on the CPU), so a step's op count does not grow with P."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(p, d=256):  # below a few hundred dimensions the batched matmul takes another path
+        m = random_module(gen, d=d, p=p, q=p // 2, dtype=dtype)
+        raw = torch.randn(3, 9, d, generator=gen, dtype=dtype)
+        rows = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(3)])
+        loss = m.loss(raw, torch.tensor([0, 1, 1]), gemm_dtype=dtype, rows=rows, sparse=True)[0]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        return sum(e.count for e in prof.key_averages())
+
+    assert ops(4) == ops(100)
+
+
 def test_the_subsampled_entropy_gradient_is_unbiased(gen):
     """Over every draw of k of the R regions (each image independently), the mean gradient is the exact one."""
     m = random_module(gen, constraints=("assign",))

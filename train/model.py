@@ -145,9 +145,12 @@ def _gemm_grad(ds: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> tor
 
 
 def _argmax_grad(x: torch.Tensor, where: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_n g_np x_{n, where_np}: the max-pool's dW as a gather of N P rows. -> float32 (P, D)."""
-    rows = x.gather(1, where.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (N, P, D): each part's argmax row
-    return torch.einsum("np,npd->pd", g, rows.to(g.dtype))  # one batched op, no per-image Python loop
+    """sum_n g_np x_{n, where_np}: the max-pool's dW as a gather of N P rows. -> float32 (P, D).
+
+    One row gather and one reduction over N. (An einsum here becomes a matmul batched over the P parts,
+    which on the CPU copies each part's operands apart from D of a few hundred on: P times the ops.)"""
+    rows = take_rows(x, where)  # (N, P, D): each part's argmax row
+    return (rows.to(g.dtype) * g.unsqueeze(-1)).sum(0)
 
 
 class DPNetModule(nn.Module):
@@ -490,7 +493,15 @@ class DPNetModule(nn.Module):
 
 def pick_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """x (N, R, K) -> x at the regions ``rows`` (N, R') of each image, (N, R', K); all of x when None."""
-    return x if rows is None else x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return x if rows is None else take_rows(x, rows)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, R, K) and index (N, M) into R -> (N, M, K), row ``index[n, m]`` of image n: x.gather along R,
+    as whole rows of K values (an index_select of the flattened rows, not a gather value by value)."""
+    n, r, k = x.shape
+    flat = (index + torch.arange(n, device=index.device).unsqueeze(1) * r).reshape(-1)
+    return x.reshape(n * r, k).index_select(0, flat).view(n, index.shape[1], k)
 
 
 class TrainOut(NamedTuple):
