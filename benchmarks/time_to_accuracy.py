@@ -3,13 +3,15 @@
 In one run, through the same commands a user runs (``python -m dpnet.extract`` / ``python -m dpnet.train``,
 i.e. ``make extract`` / ``make train``), on a dataset given by path:
   1. the extraction of the set with the default options, timed;
-  2. the default ``make train`` (preset "default", no baselines), its fit time and top-1;
+  2. the default ``make train`` (preset "default", with the global baselines), its fit time, its wall
+     time and top-1; then the default ``make report`` of that run (quick pixel measures), timed;
   3. the default schedule run for twice its epochs without early stopping ("long"): whether the
      default stops before accuracy is reached;
   4. the paper's schedule (preset "paper": lr 1e-3, 40 x 32 batch-level epochs, exact backward)
      for ``--paper-epochs`` of its 40 outer epochs; its full fit time is extrapolated from the
      measured per-epoch time (the top-1 shown is the one reached after those epochs).
-Prints a table, then one JSON line with ``train_over_extract`` = default fit / extraction and
+Prints a table, then one JSON line with ``train_over_extract`` = default fit / extraction,
+``make_train_over_extract`` = the whole ``make train`` / extraction, ``report_over_extract`` and
 ``accuracy_gap`` = the best top-1 of the schedules run here - the default's, and (for CUB) the
 default fit of the full CUB-200-2011 projected from the measured per-pass time: passes cost
 in proportion to images x parts (5,994 x 0.85 fitting images, 200 classes). Skipped, with a
@@ -90,6 +92,7 @@ def measure(args, work: Path) -> int:
                      str(work / "cache"), "--no-progress", *args.extract_args.split()])
     cache = next(p for p in (work / "cache").iterdir() if p.is_dir())
     default = fit(cache, work / "default", baselines=True)  # make train: the fit and the baselines
+    report_s = run(["-m", "dpnet.analyze", "report", "--run", str(work / "default"), "--no-progress"])  # make report
     epochs = default["config"]["epochs"]
     long = fit(cache, work / "long", "--epochs", str(2 * epochs), "--patience", "0")
     paper = fit(cache, work / "paper", "--preset", "paper", "--epochs", str(args.paper_epochs),
@@ -114,8 +117,10 @@ def measure(args, work: Path) -> int:
     if full_cub_s is not None:
         table.append(f"| default on full CUB-200-2011 (projected) | {default['passes']} | {full_cub_s:.0f} | |")
     table.append(f"| make train (default fit + global baselines, wall) | | {default['wall_s']:.0f} | |")
+    table.append(f"| make report (the default, quick pixel measures, wall) | | {report_s:.0f} | |")
     table += ["", f"train_over_extract {default['fit_seconds'] / extract_s:.2f} (the fit); make_train_over_extract "
-                  f"{default['wall_s'] / extract_s:.2f} (the whole command); accuracy_gap "
+                  f"{default['wall_s'] / extract_s:.2f} (the whole command); report_over_extract "
+                  f"{report_s / extract_s:.2f}; accuracy_gap "
                   f"{best - default['top1']:.2f} points. Default training path: {path}."]
     text = "\n".join(table)
     print(text)
@@ -127,6 +132,7 @@ def measure(args, work: Path) -> int:
            "full_cub_default_fit_s_projected": None if full_cub_s is None else round(full_cub_s, 1),
            "train_over_extract": round(default["fit_seconds"] / extract_s, 3),
            "make_train_over_extract": round(default["wall_s"] / extract_s, 3),
+           "report_s": round(report_s, 1), "report_over_extract": round(report_s / extract_s, 3),
            "accuracy_gap": round(best - default["top1"], 2)}
     if args.write_readme:
         write_block(f"<!-- tta:{label}:start -->", f"<!-- tta:{label}:end -->", text)
