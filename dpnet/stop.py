@@ -10,6 +10,7 @@ signals are ignored while that cleanup runs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -69,8 +70,7 @@ def run_command(body: Callable[[], int]) -> int:
         with stop_on_signals():
             return body()
     except KeyboardInterrupt:
-        print(STOP_LINE, file=sys.stderr)
-        return 128 + signal.SIGINT
+        return _stopped(signal.SIGINT)
     except DpnetError as exc:
         if (stop := stop_behind(exc)) is None:
             print(f"error: {exc}", file=sys.stderr)
@@ -78,5 +78,13 @@ def run_command(body: Callable[[], int]) -> int:
     except BaseException as exc:
         if (stop := stop_behind(exc)) is None:
             raise
+    return _stopped(stop.signum)
+
+
+def _stopped(signum: int) -> int:
+    """Say :data:`STOP_LINE`, and only it: work a stop left in flight on an event loop (zarr reads a shard
+    on its own loop) is dropped at exit, when zarr closes that loop, and asyncio would log each dropped task
+    and each failed read no one awaited, with its traceback. Returns the exit status, 128 + ``signum``."""
+    logging.getLogger("asyncio").disabled = True
     print(STOP_LINE, file=sys.stderr)
-    return 128 + stop.signum
+    return 128 + signum
