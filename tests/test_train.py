@@ -312,6 +312,31 @@ def test_parts_learnt_in_a_pca_subspace_score_raw_descriptors_exactly(tiny_cache
     assert (fitted.predict(x) == y).mean() == 1.0
 
 
+def test_projection_folds_the_standardisation_into_the_basis():
+    """project = ((x - mean) / std) @ basis, without an elementwise pass over the (N, R, D) descriptors:
+    the standardisation rides in the GEMM (x @ (basis / std) - mean / std @ basis)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dpnet.train.model import DPNetModule
+
+    n, r, d, w = 3, 7, 64, 8
+    gen = torch.Generator().manual_seed(0)
+    m = DPNetModule(d, 6, 3, 2, basis_dim=w)
+    m.mean.copy_(torch.rand(d, generator=gen) * 5)  # descriptors far from zero, as after a ReLU
+    m.std.copy_(torch.rand(d, generator=gen) + 0.2)
+    m.basis.copy_(torch.linalg.qr(torch.randn(d, w, generator=gen))[0])
+    raw = (m.mean + m.std * torch.randn(n, r, d, generator=gen)).half()
+    slow = ((raw.double() - m.mean.double()) / m.std.double()) @ m.basis.double()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        z = m.project(raw)
+    assert z.dtype == torch.float32 and z.shape == (n, r, w)
+    torch.testing.assert_close(z.double(), slow, rtol=1e-5, atol=1e-4)
+    big = {(n, r, d), (n * r, d)}
+    passes = [e.name for e in prof.events() if e.name in ("aten::sub", "aten::div", "aten::sub_", "aten::div_")
+              and any(tuple(s) in big for s in e.input_shapes if s)]
+    assert passes == []
+
+
 def test_a_pca_fit_resumes_to_the_same_weights(tiny_cache, tmp_path):
     ref = quick(pca_dim=8).fit(tiny_cache)
 
