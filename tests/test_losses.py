@@ -105,6 +105,31 @@ def test_orthogonality_matches_loop(gen):
     assert orthogonality(same).item() == pytest.approx(6 / 9)  # plus sign: coinciding parts cost
 
 
+def test_orthogonality_with_more_parts_than_dimensions_takes_the_small_gram(gen):
+    """P > D (1,000 parts in a PCA 256 space): C_orth and its gradient equal the loop's, and no (P, P)
+    matrix is formed: ||U U^T||_F = ||U^T U||_F, so the D x D Gram gives the same sum at D / P of the work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p, d = 40, 7
+    u = torch.randn(p, d, generator=gen, dtype=torch.float64)
+    assert orthogonality(u).item() == pytest.approx(ref_orth(u), rel=1e-10)
+    u[3] = 0.0  # a dead part: normalised to zero (F.normalize), so it adds nothing, on the diagonal too
+    u.requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        value = orthogonality(u)
+        value.backward()
+    v = u.detach().clone().requires_grad_(True)
+    un = torch.nn.functional.normalize(v, dim=1)
+    gram = un @ un.T
+    slow = (gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / p**2  # the P x P way
+    slow.backward()
+    assert value.item() == pytest.approx(slow.item(), rel=1e-10)
+    torch.testing.assert_close(u.grad, v.grad, rtol=1e-9, atol=1e-12)
+    assert not [e.name for e in prof.events() if any(tuple(s) == (p, p) for s in e.input_shapes if s)]
+    few = torch.randn(5, 9, generator=gen, dtype=torch.float64)  # P < D: the parts' Gram, as before
+    assert orthogonality(few).item() == pytest.approx(ref_orth(few), rel=1e-10)
+
+
 def test_class_specific_matches_loop(gen):
     v = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     assert class_specific(v, part_classes(v.shape[1], 2)).item() == pytest.approx(ref_cs(v, 2), rel=1e-12)
