@@ -335,6 +335,14 @@ def test_projection_folds_the_standardisation_into_the_basis():
     passes = [e.name for e in prof.events() if e.name in ("aten::sub", "aten::div", "aten::sub_", "aten::div_")
               and any(tuple(s) in big for s in e.input_shapes if s)]
     assert passes == []
+    rows = raw[0]  # (R, D): a few regions without an image axis, as the region-prototype init passes them
+    torch.testing.assert_close(m.project(rows).double(), slow[0], rtol=1e-5, atol=1e-4)
+
+
+def test_parts_started_at_training_regions_in_a_pca_subspace(tiny_cache):
+    """init="regions" with pca_dim: each part starts at a projected training region of its class (unit length)."""
+    est = quick(pca_dim=8, epochs=1, init="regions", similarity="cosine").fit(tiny_cache)
+    assert est.module_.parts.shape == (6, 8) and torch.isfinite(est.module_.parts).all()
 
 
 def test_a_pca_fit_resumes_to_the_same_weights(tiny_cache, tmp_path):

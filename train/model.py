@@ -260,15 +260,16 @@ class DPNetModule(nn.Module):
         return u / self.std, (self.mean / self.std) @ u.T
 
     def project(self, regions: torch.Tensor) -> torch.Tensor:
-        """Raw (N, R, D) -> the standardised descriptors in the parts' subspace, float32 (N, R, D').
+        """Raw (N, R, D) (or any (..., D)) -> the standardised descriptors in the parts' subspace,
+        float32 (N, R, D').
 
         The standardisation rides in the GEMM: ((x - mean) / std) B = x (B / std) - (mean / std) B,
         one addmm and no elementwise pass over the (N, R, D) descriptors (half of a projection's time
         on CPU when it was one)."""
-        n, r, d = regions.shape
         b = self.basis / self.std[:, None]  # (D, D')
         c = self.mean @ b  # (D',)
-        return torch.addmm(c, regions.reshape(n * r, d).to(b.dtype), b, beta=-1.0).view(n, r, -1)
+        flat = regions.reshape(-1, regions.shape[-1]).to(b.dtype)
+        return torch.addmm(c, flat, b, beta=-1.0).view(*regions.shape[:-1], b.shape[1])
 
     @property
     def prepares(self) -> bool:
