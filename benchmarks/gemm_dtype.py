@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,23 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_contention import cpu_name  # noqa: E402
 from readme_block import write_block  # noqa: E402
 from time_to_accuracy import fit  # noqa: E402
 
 from dpnet.train.gemm import cpu_has_bf16_units, resolve_gemm_dtype  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
