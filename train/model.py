@@ -254,10 +254,14 @@ class DPNetModule(nn.Module):
         """U in descriptor space, (P, D)."""
         return self.parts if self.basis is None else self.parts @ self.basis.T
 
+    def fold(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows A (K, D) that act on standardised descriptors -> (A' (K, D), c (K,)) with
+        A_k . (x - mean) / std = A'_k . x - c_k: the standardisation folded into a linear map."""
+        return rows / self.std, (self.mean / self.std) @ rows.T
+
     def folded_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W (P, D), c (P,)) with u_p . (x - mean) / std = W_p . x - c_p."""
-        u = self.descriptor_parts()
-        return u / self.std, (self.mean / self.std) @ u.T
+        return self.fold(self.descriptor_parts())
 
     def project(self, regions: torch.Tensor) -> torch.Tensor:
         """Raw (N, R, D) (or any (..., D)) -> the standardised descriptors in the parts' subspace,
@@ -266,10 +270,9 @@ class DPNetModule(nn.Module):
         The standardisation rides in the GEMM: ((x - mean) / std) B = x (B / std) - (mean / std) B,
         one addmm and no elementwise pass over the (N, R, D) descriptors (half of a projection's time
         on CPU when it was one)."""
-        b = self.basis / self.std[:, None]  # (D, D')
-        c = self.mean @ b  # (D',)
+        b, c = self.fold(self.basis.T)  # (D', D), (D',)
         flat = regions.reshape(-1, regions.shape[-1]).to(b.dtype)
-        return torch.addmm(c, flat, b, beta=-1.0).view(*regions.shape[:-1], b.shape[1])
+        return torch.addmm(c, flat, b.T, beta=-1.0).view(*regions.shape[:-1], b.shape[0])
 
     @property
     def prepares(self) -> bool:
