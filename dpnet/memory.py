@@ -56,6 +56,12 @@ def _release() -> None:
         pass
 
 
+def reusing() -> bool:
+    """Whether the setting of :func:`large_buffers_reused` is on now."""
+    with _lock:
+        return _state["depth"] > 0 and _state["applied"]
+
+
 @contextlib.contextmanager
 def large_buffers_reused() -> Iterator[bool]:
     """Within the block, large blocks come from the heap and freed memory is kept for reuse.

@@ -17,6 +17,7 @@ import threading
 from typing import Callable, Iterator
 
 from .errors import DpnetError
+from .memory import large_buffers_reused
 
 STOP_LINE = "stopped; run the same command to resume"
 
@@ -65,9 +66,12 @@ def stop_behind(exc: BaseException) -> Stopped | None:
 
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's ``body``: a :class:`DpnetError` prints ``error: ...`` (exit 2); a stop signal prints
-    :data:`STOP_LINE` (exit 128 + the signal's number, as a shell reports it), whatever error it surfaced in."""
+    :data:`STOP_LINE` (exit 128 + the signal's number, as a shell reports it), whatever error it surfaced in.
+
+    The whole body runs with large buffers reused (:func:`dpnet.memory.large_buffers_reused`): every stage
+    makes and frees tensors of tens of MB at each batch, the report's pixel measures most of all."""
     try:
-        with stop_on_signals():
+        with stop_on_signals(), large_buffers_reused():
             return body()
     except KeyboardInterrupt:
         return _stopped(signal.SIGINT)
