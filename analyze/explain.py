@@ -125,7 +125,7 @@ class DPNetExplainer:
     @torch.no_grad()
     def scores(self, regions: np.ndarray) -> np.ndarray:
         """S, float32 (N, R, P): raw part scores of every region."""
-        return self.est.region_scores(regions).transpose(0, 2, 1)
+        return self.est.region_scores(regions)
 
     @torch.no_grad()
     def pool(self, scores: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -170,11 +170,12 @@ def activation_map(scores: np.ndarray, boxes: np.ndarray, grid: tuple[int, int])
     Returns:
         float64 (H, W).
     """
-    out = np.full(grid, float(np.min(scores)))
-    for r in np.argsort(scores, kind="stable"):  # best last: it stays
-        x0, y0, x1, y1 = (int(t) for t in boxes[r])
-        out[y0:y1, x0:x1] = scores[r]
-    return out
+    scores, boxes = np.asarray(scores, np.float64), np.asarray(boxes)
+    ys, xs = np.arange(grid[0]), np.arange(grid[1])
+    rows = (boxes[:, 1, None] <= ys) & (ys < boxes[:, 3, None])  # (R, H) the rows each region covers
+    cols = (boxes[:, 0, None] <= xs) & (xs < boxes[:, 2, None])  # (R, W)
+    cover = rows[:, :, None] & cols[:, None, :]  # (R, H, W)
+    return np.where(cover, scores[:, None, None], -np.inf).max(0, initial=-np.inf).clip(min=scores.min())
 
 
 def part_stability(hits: np.ndarray, noisy_hits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> float:

@@ -91,6 +91,15 @@ class PixelProbe:
         regions, _ = self.fx.pool(fmap, boxes)
         return self.module.scores(regions), fmap
 
+    @torch.no_grad()
+    def blank_scores(self, boxes: np.ndarray) -> torch.Tensor:
+        """Scores (1, R, P) of the blank image (0 after normalisation, the dataset's mean colour) in one
+        image's grid boxes (R, 4): its map is the same for every image, so the backbone runs once."""
+        if getattr(self, "_blank", None) is None:
+            self._blank = self.fx.features(torch.zeros(1, 3, self.size, self.size))
+        regions, _ = self.fx.pool(self._blank, boxes[None])
+        return self.module.scores(regions)
+
 
 # --------------------------------------------------------------------------------- stability
 def stability_hits(probe: PixelProbe, sample: Sample, kp: np.ndarray, frames: np.ndarray, seed: int = 0,
@@ -189,15 +198,16 @@ def deletion_curves(probe: PixelProbe, sample: Sample, linear: dict[str, torch.T
                     "random": np.zeros(probe.grid)}
         if linear is not None:
             saliency["cam"] = cam_map(fmap[0], linear, cls)
-        # the intact and the blank image end or start every curve: scored once, then the inner steps
+        # the intact and the blank image end or start every curve: the intact one is scored above, the
+        # blank one's map is the same for every image; the backbone runs on the inner steps only
         inner = [(f"{kind}_{o}", x * step_masks(cell_order(saliency[o], rng), steps, probe.grid, probe.size,
                                                 kind == "insertion")[1:steps])
                  for kind in ("deletion", "insertion") for o in orders]
-        probs = _class_probs(probe, torch.cat([x, torch.zeros_like(x)] + [imgs for _, imgs in inner]),
-                             sample.boxes[i], cls, batch)
-        intact, blank = probs[:2]
+        intact = _prob(probe, s, cls)[0]
+        blank = _prob(probe, probe.blank_scores(sample.boxes[i]), cls)[0]
+        probs = _class_probs(probe, torch.cat([imgs for _, imgs in inner]), sample.boxes[i], cls, batch)
         for k, (name, _) in enumerate(inner):
-            middle = probs[2 + k * (steps - 1):2 + (k + 1) * (steps - 1)]
+            middle = probs[k * (steps - 1):(k + 1) * (steps - 1)]
             ends = (intact, blank) if name.startswith("deletion") else (blank, intact)
             curves[name].append(np.concatenate([[ends[0]], middle, [ends[1]]]))
     return {k: np.array(c) for k, c in curves.items()}
@@ -205,12 +215,17 @@ def deletion_curves(probe: PixelProbe, sample: Sample, linear: dict[str, torch.T
 
 def _class_probs(probe: PixelProbe, images: torch.Tensor, boxes: np.ndarray, cls: int, batch: int) -> np.ndarray:
     """softmax probability of ``cls`` for each image (all share one image's grid boxes)."""
-    out = []
+    out = [np.zeros(0, np.float32)]
     for a in range(0, len(images), batch):
         chunk = images[a:a + batch]
         s, _ = probe.scores(chunk, np.broadcast_to(boxes, (len(chunk),) + boxes.shape).copy())
-        out.append(probe.module.logits(probe.module.pool(s).b).softmax(1)[:, cls].numpy())
+        out.append(_prob(probe, s, cls))
     return np.concatenate(out)
+
+
+def _prob(probe: PixelProbe, scores: torch.Tensor, cls: int) -> np.ndarray:
+    """Scores (n, R, P) -> the softmax probability of ``cls`` (n,)."""
+    return probe.module.logits(probe.module.pool(scores).b).softmax(1)[:, cls].numpy()
 
 
 def areas(curves: np.ndarray) -> np.ndarray:

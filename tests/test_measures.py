@@ -192,6 +192,11 @@ def test_a_deletion_step_is_the_image_blanked_and_described_again(run_with_basel
         for o in ("dpnet", "random", "cam"):
             c = curves[f"{kind}_{o}"][0]
             assert c[0 if kind == "deletion" else -1] == pytest.approx(p0, rel=1e-5)  # the intact image
+    sb, _ = probe.scores(torch.zeros_like(x), sample.boxes[:1])  # the blank image, described in image 0's boxes
+    pb = float(est.module_.logits(est.module_.pool(sb).b).softmax(1)[0, cls])
+    for kind in ("deletion", "insertion"):
+        for o in ("dpnet", "random", "cam"):
+            assert curves[f"{kind}_{o}"][0][-1 if kind == "deletion" else 0] == pytest.approx(pb, rel=1e-4)
     # step 1 of DP-Net's deletion, by hand: blank the most evident quarter of the cells
     points = (pooled.b[0] * est.module_.classifier[cls]).numpy()
     sal = evidence_map(sample.boxes[0], best_regions(s[0].numpy()), points, probe.grid)

@@ -72,7 +72,8 @@ def test_outputs_have_documented_shapes(tiny_cache):
     x, _ = train_arrays(tiny_cache)
     n, r = len(x), tiny_cache.n_regions
     assert est.decision_function(x).shape == (n, 3) and est.part_scores(x).shape == (n, 6)
-    assert est.region_scores(x).shape == (n, 6, r)
+    assert est.region_scores(x).shape == (n, r, 6)
+    assert est.region_scores(x).flags.c_contiguous  # (the report's passes read it by image, then region)
     np.testing.assert_allclose(np.linalg.norm(est.part_scores(x), axis=1), 1.0, rtol=1e-5)
     b, v = est.part_scores(x), est.module_.classifier.detach().numpy()
     np.testing.assert_allclose((v[None] * b[:, None, :]).sum(-1), est.decision_function(x), rtol=1e-4, atol=1e-5)

@@ -165,8 +165,9 @@ class DPNetClassifier(BaseEstimator):
         return self._batched(regions, lambda x: self.module_.pool(self.module_.scores(x)).b)
 
     def region_scores(self, regions: np.ndarray) -> np.ndarray:
-        """S, float32 (N, P, R): s_pr = u_p . x_r on standardised descriptors."""
-        return self._batched(regions, lambda x: self.module_.scores(x).transpose(1, 2), batch=8)
+        """S, float32 (N, R, P), laid out as :meth:`dpnet.train.model.DPNetModule.scores` gives it: s_pr = u_p . x_r
+        on standardised descriptors."""
+        return self._batched(regions, self.module_.scores, batch=32)
 
     def evaluate(self, cache: RegionCache, split: str = "test") -> dict[str, float]:
         """Top-1 and mean per-class accuracy (percent) on a split of ``cache``, streamed."""

