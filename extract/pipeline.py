@@ -170,7 +170,7 @@ def _extract_locked(cfg: ExtractConfig, cache_dir: Path, rank: int, world: int) 
     todo = [s for s in range(len(bounds)) if s % world == rank and not _shard_whole(cache_dir, s, plan)]
     device = cfg.resolved_device()
     extractor = FeatureExtractor(bb, grid, cfg.regions, cfg.seed, device, plan["config"]["runtime"], cfg.dense,
-                                 cfg.flip)
+                                 cfg.flip, batch=cfg.batch_size or (64 if device.type == "cuda" else 8))
     with large_buffers_reused():
         bad = _extract_shards(cfg, cache_dir, order, bounds, todo, extractor,
                               [index.image_file(r.path) for r in order], _crop_boxes(cfg, index, order))
@@ -293,7 +293,7 @@ def _extract_shards(cfg: ExtractConfig, cache_dir: Path, order: list[ImageRecord
                     crops: list | None) -> list[tuple[str, str]]:
     """Run the loader over the shards in ``todo``; returns the bad files met."""
     cuda = extractor.cuda
-    batch = cfg.batch_size or (64 if cuda else 8)
+    batch = extractor.batch
     workers = cfg.workers if cfg.workers >= 0 else default_workers(cuda, os.cpu_count() or 1)
     batches = _batches(bounds, todo, batch)
     shard_of = {p: s for s in todo for p in range(*bounds[s])}

@@ -107,3 +107,30 @@ def test_every_stage_command_runs_with_large_buffers_reused(copy, monkeypatch):
         pass
     assert seen == {"report": True, "train": True, "extract": True}
     assert not memory.reusing()  # given back when the command ends
+
+
+def test_the_frozen_backbone_sees_one_batch_shape_whatever_the_shards_leave(tmp_path, monkeypatch):
+    """A shard's last batch is short (18 images, 5 to a shard, 3 to a batch: 3, 2, 3, 2, ...). Each new input
+    shape costs the frozen graph its profiling runs and a compilation (about a second at 544 px, once per
+    shape), so the short batches are padded to the full one; their descriptors stay those of eager."""
+    from dpnet.extract import runtime
+
+    seen = set()
+    make = runtime.frozen_body
+
+    def spying(body, example):
+        graph = make(body, example)
+
+        def run(x):
+            seen.add(tuple(x.shape))
+            return graph(x)
+        return run
+
+    monkeypatch.setattr(runtime, "frozen_body", spying)
+    frozen = RegionCache(run_extraction(tiny_config(tmp_path / "frozen", weights=None, runtime="frozen")).cache_dir)
+    assert frozen.n_shards == 4
+    assert {s[0] for s in seen} == {3}
+    eager = RegionCache(run_extraction(tiny_config(tmp_path / "eager", weights=None, runtime="eager")).cache_dir)
+    for s in range(frozen.n_shards):
+        a, b = (c.load_shard(s)["regions"].astype(np.float32) for c in (eager, frozen))
+        assert np.abs(a - b).max() <= 2e-3 * np.abs(a).max()
