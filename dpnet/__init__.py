@@ -7,6 +7,7 @@ command runs.
 """
 
 import os
+import time
 from pathlib import Path
 
 __version__ = "0.2.0"
@@ -67,8 +68,6 @@ def _busy_jiffies() -> tuple[int, int] | None:
 def busy_cpus(window: float = BUSY_WINDOW_S) -> float | None:
     """How many of the CPUs this process may use other processes keep busy now: measured over
     ``window`` seconds while this one sleeps. None where /proc/stat cannot tell."""
-    import time
-
     a = _busy_jiffies()
     time.sleep(window)
     b = _busy_jiffies()
@@ -92,12 +91,14 @@ def wait_policy(policy: str) -> str:
 
 
 def _thread_defaults() -> None:
-    """Thread pools sized to the CPUs this process may use (not the machine's), waiting as measured."""
-    policy = wait_policy(os.environ.get("DPNET_OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT).lower())
-    if policy in ("passive", "active"):
-        os.environ.setdefault("OMP_WAIT_POLICY", policy.upper())
-    elif policy == "brief" and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", str(BRIEF_SPINS))
+    """Thread pools sized to the CPUs this process may use (not the machine's), waiting as measured.
+    An OMP_WAIT_POLICY already set wins, and then no policy is worked out (auto's look takes 0.1 s)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        policy = wait_policy(os.environ.get("DPNET_OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT).lower())
+        if policy in ("passive", "active"):
+            os.environ["OMP_WAIT_POLICY"] = policy.upper()
+        elif policy == "brief":
+            os.environ.setdefault("GOMP_SPINCOUNT", str(BRIEF_SPINS))
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(cpus())
 

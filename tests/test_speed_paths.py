@@ -173,3 +173,20 @@ def test_auto_waits_passively_only_while_other_processes_use_the_cores(tmp_path,
     assert policy(load=1.9, busy=[0, 1][:len(cpus)]) == "runtime"  # an extraction just ended: quiet now
     assert policy(load=0.1, busy=[10, 0][:len(cpus)]) == "passive"  # a process keeps a core busy
     assert policy(load=2.0, busy=[10, 10][:len(cpus)]) == "passive"
+
+
+def test_a_set_wait_policy_spares_the_start_up_measurement(monkeypatch):
+    """With OMP_WAIT_POLICY already set (the user's, or a passive parent's that its ranks inherit) nothing
+    auto decides can take effect: the 0.1 s look at the CPUs is not taken."""
+    import dpnet
+
+    calls = []
+    monkeypatch.setattr(dpnet, "busy_cpus", lambda *a: calls.append(1) or 0.0)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("DPNET_OMP_WAIT_POLICY", "auto")
+    dpnet._thread_defaults()
+    assert calls == [] and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    dpnet._thread_defaults()
+    assert calls == [1]  # unset: auto looks
