@@ -77,6 +77,7 @@ class PixelProbe:
         self.est, self.module = est, est.module_
         self.fx = extractor_for(cache.manifest, str(cache.path), runtime=runtime)
         self.size, self.grid = int(cache.manifest["image_size"]), tuple(cache.manifest["grid"])
+        self._blank: torch.Tensor | None = None  # the blank image's map (1, D, H, W), made once when needed
 
     def normalised(self, sample: Sample, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """Normalised images (n, 3, S, S) of ``sample`` rows ``idx``, and their original sizes (n, 2)."""
@@ -88,16 +89,19 @@ class PixelProbe:
     def scores(self, x: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images (n, 3, S, S), grid boxes (n, R, 4) -> scores (n, R, P) and the map (n, D, H, W)."""
         fmap = self.fx.features(x)
-        regions, _ = self.fx.pool(fmap, boxes)
-        return self.module.scores(regions), fmap
+        return self._map_scores(fmap, boxes), fmap
 
     @torch.no_grad()
     def blank_scores(self, boxes: np.ndarray) -> torch.Tensor:
         """Scores (1, R, P) of the blank image (0 after normalisation, the dataset's mean colour) in one
         image's grid boxes (R, 4): its map is the same for every image, so the backbone runs once."""
-        if getattr(self, "_blank", None) is None:
+        if self._blank is None:
             self._blank = self.fx.features(torch.zeros(1, 3, self.size, self.size))
-        regions, _ = self.fx.pool(self._blank, boxes[None])
+        return self._map_scores(self._blank, boxes[None])
+
+    def _map_scores(self, fmap: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """Maps (n, D, H, W) and grid boxes (n, R, 4) -> scores (n, R, P)."""
+        regions, _ = self.fx.pool(fmap, boxes)
         return self.module.scores(regions)
 
 

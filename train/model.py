@@ -309,7 +309,7 @@ class DPNetModule(nn.Module):
             scores = scores.masked_fill(~keep.unsqueeze(-1), float("-inf"))
         raw, where = scores.max(dim=1)
         if keep is not None:
-            raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+            raw = _none_left_as_zero(raw)
         return Pooled(self.bag(raw), raw, where)
 
     def pool_removed(self, scores: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -324,8 +324,7 @@ class DPNetModule(nn.Module):
         top, idx = scores.topk(k, dim=0)  # (k, P), best first
         left = ~removed[:, idx]  # (M, k, P): which of each part's k best are still there
         raw = torch.where(left, top, float("-inf")).amax(1)  # (M, P) the best one left (13x an argmax of the first)
-        raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))  # none left: 0, as pool gives
-        return self.bag(raw)
+        return self.bag(_none_left_as_zero(raw))
 
     def bag(self, best: torch.Tensor) -> torch.Tensor:
         """Each part's best score (N, P) -> the bag of parts b: L2-normalised (dot); with cosine, as is, or
@@ -499,6 +498,11 @@ class DPNetModule(nn.Module):
         data, terms, _ = self.data_loss(regions, labels, **train)
         weight, more = self.weight_loss()
         return data + weight, {**terms, **more}
+
+
+def _none_left_as_zero(raw: torch.Tensor) -> torch.Tensor:
+    """A masked max-pool's (..., P) best scores, with -inf (no region left to a part) read as 0."""
+    return torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
 
 
 def pick_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
